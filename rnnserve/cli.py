@@ -1,0 +1,50 @@
+"""The ``rnnserve`` command. Each subcommand lives with the package it drives and is imported lazily, so
+``rnnserve --help`` works on a client-only install (no torch, no onnxruntime)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from rnnserve import __version__
+
+# subcommand -> (module that provides add_arguments(parser) and run(args) -> int, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "export": ("rnnserve.export.cli", "export a PyTorch recurrent model to a model repository"),
+    "serve": ("rnnserve.server.cli", "serve a model repository over gRPC"),
+    "demo": ("rnnserve.demo", "export the built-in examples, serve them and stream a demo session"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rnnserve", description="rnnserve: export and serve stateful recurrent models over gRPC")
+    parser.add_argument("--version", action="version", version=f"rnnserve {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.set_defaults(_module=module)
+        try:
+            importlib.import_module(module).add_arguments(sp)
+        except ImportError as exc:
+            # A client-only install lacks torch/onnxruntime: keep the command listed and say what to install.
+            sp.set_defaults(_missing=exc)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    missing = getattr(args, "_missing", None)
+    if missing is not None:
+        print(
+            f"rnnserve {args.command}: missing dependency ({missing}). "
+            "Install the server and export extras: pip install 'rnnserve[server,export]'",
+            file=sys.stderr,
+        )
+        return 2
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
