@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1drnnserve/proto/rnnserve.proto\x12\x0brnnserve.v1\"K\n\x06Tensor\x12$\n\x05\x64type\x18\x01 \x01(\x0e\x32\x15.rnnserve.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"O\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.rnnserve.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x88\x01\n\tStateSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0boutput_name\x18\x02 \x01(\t\x12$\n\x05\x64type\x18\x03 \x01(\x0e\x32\x15.rnnserve.v1.DataType\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x12\n\nbatch_axis\x18\x05 \x01(\x03\x12\x0f\n\x07initial\x18\x06 \x01(\t\"\xd0\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\'\n\x06inputs\x18\x06 \x03(\x0b\x32\x17.rnnserve.v1.TensorSpec\x12(\n\x07outputs\x18\x07 \x03(\x0b\x32\x17.rnnserve.v1.TensorSpec\x12&\n\x06states\x18\x08 \x03(\x0b\x32\x16.rnnserve.v1.StateSpec\x12\x13\n\x0bstate_bytes\x18\t \x01(\x03\x12\x16\n\x0emax_batch_size\x18\n \x01(\x03\x12\x17\n\x0f\x61llow_nonfinite\x18\x0b \x01(\x08\x12\x15\n\ropen_sessions\x18\x0c \x01(\x03\x12\x0e\n\x06source\x18\r \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0e \x01(\t\"!\n\x11ListModelsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.rnnserve.v1.ModelInfo\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\xda\x01\n\x12OpenSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12H\n\rinitial_state\x18\x03 \x03(\x0b\x32\x31.rnnserve.v1.OpenSessionRequest.InitialStateEntry\x12\x10\n\x08snapshot\x18\x04 \x01(\x0c\x1aH\n\x11InitialStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.rnnserve.v1.Tensor:\x02\x38\x01\"_\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x05model\x18\x02 \x01(\x0b\x32\x16.rnnserve.v1.ModelInfo\x12\r\n\x05steps\x18\x03 \x01(\x04\"$\n\x0eSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"\xa8\x01\n\x13ResetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12:\n\x05state\x18\x02 \x03(\x0b\x32+.rnnserve.v1.ResetSessionRequest.StateEntry\x1a\x41\n\nStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.rnnserve.v1.Tensor:\x02\x38\x01\"\x16\n\x14ResetSessionResponse\"\xdb\x01\n\x0cSessionState\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\x33\n\x05state\x18\x05 \x03(\x0b\x32$.rnnserve.v1.SessionState.StateEntry\x12\x10\n\x08snapshot\x18\x06 \x01(\x0c\x1a\x41\n\nStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.rnnserve.v1.Tensor:\x02\x38\x01\"\xb2\x01\n\x0fSetStateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x36\n\x05state\x18\x02 \x03(\x0b\x32\'.rnnserve.v1.SetStateRequest.StateEntry\x12\x10\n\x08snapshot\x18\x03 \x01(\x0c\x1a\x41\n\nStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.rnnserve.v1.Tensor:\x02\x38\x01\"\x12\n\x10SetStateResponse\"\xd3\x01\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x34\n\x06inputs\x18\x02 \x03(\x0b\x32$.rnnserve.v1.StepRequest.InputsEntry\x12\x11\n\tnum_steps\x18\x03 \x01(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0f\n\x07outputs\x18\x05 \x03(\t\x1a\x42\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.rnnserve.v1.Tensor:\x02\x38\x01\"\xc3\x01\n\x0cStepResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x37\n\x07outputs\x18\x02 \x03(\x0b\x32&.rnnserve.v1.StepResponse.OutputsEntry\x12\r\n\x05steps\x18\x03 \x01(\x04\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x1a\x43\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.rnnserve.v1.Tensor:\x02\x38\x01\"\xde\x01\n\nStepResult\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x35\n\x07outputs\x18\x02 \x03(\x0b\x32$.rnnserve.v1.StepResult.OutputsEntry\x12\r\n\x05steps\x18\x03 \x01(\x04\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0c\n\x04\x63ode\x18\x05 \x01(\x05\x12\x0f\n\x07message\x18\x06 \x01(\t\x1a\x43\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.rnnserve.v1.Tensor:\x02\x38\x01\"<\n\x11StreamStepRequest\x12\'\n\x05steps\x18\x01 \x03(\x0b\x32\x18.rnnserve.v1.StepRequest\">\n\x12StreamStepResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.rnnserve.v1.StepResult\"\x1d\n\x0cStatsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xb4\x01\n\nModelStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05steps\x18\x03 \x01(\x04\x12\x0f\n\x07\x62\x61tches\x18\x04 \x01(\x04\x12\x11\n\tmax_batch\x18\x05 \x01(\x04\x12\x17\n\x0f\x62\x61tch_histogram\x18\x06 \x03(\x04\x12\x15\n\ropen_sessions\x18\x07 \x01(\x04\x12\x12\n\ncompute_ns\x18\x08 \x01(\x04\x12\x10\n\x08queue_ns\x18\t \x01(\x04\"i\n\rStatsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.rnnserve.v1.ModelStats\x12\x15\n\ropen_sessions\x18\x02 \x01(\x04\x12\x18\n\x10\x65xpired_sessions\x18\x03 \x01(\x04*\x8c\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\t\n\x05INT64\x10\x04\x12\t\n\x05INT32\x10\x05\x12\t\n\x05INT16\x10\x06\x12\x08\n\x04INT8\x10\x07\x12\t\n\x05UINT8\x10\x08\x12\x08\n\x04\x42OOL\x10\t2\xf2\x05\n\x08RnnServe\x12M\n\nListModels\x12\x1e.rnnserve.v1.ListModelsRequest\x1a\x1f.rnnserve.v1.ListModelsResponse\x12@\n\x08GetModel\x12\x1c.rnnserve.v1.GetModelRequest\x1a\x16.rnnserve.v1.ModelInfo\x12P\n\x0bOpenSession\x12\x1f.rnnserve.v1.OpenSessionRequest\x1a .rnnserve.v1.OpenSessionResponse\x12N\n\x0c\x43loseSession\x12\x1b.rnnserve.v1.SessionRequest\x1a!.rnnserve.v1.CloseSessionResponse\x12S\n\x0cResetSession\x12 .rnnserve.v1.ResetSessionRequest\x1a!.rnnserve.v1.ResetSessionResponse\x12\x42\n\x08GetState\x12\x1b.rnnserve.v1.SessionRequest\x1a\x19.rnnserve.v1.SessionState\x12G\n\x08SetState\x12\x1c.rnnserve.v1.SetStateRequest\x1a\x1d.rnnserve.v1.SetStateResponse\x12;\n\x04Step\x12\x18.rnnserve.v1.StepRequest\x1a\x19.rnnserve.v1.StepResponse\x12Q\n\nStreamStep\x12\x1e.rnnserve.v1.StreamStepRequest\x1a\x1f.rnnserve.v1.StreamStepResponse(\x01\x30\x01\x12\x41\n\x08GetStats\x12\x19.rnnserve.v1.StatsRequest\x1a\x1a.rnnserve.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1drnnserve/proto/rnnserve.proto\x12\x0brnnserve.v1\"K\n\x06Tensor\x12$\n\x05\x64type\x18\x01 \x01(\x0e\x32\x15.rnnserve.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"O\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.rnnserve.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x88\x01\n\tStateSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0boutput_name\x18\x02 \x01(\t\x12$\n\x05\x64type\x18\x03 \x01(\x0e\x32\x15.rnnserve.v1.DataType\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x12\n\nbatch_axis\x18\x05 \x01(\x03\x12\x0f\n\x07initial\x18\x06 \x01(\t\"\xd0\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\'\n\x06inputs\x18\x06 \x03(\x0b\x32\x17.rnnserve.v1.TensorSpec\x12(\n\x07outputs\x18\x07 \x03(\x0b\x32\x17.rnnserve.v1.TensorSpec\x12&\n\x06states\x18\x08 \x03(\x0b\x32\x16.rnnserve.v1.StateSpec\x12\x13\n\x0bstate_bytes\x18\t \x01(\x03\x12\x16\n\x0emax_batch_size\x18\n \x01(\x03\x12\x17\n\x0f\x61llow_nonfinite\x18\x0b \x01(\x08\x12\x15\n\ropen_sessions\x18\x0c \x01(\x03\x12\x0e\n\x06source\x18\r \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0e \x01(\t\"!\n\x11ListModelsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.rnnserve.v1.ModelInfo\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\xda\x01\n\x12OpenSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12H\n\rinitial_state\x18\x03 \x03(\x0b\x32\x31.rnnserve.v1.OpenSessionRequest.InitialStateEntry\x12\x10\n\x08snapshot\x18\x04 \x01(\x0c\x1aH\n\x11InitialStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.rnnserve.v1.Tensor:\x02\x38\x01\"_\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x05model\x18\x02 \x01(\x0b\x32\x16.rnnserve.v1.ModelInfo\x12\r\n\x05steps\x18\x03 \x01(\x04\"$\n\x0eSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"\xa8\x01\n\x13ResetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12:\n\x05state\x18\x02 \x03(\x0b\x32+.rnnserve.v1.ResetSessionRequest.StateEntry\x1a\x41\n\nStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.rnnserve.v1.Tensor:\x02\x38\x01\"\x16\n\x14ResetSessionResponse\"\xdb\x01\n\x0cSessionState\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\x33\n\x05state\x18\x05 \x03(\x0b\x32$.rnnserve.v1.SessionState.StateEntry\x12\x10\n\x08snapshot\x18\x06 \x01(\x0c\x1a\x41\n\nStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.rnnserve.v1.Tensor:\x02\x38\x01\"\xbb\x01\n\x0fSessionSnapshot\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05steps\x18\x03 \x01(\x04\x12\x36\n\x05state\x18\x04 \x03(\x0b\x32\'.rnnserve.v1.SessionSnapshot.StateEntry\x1a\x41\n\nStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.rnnserve.v1.Tensor:\x02\x38\x01\"\xb2\x01\n\x0fSetStateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x36\n\x05state\x18\x02 \x03(\x0b\x32\'.rnnserve.v1.SetStateRequest.StateEntry\x12\x10\n\x08snapshot\x18\x03 \x01(\x0c\x1a\x41\n\nStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.rnnserve.v1.Tensor:\x02\x38\x01\"\x12\n\x10SetStateResponse\"\xd3\x01\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x34\n\x06inputs\x18\x02 \x03(\x0b\x32$.rnnserve.v1.StepRequest.InputsEntry\x12\x11\n\tnum_steps\x18\x03 \x01(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0f\n\x07outputs\x18\x05 \x03(\t\x1a\x42\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.rnnserve.v1.Tensor:\x02\x38\x01\"\xc3\x01\n\x0cStepResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x37\n\x07outputs\x18\x02 \x03(\x0b\x32&.rnnserve.v1.StepResponse.OutputsEntry\x12\r\n\x05steps\x18\x03 \x01(\x04\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x1a\x43\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.rnnserve.v1.Tensor:\x02\x38\x01\"\xde\x01\n\nStepResult\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x35\n\x07outputs\x18\x02 \x03(\x0b\x32$.rnnserve.v1.StepResult.OutputsEntry\x12\r\n\x05steps\x18\x03 \x01(\x04\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0c\n\x04\x63ode\x18\x05 \x01(\x05\x12\x0f\n\x07message\x18\x06 \x01(\t\x1a\x43\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.rnnserve.v1.Tensor:\x02\x38\x01\"<\n\x11StreamStepRequest\x12\'\n\x05steps\x18\x01 \x03(\x0b\x32\x18.rnnserve.v1.StepRequest\">\n\x12StreamStepResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.rnnserve.v1.StepResult\"\x1d\n\x0cStatsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xb4\x01\n\nModelStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05steps\x18\x03 \x01(\x04\x12\x0f\n\x07\x62\x61tches\x18\x04 \x01(\x04\x12\x11\n\tmax_batch\x18\x05 \x01(\x04\x12\x17\n\x0f\x62\x61tch_histogram\x18\x06 \x03(\x04\x12\x15\n\ropen_sessions\x18\x07 \x01(\x04\x12\x12\n\ncompute_ns\x18\x08 \x01(\x04\x12\x10\n\x08queue_ns\x18\t \x01(\x04\"i\n\rStatsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.rnnserve.v1.ModelStats\x12\x15\n\ropen_sessions\x18\x02 \x01(\x04\x12\x18\n\x10\x65xpired_sessions\x18\x03 \x01(\x04*\x8c\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\t\n\x05INT64\x10\x04\x12\t\n\x05INT32\x10\x05\x12\t\n\x05INT16\x10\x06\x12\x08\n\x04INT8\x10\x07\x12\t\n\x05UINT8\x10\x08\x12\x08\n\x04\x42OOL\x10\t2\xf2\x05\n\x08RnnServe\x12M\n\nListModels\x12\x1e.rnnserve.v1.ListModelsRequest\x1a\x1f.rnnserve.v1.ListModelsResponse\x12@\n\x08GetModel\x12\x1c.rnnserve.v1.GetModelRequest\x1a\x16.rnnserve.v1.ModelInfo\x12P\n\x0bOpenSession\x12\x1f.rnnserve.v1.OpenSessionRequest\x1a .rnnserve.v1.OpenSessionResponse\x12N\n\x0c\x43loseSession\x12\x1b.rnnserve.v1.SessionRequest\x1a!.rnnserve.v1.CloseSessionResponse\x12S\n\x0cResetSession\x12 .rnnserve.v1.ResetSessionRequest\x1a!.rnnserve.v1.ResetSessionResponse\x12\x42\n\x08GetState\x12\x1b.rnnserve.v1.SessionRequest\x1a\x19.rnnserve.v1.SessionState\x12G\n\x08SetState\x12\x1c.rnnserve.v1.SetStateRequest\x1a\x1d.rnnserve.v1.SetStateResponse\x12;\n\x04Step\x12\x18.rnnserve.v1.StepRequest\x1a\x19.rnnserve.v1.StepResponse\x12Q\n\nStreamStep\x12\x1e.rnnserve.v1.StreamStepRequest\x1a\x1f.rnnserve.v1.StreamStepResponse(\x01\x30\x01\x12\x41\n\x08GetStats\x12\x19.rnnserve.v1.StatsRequest\x1a\x1a.rnnserve.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,6 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESETSESSIONREQUEST_STATEENTRY']._serialized_options = b'8\001'
   _globals['_SESSIONSTATE_STATEENTRY']._loaded_options = None
   _globals['_SESSIONSTATE_STATEENTRY']._serialized_options = b'8\001'
+  _globals['_SESSIONSNAPSHOT_STATEENTRY']._loaded_options = None
+  _globals['_SESSIONSNAPSHOT_STATEENTRY']._serialized_options = b'8\001'
   _globals['_SETSTATEREQUEST_STATEENTRY']._loaded_options = None
   _globals['_SETSTATEREQUEST_STATEENTRY']._serialized_options = b'8\001'
   _globals['_STEPREQUEST_INPUTSENTRY']._loaded_options = None
@@ -45,8 +47,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STEPRESPONSE_OUTPUTSENTRY']._serialized_options = b'8\001'
   _globals['_STEPRESULT_OUTPUTSENTRY']._loaded_options = None
   _globals['_STEPRESULT_OUTPUTSENTRY']._serialized_options = b'8\001'
-  _globals['_DATATYPE']._serialized_start=2912
-  _globals['_DATATYPE']._serialized_end=3052
+  _globals['_DATATYPE']._serialized_start=3102
+  _globals['_DATATYPE']._serialized_end=3242
   _globals['_TENSOR']._serialized_start=46
   _globals['_TENSOR']._serialized_end=121
   _globals['_TENSORSPEC']._serialized_start=123
@@ -81,34 +83,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSIONSTATE']._serialized_end=1624
   _globals['_SESSIONSTATE_STATEENTRY']._serialized_start=1313
   _globals['_SESSIONSTATE_STATEENTRY']._serialized_end=1378
-  _globals['_SETSTATEREQUEST']._serialized_start=1627
-  _globals['_SETSTATEREQUEST']._serialized_end=1805
+  _globals['_SESSIONSNAPSHOT']._serialized_start=1627
+  _globals['_SESSIONSNAPSHOT']._serialized_end=1814
+  _globals['_SESSIONSNAPSHOT_STATEENTRY']._serialized_start=1313
+  _globals['_SESSIONSNAPSHOT_STATEENTRY']._serialized_end=1378
+  _globals['_SETSTATEREQUEST']._serialized_start=1817
+  _globals['_SETSTATEREQUEST']._serialized_end=1995
   _globals['_SETSTATEREQUEST_STATEENTRY']._serialized_start=1313
   _globals['_SETSTATEREQUEST_STATEENTRY']._serialized_end=1378
-  _globals['_SETSTATERESPONSE']._serialized_start=1807
-  _globals['_SETSTATERESPONSE']._serialized_end=1825
-  _globals['_STEPREQUEST']._serialized_start=1828
-  _globals['_STEPREQUEST']._serialized_end=2039
-  _globals['_STEPREQUEST_INPUTSENTRY']._serialized_start=1973
-  _globals['_STEPREQUEST_INPUTSENTRY']._serialized_end=2039
-  _globals['_STEPRESPONSE']._serialized_start=2042
-  _globals['_STEPRESPONSE']._serialized_end=2237
-  _globals['_STEPRESPONSE_OUTPUTSENTRY']._serialized_start=2170
-  _globals['_STEPRESPONSE_OUTPUTSENTRY']._serialized_end=2237
-  _globals['_STEPRESULT']._serialized_start=2240
-  _globals['_STEPRESULT']._serialized_end=2462
-  _globals['_STEPRESULT_OUTPUTSENTRY']._serialized_start=2170
-  _globals['_STEPRESULT_OUTPUTSENTRY']._serialized_end=2237
-  _globals['_STREAMSTEPREQUEST']._serialized_start=2464
-  _globals['_STREAMSTEPREQUEST']._serialized_end=2524
-  _globals['_STREAMSTEPRESPONSE']._serialized_start=2526
-  _globals['_STREAMSTEPRESPONSE']._serialized_end=2588
-  _globals['_STATSREQUEST']._serialized_start=2590
-  _globals['_STATSREQUEST']._serialized_end=2619
-  _globals['_MODELSTATS']._serialized_start=2622
-  _globals['_MODELSTATS']._serialized_end=2802
-  _globals['_STATSRESPONSE']._serialized_start=2804
-  _globals['_STATSRESPONSE']._serialized_end=2909
-  _globals['_RNNSERVE']._serialized_start=3055
-  _globals['_RNNSERVE']._serialized_end=3809
+  _globals['_SETSTATERESPONSE']._serialized_start=1997
+  _globals['_SETSTATERESPONSE']._serialized_end=2015
+  _globals['_STEPREQUEST']._serialized_start=2018
+  _globals['_STEPREQUEST']._serialized_end=2229
+  _globals['_STEPREQUEST_INPUTSENTRY']._serialized_start=2163
+  _globals['_STEPREQUEST_INPUTSENTRY']._serialized_end=2229
+  _globals['_STEPRESPONSE']._serialized_start=2232
+  _globals['_STEPRESPONSE']._serialized_end=2427
+  _globals['_STEPRESPONSE_OUTPUTSENTRY']._serialized_start=2360
+  _globals['_STEPRESPONSE_OUTPUTSENTRY']._serialized_end=2427
+  _globals['_STEPRESULT']._serialized_start=2430
+  _globals['_STEPRESULT']._serialized_end=2652
+  _globals['_STEPRESULT_OUTPUTSENTRY']._serialized_start=2360
+  _globals['_STEPRESULT_OUTPUTSENTRY']._serialized_end=2427
+  _globals['_STREAMSTEPREQUEST']._serialized_start=2654
+  _globals['_STREAMSTEPREQUEST']._serialized_end=2714
+  _globals['_STREAMSTEPRESPONSE']._serialized_start=2716
+  _globals['_STREAMSTEPRESPONSE']._serialized_end=2778
+  _globals['_STATSREQUEST']._serialized_start=2780
+  _globals['_STATSREQUEST']._serialized_end=2809
+  _globals['_MODELSTATS']._serialized_start=2812
+  _globals['_MODELSTATS']._serialized_end=2992
+  _globals['_STATSRESPONSE']._serialized_start=2994
+  _globals['_STATSRESPONSE']._serialized_end=3099
+  _globals['_RNNSERVE']._serialized_start=3245
+  _globals['_RNNSERVE']._serialized_end=3999
 # @@protoc_insertion_point(module_scope)

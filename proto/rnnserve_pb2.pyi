@@ -199,6 +199,25 @@ class SessionState(_message.Message):
     snapshot: bytes
     def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., steps: _Optional[int] = ..., state: _Optional[_Mapping[str, Tensor]] = ..., snapshot: _Optional[bytes] = ...) -> None: ...
 
+class SessionSnapshot(_message.Message):
+    __slots__ = ("model", "version", "steps", "state")
+    class StateEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    steps: int
+    state: _containers.MessageMap[str, Tensor]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., steps: _Optional[int] = ..., state: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
+
 class SetStateRequest(_message.Message):
     __slots__ = ("session_id", "state", "snapshot")
     class StateEntry(_message.Message):

@@ -15,11 +15,15 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("rnnserve.export.cli", "export a PyTorch recurrent model to a model repository"),
     "serve": ("rnnserve.server.cli", "serve a model repository over gRPC"),
     "demo": ("rnnserve.demo", "export the built-in examples, serve them and stream a demo session"),
+    "health": ("rnnserve.client.cli_health", "check a server's gRPC health (exit 0 when SERVING)"),
+    "models": ("rnnserve.client.cli_models", "list a server's models and their signatures"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rnnserve", description="rnnserve: export and serve stateful recurrent models over gRPC")
+    parser = argparse.ArgumentParser(
+        prog="rnnserve", description="rnnserve: export and serve stateful recurrent models over gRPC"
+    )
     parser.add_argument("--version", action="version", version=f"rnnserve {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():

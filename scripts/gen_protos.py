@@ -46,8 +46,11 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         generated = generate(Path(tmp))
-        stale = [p.name for p in generated if not (PROTO_DIR / p.name).exists()
-                 or not filecmp.cmp(p, PROTO_DIR / p.name, shallow=False)]
+        stale = [
+            p.name
+            for p in generated
+            if not (PROTO_DIR / p.name).exists() or not filecmp.cmp(p, PROTO_DIR / p.name, shallow=False)
+        ]
         if args.check:
             if stale:
                 print(f"stale generated code: {', '.join(stale)}; run: python scripts/gen_protos.py")

@@ -1,0 +1,272 @@
+"""Cross-session dynamic batching for one model version.
+
+Every session owns a FIFO of jobs. A session with work is *ready* and sits in the batcher's ready queue at
+most once; the batcher takes up to ``max_batch_size`` ready sessions (waiting at most ``max_queue_delay_us``
+for more to arrive), runs one timestep of each in a single model call on a worker thread, scatters the new
+states into the slab and requeues the sessions that still have work. So a batch never holds two steps of one
+session, and a session's steps run strictly in arrival order. Up to ``concurrency`` batches (over disjoint
+sessions) compute at once; the next batch forms while the current one computes.
+
+Control jobs (read, write or reset a session's state) wait in the same FIFO, so they apply at a definite
+point between steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from rnnserve.server.errors import FailedPrecondition, Internal, RnnServeError
+
+if TYPE_CHECKING:
+    from rnnserve.server.model import LoadedModel
+    from rnnserve.server.sessions import Session
+
+log = logging.getLogger(__name__)
+
+
+class StepJob:
+    """One timestep, or a chunk of ``num_steps`` consecutive timesteps, of one session."""
+
+    __slots__ = ("done", "future", "inputs", "num_steps", "outputs", "session", "start_state")
+
+    def __init__(self, session: Session, inputs: dict[str, np.ndarray], num_steps: int, future: asyncio.Future):
+        self.session = session
+        self.inputs = inputs
+        self.num_steps = num_steps  # 0: a single step without a time axis
+        self.done = 0
+        self.outputs: list[list[np.ndarray]] = []
+        self.future = future
+        self.start_state: list[np.ndarray] | None = None  # for rolling a failed chunk back
+
+    @property
+    def total(self) -> int:
+        return self.num_steps or 1
+
+    def step_input(self, name: str) -> np.ndarray:
+        arr = self.inputs[name]
+        return arr[self.done] if self.num_steps else arr
+
+
+class ControlJob:
+    """A state operation that must run between two steps of the session (on the event loop)."""
+
+    __slots__ = ("fn", "future")
+
+    def __init__(self, fn: Callable[[], Any], future: asyncio.Future):
+        self.fn = fn
+        self.future = future
+
+
+@dataclass
+class BatchStats:
+    steps: int = 0
+    batches: int = 0
+    max_batch: int = 0
+    histogram: list[int] = field(default_factory=lambda: [0] * 12)
+    compute_ns: int = 0
+    queue_ns: int = 0
+
+    def record(self, size: int, compute_ns: int, queue_ns: int) -> None:
+        self.steps += size
+        self.batches += 1
+        self.max_batch = max(self.max_batch, size)
+        self.histogram[min(size.bit_length() - 1, len(self.histogram) - 1)] += 1
+        self.compute_ns += compute_ns
+        self.queue_ns += queue_ns
+
+
+def _resolve(future: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
+    # The caller may have gone away (cancelled RPC); its job still ran, only nobody reads the result.
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class Batcher:
+    def __init__(self, model: LoadedModel, *, max_batch_size: int, max_queue_delay_us: int, concurrency: int = 1):
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay = max_queue_delay_us / 1e6
+        self.concurrency = concurrency
+        self.ready: deque[Session] = deque()
+        self.stats = BatchStats()
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(concurrency)
+        self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"model-{model.key}")
+        self._task: asyncio.Task | None = None
+        self._inflight: set[asyncio.Task] = set()
+
+    # ---- lifecycle ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.model.key}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    # ---- submission (event loop) ----------------------------------------------------------------------
+    def enqueue(self, session: Session, job: StepJob | ControlJob) -> None:
+        session.pending.append(job)
+        if not session.scheduled:
+            session.scheduled = True
+            session.ready_since = time.perf_counter_ns()
+            self.ready.append(session)
+            self._wakeup.set()
+
+    # ---- the loop -------------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            while not self.ready:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            await self._slots.acquire()
+            if self.max_queue_delay and len(self.ready) < self.max_batch_size:
+                # Give other sessions a moment to join; a full batch goes at once.
+                deadline = time.perf_counter() + self.max_queue_delay
+                while len(self.ready) < self.max_batch_size and (left := deadline - time.perf_counter()) > 0:
+                    self._wakeup.clear()
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), left)
+                    except TimeoutError:
+                        break
+            batch = self._take_batch()
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._execute(batch))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    def _take_batch(self) -> list[Session]:
+        batch: list[Session] = []
+        while self.ready and len(batch) < self.max_batch_size:
+            session = self.ready.popleft()
+            # Control jobs at the head run now: the session is not in flight, so its state is settled.
+            while session.pending and isinstance(session.pending[0], ControlJob):
+                job = session.pending.popleft()
+                try:
+                    _resolve(job.future, job.fn())
+                except Exception as exc:
+                    _resolve(job.future, error=exc)
+            if session.closed or not session.pending:
+                self._settle(session)
+                continue
+            batch.append(session)
+        return batch
+
+    async def _execute(self, batch: list[Session]) -> None:
+        try:
+            jobs: list[StepJob] = [s.pending[0] for s in batch]  # type: ignore[misc]
+            for job in jobs:
+                if job.num_steps and job.done == 0 and job.start_state is None and job.num_steps > 1:
+                    job.start_state = self.model.slab.read(job.session.slot)
+            now = time.perf_counter_ns()
+            queue_ns = sum(now - s.ready_since for s in batch)
+            t0 = time.perf_counter_ns()
+            loop = asyncio.get_running_loop()
+            error: BaseException | None = None
+            per_output: list[np.ndarray] = []
+            try:
+                per_output = await loop.run_in_executor(self._executor, self._compute, jobs)
+            except RnnServeError as exc:
+                error = exc
+            except Exception as exc:
+                log.exception("model %s failed on a batch of %d", self.model.key, len(batch))
+                error = Internal(f"model {self.model.key} failed: {exc}")
+            compute_ns = time.perf_counter_ns() - t0
+            if error is None:
+                self.stats.record(len(batch), compute_ns, queue_ns)
+            self._complete(batch, jobs, per_output, error)
+        finally:
+            self._slots.release()
+            self._wakeup.set()
+
+    def _compute(self, jobs: Sequence[StepJob]) -> list[np.ndarray]:
+        """Worker thread: gather, run, scatter. Returns each data output with the batch axis first."""
+        model = self.model
+        n = len(jobs)
+        slots = np.fromiter((j.session.slot for j in jobs), dtype=np.intp, count=n)
+        feeds: dict[str, np.ndarray] = {}
+        for spec in model.manifest.inputs:
+            feeds[spec.name] = np.stack([j.step_input(spec.name) for j in jobs], axis=spec.batch_axis)
+        states = model.slab.gather(slots)
+        for spec, value in zip(model.manifest.states, states, strict=True):
+            feeds[spec.name] = value
+        out = model.runtime.run(feeds)
+        new_states = []
+        for spec in model.manifest.states:
+            value = out[spec.output]
+            if value.shape[spec.batch_axis] != n or value.dtype != np.dtype(spec.dtype):
+                raise Internal(
+                    f"model {model.key} returned state '{spec.output}' of shape {list(value.shape)} {value.dtype}"
+                    f" for a batch of {n}; the manifest declares {spec.shape} {spec.dtype}"
+                )
+            new_states.append(value)
+        result = []
+        for spec in model.manifest.outputs:
+            value = out[spec.name]
+            if value.shape[spec.batch_axis] != n:
+                raise Internal(
+                    f"model {model.key} returned output '{spec.name}' with a batch of "
+                    f"{value.shape[spec.batch_axis]} for {n} sessions"
+                )
+            result.append(np.moveaxis(value, spec.batch_axis, 0) if spec.batch_axis else value)
+        # Only a fully successful call touches the slab: a failed batch leaves every state as it was.
+        model.slab.scatter(slots, new_states)
+        return result
+
+    def _complete(
+        self,
+        batch: list[Session],
+        jobs: list[StepJob],
+        per_output: list[np.ndarray],
+        error: BaseException | None,
+    ) -> None:
+        now = time.monotonic()
+        for i, (session, job) in enumerate(zip(batch, jobs, strict=True)):
+            if error is not None:
+                session.pending.popleft()
+                if job.done and job.start_state is not None:
+                    # A chunk failed midway: put the session back where the chunk began.
+                    self.model.slab.write(session.slot, job.start_state)
+                    session.steps -= job.done
+                _resolve(job.future, error=error)
+            else:
+                job.outputs.append([o[i] for o in per_output])
+                job.done += 1
+                session.steps += 1
+                if job.done == job.total:
+                    session.pending.popleft()
+                    _resolve(job.future, (job.outputs, session.steps))
+            session.last_used = now
+            self._settle(session)
+
+    def _settle(self, session: Session) -> None:
+        """After a session's turn: requeue it if it has work, else mark it idle (and free it if closed)."""
+        if session.closed:
+            while session.pending:
+                job = session.pending.popleft()
+                _resolve(job.future, error=FailedPrecondition(f"session '{session.id}' was closed"))
+            session.scheduled = False
+            self.model.release(session)
+        elif session.pending:
+            session.ready_since = time.perf_counter_ns()
+            self.ready.append(session)
+        else:
+            session.scheduled = False

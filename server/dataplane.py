@@ -1,0 +1,166 @@
+"""The data plane: every operation the transports offer, on numpy arrays and domain errors (no grpc here)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from rnnserve.server import snapshot as snapshots
+from rnnserve.server.batcher import ControlJob, StepJob
+from rnnserve.server.errors import InvalidArgument, ResourceExhausted
+from rnnserve.server.model import LoadedModel
+from rnnserve.server.repository import ModelRepository
+from rnnserve.server.sessions import Session, SessionManager
+
+
+@dataclass
+class StepResult:
+    outputs: dict[str, np.ndarray]
+    steps: int
+
+
+@dataclass
+class SessionStateView:
+    session_id: str
+    model: str
+    version: int
+    steps: int
+    state: dict[str, np.ndarray]
+    snapshot: bytes
+
+
+class DataPlane:
+    def __init__(self, repository: ModelRepository, sessions: SessionManager, *, max_pending_steps: int):
+        self.repository = repository
+        self.sessions = sessions
+        self.max_pending_steps = max_pending_steps
+
+    # ---- models -----------------------------------------------------------------------------------------
+    def models(self, name: str = "") -> list[LoadedModel]:
+        return [m for key, m in sorted(self.repository.models.items()) if not name or key[0] == name]
+
+    def model(self, name: str, version: int = 0) -> LoadedModel:
+        return self.repository.get(name, version)
+
+    # ---- sessions ---------------------------------------------------------------------------------------
+    def open_session(
+        self, model_name: str, version: int, initial_state: Mapping[str, np.ndarray], snapshot: bytes
+    ) -> Session:
+        if snapshot:
+            if initial_state:
+                raise InvalidArgument("give either initial_state or snapshot, not both")
+            snap = snapshots.decode(snapshot)
+            model = self.repository.get(model_name or snap.model, version or (0 if model_name else snap.version))
+            state = model.check_state(snap.state, partial=False)
+            return self.sessions.open(model, state, snap.steps)
+        model = self.repository.get(model_name, version)
+        state = model.check_state(initial_state, partial=True) if initial_state else None
+        return self.sessions.open(model, state)
+
+    def close_session(self, session_id: str) -> None:
+        self.sessions.close(session_id)
+
+    async def _control(self, session: Session, fn):
+        future = asyncio.get_running_loop().create_future()
+        self._batcher(session).enqueue(session, ControlJob(fn, future))
+        return await future
+
+    def _batcher(self, session: Session):
+        batcher = session.model.batcher
+        assert batcher is not None, "model not started"
+        return batcher
+
+    async def reset_session(self, session_id: str, state: Mapping[str, np.ndarray]) -> None:
+        session = self.sessions.get(session_id)
+        values = session.model.check_state(state, partial=True) if state else session.model.initial_state
+
+        def reset() -> None:
+            session.model.slab.write(session.slot, values)
+            session.steps = 0
+
+        await self._control(session, reset)
+
+    async def get_state(self, session_id: str) -> SessionStateView:
+        session = self.sessions.get(session_id)
+        model = session.model
+
+        def read() -> SessionStateView:
+            state = model.state_dict(model.slab.read(session.slot))
+            snap = snapshots.Snapshot(model.name, model.version, session.steps, state)
+            return SessionStateView(session.id, model.name, model.version, session.steps, state, snapshots.encode(snap))
+
+        return await self._control(session, read)
+
+    async def set_state(self, session_id: str, state: Mapping[str, np.ndarray], snapshot: bytes) -> None:
+        session = self.sessions.get(session_id)
+        model = session.model
+        if state and snapshot:
+            raise InvalidArgument("give either state or snapshot, not both")
+        steps: int | None = None
+        if snapshot:
+            snap = snapshots.decode(snapshot)
+            given = model.state_dict(model.check_state(snap.state, partial=False))
+            steps = snap.steps
+        else:
+            model.check_state(state, partial=True)
+            given = dict(state)
+
+        def write() -> None:
+            # States not given keep their current value.
+            current = model.slab.read(session.slot)
+            merged = [given.get(s.name, c) for s, c in zip(model.manifest.states, current, strict=True)]
+            model.slab.write(session.slot, merged)
+            if steps is not None:
+                session.steps = steps
+
+        await self._control(session, write)
+
+    # ---- steps ------------------------------------------------------------------------------------------
+    def submit_step(
+        self, session_id: str, inputs: Mapping[str, np.ndarray], num_steps: int
+    ) -> tuple[LoadedModel, asyncio.Future]:
+        """Validate and queue one step (or chunk). Returns its model and a future for ``step_result``.
+
+        Everything that can be rejected is rejected here, before the step is queued: a refused step never
+        reaches the batcher and so never touches the session's state.
+        """
+        session = self.sessions.get(session_id)
+        model = session.model
+        checked = model.check_inputs(inputs, num_steps)
+        if len(session.pending) >= self.max_pending_steps:
+            raise ResourceExhausted(
+                f"session '{session_id}' already has {len(session.pending)} steps queued (limit "
+                f"{self.max_pending_steps}); wait for responses before sending more"
+            )
+        future = asyncio.get_running_loop().create_future()
+        self._batcher(session).enqueue(session, StepJob(session, checked, num_steps, future))
+        return model, future
+
+    @staticmethod
+    def step_result(model: LoadedModel, done: tuple[Sequence[list[np.ndarray]], int], num_steps: int) -> StepResult:
+        """Turn a finished step future's value into named outputs (stacked over time for a chunk)."""
+        per_step, steps = done
+        names = [o.name for o in model.manifest.outputs]
+        if num_steps:
+            outputs = {n: np.stack([s[i] for s in per_step]) for i, n in enumerate(names)}
+        else:
+            outputs = dict(zip(names, per_step[0], strict=True))
+        return StepResult(outputs, steps)
+
+    async def step(self, session_id: str, inputs: Mapping[str, np.ndarray], num_steps: int = 0) -> StepResult:
+        model, future = self.submit_step(session_id, inputs, num_steps)
+        return self.step_result(model, await future, num_steps)
+
+    # ---- lifecycle --------------------------------------------------------------------------------------
+    def start(self) -> None:
+        for model in self.repository.models.values():
+            model.start()
+        self.sessions.start()
+
+    async def stop(self) -> None:
+        await self.sessions.stop()
+        for model in self.repository.models.values():
+            await model.stop()

@@ -1,0 +1,50 @@
+"""Domain errors. Each carries the gRPC status it maps to (one table: server/grpc/utils.py), so the data
+plane never imports grpc and the transport never guesses a code."""
+
+from __future__ import annotations
+
+
+class RnnServeError(Exception):
+    """Base class: a request the server refuses, with a status and a message saying what to do."""
+
+    status: str = "INTERNAL"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(RnnServeError):
+    status = "INVALID_ARGUMENT"
+
+
+class NotFound(RnnServeError):
+    status = "NOT_FOUND"
+
+
+class ModelNotFound(NotFound):
+    pass
+
+
+class SessionNotFound(NotFound):
+    def __init__(self, session_id: str):
+        super().__init__(
+            f"session '{session_id}' not found: it was closed, expired after its idle TTL, or never opened; "
+            "open a new session"
+        )
+
+
+class ResourceExhausted(RnnServeError):
+    status = "RESOURCE_EXHAUSTED"
+
+
+class FailedPrecondition(RnnServeError):
+    status = "FAILED_PRECONDITION"
+
+
+class Unavailable(RnnServeError):
+    status = "UNAVAILABLE"
+
+
+class Internal(RnnServeError):
+    status = "INTERNAL"

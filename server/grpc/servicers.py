@@ -1,0 +1,198 @@
+"""The RnnServe gRPC service. Thin: convert the request, call the data plane, convert the response."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from rnnserve.proto import rnnserve_pb2 as pb
+from rnnserve.server.dataplane import DataPlane
+from rnnserve.server.errors import InvalidArgument
+from rnnserve.server.grpc import converters
+from rnnserve.server.grpc.utils import parse, to_status
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "rnnserve.v1.RnnServe"
+
+
+def _check_wanted(model, wanted) -> list[str]:
+    if wanted:
+        names = [o.name for o in model.manifest.outputs]
+        unknown = [w for w in wanted if w not in names]
+        if unknown:
+            raise InvalidArgument(f"model {model.key} has no output {unknown}; its outputs are {names}")
+    return list(wanted)
+
+
+class RnnServeServicer:
+    def __init__(self, dataplane: DataPlane, *, max_stream_inflight: int):
+        self.dp = dataplane
+        self.max_stream_inflight = max_stream_inflight
+
+    # ---- models -----------------------------------------------------------------------------------------
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        models = [converters.model_info(m) for m in self.dp.models(request.name)]
+        failed = [
+            converters.failed_model_info(f)
+            for key, f in sorted(self.dp.repository.failed.items())
+            if not request.name or key[0] == request.name
+        ]
+        return pb.ListModelsResponse(models=models + failed)
+
+    async def GetModel(self, request: pb.GetModelRequest, context) -> pb.ModelInfo:
+        return converters.model_info(self.dp.model(request.name, request.version))
+
+    # ---- sessions ---------------------------------------------------------------------------------------
+    async def OpenSession(self, request: pb.OpenSessionRequest, context) -> pb.OpenSessionResponse:
+        session = self.dp.open_session(
+            request.model, request.version, converters.tensors(request.initial_state), request.snapshot
+        )
+        return pb.OpenSessionResponse(
+            session_id=session.id, model=converters.model_info(session.model), steps=session.steps
+        )
+
+    async def CloseSession(self, request: pb.SessionRequest, context) -> pb.CloseSessionResponse:
+        self.dp.close_session(request.session_id)
+        return pb.CloseSessionResponse()
+
+    async def ResetSession(self, request: pb.ResetSessionRequest, context) -> pb.ResetSessionResponse:
+        await self.dp.reset_session(request.session_id, converters.tensors(request.state))
+        return pb.ResetSessionResponse()
+
+    async def GetState(self, request: pb.SessionRequest, context) -> pb.SessionState:
+        return converters.session_state(await self.dp.get_state(request.session_id))
+
+    async def SetState(self, request: pb.SetStateRequest, context) -> pb.SetStateResponse:
+        await self.dp.set_state(request.session_id, converters.tensors(request.state), request.snapshot)
+        return pb.SetStateResponse()
+
+    async def GetStats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
+        stats = []
+        for m in self.dp.models(request.model):
+            s = m.batcher.stats if m.batcher else None
+            if s is None:
+                continue
+            stats.append(
+                pb.ModelStats(
+                    name=m.name,
+                    version=m.version,
+                    steps=s.steps,
+                    batches=s.batches,
+                    max_batch=s.max_batch,
+                    batch_histogram=s.histogram,
+                    open_sessions=m.open_sessions,
+                    compute_ns=s.compute_ns,
+                    queue_ns=s.queue_ns,
+                )
+            )
+        return pb.StatsResponse(
+            models=stats, open_sessions=len(self.dp.sessions), expired_sessions=self.dp.sessions.expired
+        )
+
+    # ---- steps ------------------------------------------------------------------------------------------
+    async def Step(self, request: pb.StepRequest, context) -> pb.StepResponse:
+        model, future = self.dp.submit_step(request.session_id, converters.tensors(request.inputs), request.num_steps)
+        wanted = _check_wanted(model, request.outputs)
+        result = self.dp.step_result(model, await future, request.num_steps)
+        response = pb.StepResponse(session_id=request.session_id, steps=result.steps, request_id=request.request_id)
+        converters.fill_outputs(response.outputs, result.outputs, wanted)
+        return response
+
+    async def StreamStep(self, request_iterator: AsyncIterator[bytes], context) -> AsyncIterator[pb.StreamStepResponse]:
+        # The reader queues every step of a message as soon as it arrives (so sessions in different messages
+        # batch together); this generator answers messages in arrival order. The bounded queue is the
+        # stream's backpressure: past max_stream_inflight unanswered messages the reader stops reading.
+        queue: asyncio.Queue = asyncio.Queue(maxsize=self.max_stream_inflight)
+        done = object()
+
+        async def read() -> None:
+            try:
+                async for raw in request_iterator:
+                    message = parse(pb.StreamStepRequest, raw)
+                    entries = []
+                    for step in message.steps:
+                        try:
+                            model, future = self.dp.submit_step(
+                                step.session_id, converters.tensors(step.inputs), step.num_steps
+                            )
+                            entries.append((step, model, future, _check_wanted(model, step.outputs)))
+                        except Exception as exc:
+                            entries.append((step, None, None, exc))
+                    await queue.put(entries)
+                await queue.put(done)
+            except Exception as exc:
+                await queue.put(exc)
+
+        reader = asyncio.get_running_loop().create_task(read())
+        try:
+            while (entries := await queue.get()) is not done:
+                if isinstance(entries, Exception):
+                    code, message = to_status(entries)
+                    await context.abort(code, message)
+                response = pb.StreamStepResponse()
+                for step, model, future, extra in entries:
+                    result = response.results.add(session_id=step.session_id, request_id=step.request_id)
+                    try:
+                        if model is None:
+                            raise extra
+                        value = await future
+                        out = self.dp.step_result(model, value, step.num_steps)
+                        result.steps = out.steps
+                        converters.fill_outputs(result.outputs, out.outputs, extra)
+                    except Exception as exc:
+                        code, msg = to_status(exc)
+                        result.code = code.value[0]
+                        result.message = msg
+                yield response
+        finally:
+            reader.cancel()
+
+
+# name -> (request type, response type, streaming?)
+METHODS: dict[str, tuple[type, type, bool]] = {
+    "ListModels": (pb.ListModelsRequest, pb.ListModelsResponse, False),
+    "GetModel": (pb.GetModelRequest, pb.ModelInfo, False),
+    "OpenSession": (pb.OpenSessionRequest, pb.OpenSessionResponse, False),
+    "CloseSession": (pb.SessionRequest, pb.CloseSessionResponse, False),
+    "ResetSession": (pb.ResetSessionRequest, pb.ResetSessionResponse, False),
+    "GetState": (pb.SessionRequest, pb.SessionState, False),
+    "SetState": (pb.SetStateRequest, pb.SetStateResponse, False),
+    "Step": (pb.StepRequest, pb.StepResponse, False),
+    "GetStats": (pb.StatsRequest, pb.StatsResponse, False),
+    "StreamStep": (pb.StreamStepRequest, pb.StreamStepResponse, True),
+}
+
+
+def _unary(method: Callable, request_type: type) -> Callable:
+    async def handler(raw: bytes, context: grpc.aio.ServicerContext):
+        try:
+            return await method(parse(request_type, raw), context)
+        except Exception as exc:
+            code, message = to_status(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("internal error in %s", request_type.DESCRIPTOR.name)
+            await context.abort(code, message)
+
+    return handler
+
+
+def generic_handler(servicer: RnnServeServicer) -> grpc.GenericRpcHandler:
+    """Handlers that take raw request bytes (no grpc-side deserializer), so malformed requests get
+    INVALID_ARGUMENT from ``parse`` instead of grpc's INTERNAL."""
+    handlers = {}
+    for name, (request_type, response_type, streaming) in METHODS.items():
+        method = getattr(servicer, name)
+        if streaming:
+            handlers[name] = grpc.stream_stream_rpc_method_handler(
+                method, request_deserializer=None, response_serializer=response_type.SerializeToString
+            )
+        else:
+            handlers[name] = grpc.unary_unary_rpc_method_handler(
+                _unary(method, request_type),
+                request_deserializer=None,
+                response_serializer=response_type.SerializeToString,
+            )
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)

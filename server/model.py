@@ -1,0 +1,130 @@
+"""A loaded model version: manifest, runtime, state slab, batcher, and the checks every request passes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from rnnserve.manifest import ModelManifest, TensorSpec
+from rnnserve.server.batcher import Batcher
+from rnnserve.server.errors import InvalidArgument
+from rnnserve.server.runtime import Runtime
+from rnnserve.server.slab import StateSlab
+
+if TYPE_CHECKING:
+    from rnnserve.server.sessions import Session
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join("*" if d == -1 else str(d) for d in shape) + "]"
+
+
+class LoadedModel:
+    def __init__(
+        self,
+        manifest: ModelManifest,
+        version_dir: Path,
+        runtime: Runtime,
+        *,
+        max_batch_size: int | None = None,
+        max_queue_delay_us: int | None = None,
+    ):
+        self.manifest = manifest
+        self.name = manifest.name
+        self.version = manifest.version
+        self.key = f"{manifest.name}:{manifest.version}"
+        self.version_dir = version_dir
+        self.runtime = runtime
+        self.initial_state = [s.initial_value(version_dir) for s in manifest.states]
+        self.slab = StateSlab(manifest.states, self.initial_state)
+        self.max_batch_size = max_batch_size or manifest.max_batch_size
+        self.max_queue_delay_us = manifest.max_queue_delay_us if max_queue_delay_us is None else max_queue_delay_us
+        self.batcher: Batcher | None = None  # created on the event loop by start()
+        self.open_sessions = 0
+        self._input_checks = [(t.name, np.dtype(t.dtype), t.session_shape) for t in manifest.inputs]
+        self._state_checks = [(s.name, np.dtype(s.dtype), s.session_shape) for s in manifest.states]
+        self._check_finite = not manifest.allow_nonfinite
+
+    def start(self) -> None:
+        self.batcher = Batcher(self, max_batch_size=self.max_batch_size, max_queue_delay_us=self.max_queue_delay_us)
+        self.batcher.start()
+
+    async def stop(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.stop()
+
+    # ---- sessions ---------------------------------------------------------------------------------------
+    def acquire(self, state: list[np.ndarray] | None = None) -> int:
+        self.open_sessions += 1
+        return self.slab.allocate(state)
+
+    def release(self, session: Session) -> None:
+        if session.slot >= 0:
+            self.slab.release(session.slot)
+            session.slot = -1
+            self.open_sessions -= 1
+
+    # ---- request checks ---------------------------------------------------------------------------------
+    def check_inputs(self, inputs: Mapping[str, np.ndarray], num_steps: int) -> dict[str, np.ndarray]:
+        """Validate one step's (or chunk's) data inputs; return them in manifest order.
+
+        Messages name the tensor and the expected dtype and per-session shape, so a client can fix its call.
+        """
+        if len(inputs) != len(self._input_checks) or any(n not in inputs for n, _, _ in self._input_checks):
+            expected = ", ".join(f"'{n}' {d.name}{_shape_text(s)}" for n, d, s in self._input_checks)
+            raise InvalidArgument(
+                f"model {self.key} takes {len(self._input_checks)} input tensor(s): {expected}; got {sorted(inputs)}"
+            )
+        checked = {}
+        lead = (num_steps,) if num_steps else ()
+        for name, dtype, shape in self._input_checks:
+            arr = inputs[name]
+            self._check_tensor("input", name, arr, dtype, lead + shape, chunk=bool(num_steps))
+            checked[name] = arr
+        return checked
+
+    def check_state(self, state: Mapping[str, np.ndarray], *, partial: bool) -> list[np.ndarray]:
+        """Validate user-given state tensors; missing ones (when ``partial``) take the initial value."""
+        unknown = sorted(set(state) - {n for n, _, _ in self._state_checks})
+        if unknown:
+            names = [n for n, _, _ in self._state_checks]
+            raise InvalidArgument(f"model {self.key} has no state named {unknown}; its states are {names}")
+        result = []
+        for (name, dtype, shape), initial in zip(self._state_checks, self.initial_state, strict=True):
+            if name not in state:
+                if not partial:
+                    raise InvalidArgument(f"state '{name}' is missing: expected {dtype.name}{_shape_text(shape)}")
+                result.append(initial)
+                continue
+            arr = state[name]
+            self._check_tensor("state", name, arr, dtype, shape, chunk=False)
+            result.append(arr)
+        return result
+
+    def _check_tensor(
+        self, kind: str, name: str, arr: np.ndarray, dtype: np.dtype, shape: tuple[int, ...], *, chunk: bool
+    ) -> None:
+        if arr.dtype != dtype:
+            raise InvalidArgument(
+                f"{kind} '{name}' of model {self.key}: expected dtype {dtype.name}, got {arr.dtype.name}"
+            )
+        if arr.ndim != len(shape) or any(e != -1 and e != g for e, g in zip(shape, arr.shape, strict=True)):
+            what = "[num_steps, ...per-session shape]" if chunk else "per-session shape, no batch axis"
+            raise InvalidArgument(
+                f"{kind} '{name}' of model {self.key}: expected shape {_shape_text(shape)} ({what}), "
+                f"got {list(arr.shape)}"
+            )
+        if self._check_finite and arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise InvalidArgument(
+                f"{kind} '{name}' of model {self.key} holds NaN or Inf, which this model does not accept "
+                "(set allow_nonfinite in its manifest to allow them)"
+            )
+
+    def state_dict(self, values: list[np.ndarray]) -> dict[str, np.ndarray]:
+        return {s.name: v for s, v in zip(self.manifest.states, values, strict=True)}
+
+    def input_specs(self) -> list[TensorSpec]:
+        return self.manifest.inputs

@@ -1,0 +1,122 @@
+"""The model repository: ``REPO/NAME/VERSION/{manifest.json, artifact}``.
+
+A version that fails to load (missing artifact, invalid manifest, a graph that disagrees with its manifest)
+is kept in the listing as FAILED with its error, and the server goes on serving the others.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from rnnserve.manifest import MANIFEST_FILE, ModelManifest
+from rnnserve.server.errors import ModelNotFound
+from rnnserve.server.model import LoadedModel
+from rnnserve.server.runtime import load_runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FailedModel:
+    name: str
+    version: int
+    error: str
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'manifest'}: {e['msg']}" for e in exc.errors())
+    return f"{type(exc).__name__}: {exc}"
+
+
+class ModelRepository:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        device: str = "cpu",
+        threads: int = 1,
+        max_batch_size: int | None = None,
+        max_queue_delay_us: int | None = None,
+    ):
+        self.root = root
+        self.device = device
+        self.threads = threads
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_us = max_queue_delay_us
+        self.models: dict[tuple[str, int], LoadedModel] = {}
+        self.failed: dict[tuple[str, int], FailedModel] = {}
+
+    def load_all(self) -> None:
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"model repository {self.root} does not exist; export a model into it first "
+                "(rnnserve export ... --repository DIR)"
+            )
+        root = self.root.resolve()
+        for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            for version_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
+                if not version_dir.name.isdigit():
+                    continue
+                if root not in version_dir.resolve().parents:
+                    log.error("skipping %s: it resolves outside the repository", version_dir)
+                    continue
+                self.load_version(model_dir.name, int(version_dir.name), version_dir)
+        log.info(
+            "repository %s: %d model version(s) ready, %d failed",
+            self.root,
+            len(self.models),
+            len(self.failed),
+        )
+
+    def load_version(self, name: str, version: int, version_dir: Path) -> LoadedModel | None:
+        try:
+            if not (version_dir / MANIFEST_FILE).is_file():
+                raise FileNotFoundError(f"{MANIFEST_FILE} is missing from {version_dir}")
+            manifest = ModelManifest.read(version_dir)
+            if manifest.name != name or manifest.version != version:
+                raise ValueError(f"manifest says {manifest.name}:{manifest.version} but lives in {name}/{version}")
+            runtime = load_runtime(manifest, version_dir, device=self.device, threads=self.threads)
+            model = LoadedModel(
+                manifest,
+                version_dir,
+                runtime,
+                max_batch_size=self.max_batch_size,
+                max_queue_delay_us=self.max_queue_delay_us,
+            )
+        except Exception as exc:
+            error = _describe(exc)
+            log.error("model %s:%s failed to load: %s", name, version, error)
+            self.failed[(name, version)] = FailedModel(name, version, error)
+            return None
+        self.models[(name, version)] = model
+        log.info("loaded %s (%s, %s)", model.key, manifest.format, runtime.device)
+        return model
+
+    def get(self, name: str, version: int = 0) -> LoadedModel:
+        """The given version, or the newest ready one when version is 0."""
+        if version:
+            model = self.models.get((name, version))
+            if model is None:
+                failed = self.failed.get((name, version))
+                if failed is not None:
+                    raise ModelNotFound(f"model {name}:{version} failed to load: {failed.error}")
+                raise ModelNotFound(f"model {name} has no version {version}; versions: {self.versions(name)}")
+            return model
+        versions = [v for (n, v) in self.models if n == name]
+        if not versions:
+            known = sorted({n for n, _ in self.models})
+            hint = f"; it failed to load: {self._failure(name)}" if self._failure(name) else ""
+            raise ModelNotFound(f"model '{name}' not found{hint}; ready models: {known}")
+        return self.models[(name, max(versions))]
+
+    def _failure(self, name: str) -> str:
+        errors = [f.error for (n, _), f in sorted(self.failed.items()) if n == name]
+        return errors[-1] if errors else ""
+
+    def versions(self, name: str) -> list[int]:
+        return sorted(v for (n, v) in self.models if n == name)

@@ -1,0 +1,32 @@
+"""The runtime interface the batcher calls."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+
+import numpy as np
+
+from rnnserve.manifest import ModelManifest
+
+
+class Runtime(ABC):
+    """Runs the step function on one batch.
+
+    ``feeds`` holds every data input and state input by manifest name, batched along each tensor's
+    ``batch_axis``. The result holds every data output and every state output (by the state's ``output``
+    name). Called from a worker thread: implementations must release the GIL while computing (onnxruntime
+    and torch both do).
+    """
+
+    def __init__(self, manifest: ModelManifest):
+        self.manifest = manifest
+        self.input_names = [t.name for t in manifest.inputs] + [s.name for s in manifest.states]
+        self.output_names = [t.name for t in manifest.outputs] + [s.output for s in manifest.states]
+
+    @abstractmethod
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    @property
+    @abstractmethod
+    def device(self) -> str: ...

@@ -1,0 +1,118 @@
+"""Sessions: ids, ownership of a slab slot, idle expiry and the global cap."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import OrderedDict, deque
+
+from rnnserve.server.errors import ResourceExhausted, SessionNotFound
+from rnnserve.server.model import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+class Session:
+    # Slots keep an idle session small: 100k of them must fit beside their state.
+    __slots__ = ("closed", "id", "last_used", "model", "pending", "ready_since", "scheduled", "slot", "steps")
+
+    def __init__(self, session_id: str, model: LoadedModel, slot: int, steps: int = 0):
+        self.id = session_id
+        self.model = model
+        self.slot = slot
+        self.steps = steps
+        self.last_used = time.monotonic()
+        self.pending: deque = deque()
+        self.scheduled = False  # queued in, or being computed by, the batcher
+        self.ready_since = 0
+        self.closed = False
+
+
+class SessionManager:
+    def __init__(self, *, max_sessions: int, ttl: float):
+        self.max_sessions = max_sessions
+        self.ttl = ttl
+        # Ordered by last use, oldest first, so expiry only looks at the front.
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self.expired = 0
+        self._reaper: asyncio.Task | None = None
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def open(self, model: LoadedModel, state=None, steps: int = 0) -> Session:
+        if len(self._sessions) >= self.max_sessions:
+            self.expire()
+            if len(self._sessions) >= self.max_sessions:
+                raise ResourceExhausted(
+                    f"the server holds its maximum of {self.max_sessions} sessions; close idle sessions "
+                    "or raise --max-sessions"
+                )
+        session_id = secrets.token_hex(16)  # 128 random bits: ids are capabilities, not counters
+        session = Session(session_id, model, model.acquire(state), steps)
+        self._sessions[session_id] = session
+        return session
+
+    def get(self, session_id: str) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise SessionNotFound(session_id)
+        session.last_used = time.monotonic()
+        self._sessions.move_to_end(session_id)
+        return session
+
+    def close(self, session_id: str) -> None:
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            raise SessionNotFound(session_id)
+        self._end(session)
+
+    def _end(self, session: Session) -> None:
+        session.closed = True
+        if not session.scheduled:
+            # Not queued nor computing: free now. Otherwise the batcher frees it when its turn ends.
+            session.model.release(session)
+
+    def expire(self) -> int:
+        """Close sessions idle longer than the TTL; return how many."""
+        cutoff = time.monotonic() - self.ttl
+        count = 0
+        while self._sessions:
+            session = next(iter(self._sessions.values()))
+            if session.last_used > cutoff:
+                break
+            self._sessions.popitem(last=False)
+            if session.pending:
+                # Busy sessions are not idle: their steps keep them alive.
+                session.last_used = time.monotonic()
+                self._sessions[session.id] = session
+                continue
+            self._end(session)
+            count += 1
+        self.expired += count
+        return count
+
+    def close_model_sessions(self, model: LoadedModel) -> int:
+        doomed = [s for s in self._sessions.values() if s.model is model]
+        for s in doomed:
+            del self._sessions[s.id]
+            self._end(s)
+        return len(doomed)
+
+    async def _reap(self) -> None:
+        interval = min(max(self.ttl / 4, 0.05), 5.0)
+        while True:
+            await asyncio.sleep(interval)
+            n = self.expire()
+            if n:
+                log.info("expired %d idle session(s)", n)
+
+    def start(self) -> None:
+        self._reaper = asyncio.get_running_loop().create_task(self._reap(), name="session-reaper")
+
+    async def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            await asyncio.gather(self._reaper, return_exceptions=True)

@@ -1,0 +1,63 @@
+"""Server settings: command-line flags and ``RNNSERVE_*`` environment variables (flags win)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "RNNSERVE_"
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+
+    repository: Path = Path("model_repository")
+    """Model repository: ``REPO/NAME/VERSION/manifest.json`` plus the artifact."""
+
+    host: str = "0.0.0.0"
+    """Address to listen on."""
+
+    port: int = Field(default=50051, ge=0, le=65535)
+    """gRPC port; 0 picks a free one (see ``port_file``)."""
+
+    port_file: Path | None = None
+    """Where to write the bound port once the server listens (useful with port 0)."""
+
+    max_sessions: int = Field(default=100_000, ge=1)
+    """Open sessions allowed across all models; past it OpenSession gets RESOURCE_EXHAUSTED."""
+
+    session_ttl: float = Field(default=600.0, gt=0)
+    """Seconds a session may stay idle before it is closed and its state freed."""
+
+    max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    """Largest gRPC message accepted or sent; larger requests get RESOURCE_EXHAUSTED."""
+
+    max_pending_steps: int = Field(default=1024, ge=1)
+    """Steps one session may have queued; more get RESOURCE_EXHAUSTED (backpressure, not unbounded memory)."""
+
+    max_stream_inflight: int = Field(default=256, ge=1)
+    """Request messages one stream may have in flight before the server stops reading it."""
+
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Where models run. ``cuda`` needs onnxruntime-gpu (ONNX) or a CUDA build of torch (TorchScript)."""
+
+    intra_op_threads: int = Field(default=1, ge=0)
+    """Threads one model call may use (0: the runtime's default). One leaves a core for gRPC."""
+
+    max_batch_size: int | None = Field(default=None, ge=1)
+    """Override every model's max_batch_size."""
+
+    max_queue_delay_us: int | None = Field(default=None, ge=0)
+    """Override every model's max_queue_delay_us."""
+
+    grace: float = Field(default=5.0, ge=0)
+    """Seconds in-flight calls get to finish on SIGTERM/SIGINT."""
+
+    log_level: str = "INFO"
+    """Python logging level."""
+
+    reflection: bool = True
+    """Register the gRPC server reflection service."""

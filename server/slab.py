@@ -1,0 +1,89 @@
+"""The state slab: every session's recurrent state of one model version in a few preallocated arrays.
+
+One array per state input, laid out exactly as the model expects it (the batch axis where the manifest puts
+it), indexed by a session's *slot*. A batch gathers its sessions' rows with one ``np.take`` per state and
+scatters the new state back with one indexed assignment, so the hot path holds no per-session tensors.
+Capacity doubles when full; closed sessions' slots are reused.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+
+from rnnserve.manifest import StateSpec
+
+
+class StateSlab:
+    def __init__(self, specs: Sequence[StateSpec], initial: Sequence[np.ndarray], capacity: int = 64):
+        self.specs = list(specs)
+        self.initial = [np.asarray(v) for v in initial]
+        self.capacity = max(1, capacity)
+        self._arrays = [self._alloc(spec, self.capacity) for spec in self.specs]
+        self._free: list[int] = list(range(self.capacity - 1, -1, -1))
+        # Growth replaces the arrays; gathers and scatters run in worker threads, so both take this lock.
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def _alloc(spec: StateSpec, capacity: int) -> np.ndarray:
+        shape = list(spec.shape)
+        shape[spec.batch_axis] = capacity
+        return np.zeros(shape, dtype=spec.dtype)
+
+    @staticmethod
+    def _index(spec: StateSpec, rows: int | np.ndarray | slice) -> tuple:
+        return (slice(None),) * spec.batch_axis + (rows,)
+
+    @property
+    def used(self) -> int:
+        return self.capacity - len(self._free)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self._arrays)
+
+    def allocate(self, state: Sequence[np.ndarray] | None = None) -> int:
+        """Take a free slot and fill it with ``state`` (per-session arrays) or the initial state."""
+        with self.lock:
+            if not self._free:
+                self._grow()
+            slot = self._free.pop()
+        self.write(slot, state if state is not None else self.initial)
+        return slot
+
+    def release(self, slot: int) -> None:
+        with self.lock:
+            self._free.append(slot)
+
+    def _grow(self) -> None:
+        new_capacity = self.capacity * 2
+        grown = []
+        for spec, old in zip(self.specs, self._arrays, strict=True):
+            arr = self._alloc(spec, new_capacity)
+            arr[self._index(spec, slice(0, self.capacity))] = old
+            grown.append(arr)
+        self._arrays = grown
+        self._free.extend(range(new_capacity - 1, self.capacity - 1, -1))
+        self.capacity = new_capacity
+
+    def read(self, slot: int) -> list[np.ndarray]:
+        """Copies of one session's state, per-session shapes."""
+        with self.lock:
+            return [a[self._index(s, slot)].copy() for s, a in zip(self.specs, self._arrays, strict=True)]
+
+    def write(self, slot: int, state: Sequence[np.ndarray]) -> None:
+        with self.lock:
+            for spec, arr, value in zip(self.specs, self._arrays, state, strict=True):
+                arr[self._index(spec, slot)] = value
+
+    def gather(self, slots: np.ndarray) -> list[np.ndarray]:
+        """The batch's states, batch axis in model order (contiguous copies)."""
+        with self.lock:
+            return [np.take(a, slots, axis=s.batch_axis) for s, a in zip(self.specs, self._arrays, strict=True)]
+
+    def scatter(self, slots: np.ndarray, values: Sequence[np.ndarray]) -> None:
+        with self.lock:
+            for spec, arr, value in zip(self.specs, self._arrays, values, strict=True):
+                arr[self._index(spec, slots)] = value
