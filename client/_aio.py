@@ -1,0 +1,349 @@
+"""The asyncio client: AsyncClient, AsyncSession and AsyncMultiStream over a grpc.aio channel."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Generator, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+import numpy as np
+from numpy.typing import ArrayLike
+
+from rnnserve.client import _base, _convert
+from rnnserve.client._errors import RnnServeError, from_rpc_error
+from rnnserve.client._types import ModelInfo, Stats
+from rnnserve.proto import rnnserve_pb2 as pb
+from rnnserve.proto import rnnserve_pb2_grpc as pb_grpc
+from rnnserve.tensors import decode_map
+
+_R = TypeVar("_R")
+_DEFAULT: Any = object()  # "use the client's timeout", distinct from an explicit None (no deadline)
+
+
+class AsyncClient:
+    """An asyncio connection to an rnnserve server; the arguments are those of ``Client``.
+
+    Create it inside a running event loop (grpc.aio channels bind to the loop)::
+
+        async with AsyncClient("localhost:50051") as client, client.session("m") as s:
+            y = await s.step(x)
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout: float | None = None,
+        max_message_bytes: int | None = _base.DEFAULT_MAX_MESSAGE_BYTES,
+        options: Sequence[tuple[str, Any]] | None = None,
+        metadata: _base.Metadata | None = None,
+    ) -> None:
+        opts = _base.channel_options(max_message_bytes, options)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(address, options=opts)
+        else:
+            self._channel = grpc.aio.secure_channel(address, credentials, options=opts)
+        self.address = address
+        self.timeout = timeout
+        self._metadata = _base.normalize_metadata(metadata)
+        self._stub = pb_grpc.RnnServeStub(self._channel)
+
+    async def _call(self, method: Any, request: Any, timeout: float | None = _DEFAULT) -> Any:
+        try:
+            return await method(
+                request, timeout=self.timeout if timeout is _DEFAULT else timeout, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err) from None
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The underlying grpc.aio channel."""
+        return self._channel
+
+    async def close(self) -> None:
+        """Close the channel. Open sessions stay on the server until closed elsewhere or expired."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def list_models(self, name: str = "") -> list[ModelInfo]:
+        """Every model version the server knows (ready or not), optionally only those called ``name``."""
+        resp = await self._call(self._stub.ListModels, pb.ListModelsRequest(name=name))
+        return [_convert.model_info(m) for m in resp.models]
+
+    async def model(self, name: str, version: int | None = None) -> ModelInfo:
+        """One model version; None means the newest ready one."""
+        req = pb.GetModelRequest(name=name, version=version or 0)
+        return _convert.model_info(await self._call(self._stub.GetModel, req))
+
+    async def stats(self, model: str = "") -> Stats:
+        """Server statistics, optionally for one model only."""
+        return _convert.stats(await self._call(self._stub.GetStats, pb.StatsRequest(model=model)))
+
+    async def health(self, service: str = "", timeout: float | None = _DEFAULT) -> str:
+        """The standard grpc health status of ``service`` ("" is the whole server), e.g. ``"SERVING"``."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        resp = await self._call(stub.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        return _base.health_status(resp)
+
+    async def open_session(
+        self,
+        model: str,
+        version: int | None = None,
+        initial_state: Mapping[str, ArrayLike] | None = None,
+    ) -> AsyncSession:
+        """Open a session on ``model`` (newest ready version unless ``version``); close it when done."""
+        req = pb.OpenSessionRequest(model=model, version=version or 0)
+        if initial_state:
+            _convert.state_map(initial_state, await self.model(model, version), req.initial_state)
+        return AsyncSession(self, await self._call(self._stub.OpenSession, req))
+
+    def session(
+        self,
+        model: str,
+        version: int | None = None,
+        initial_state: Mapping[str, ArrayLike] | None = None,
+    ) -> _SessionOpener:
+        """``async with client.session("m") as s:`` (closes on exit), or ``s = await client.session("m")``."""
+        return _SessionOpener(self.open_session(model, version, initial_state))
+
+    async def restore(self, snapshot: bytes, model: str = "") -> AsyncSession:
+        """Open a new session from a snapshot (``AsyncSession.snapshot()``, possibly from another replica)."""
+        req = pb.OpenSessionRequest(model=model, snapshot=snapshot)
+        return AsyncSession(self, await self._call(self._stub.OpenSession, req))
+
+    def multi_stream(self) -> AsyncMultiStream:
+        """A stream carrying steps of many sessions per message (``async with``)."""
+        return AsyncMultiStream(self)
+
+
+class _SessionOpener:
+    """Awaitable, or an async context manager that closes the session on exit."""
+
+    def __init__(self, opening: Awaitable[AsyncSession]) -> None:
+        self._opening = opening
+        self._session: AsyncSession | None = None
+
+    def __await__(self) -> Generator[Any, None, AsyncSession]:
+        return self._opening.__await__()
+
+    async def __aenter__(self) -> AsyncSession:
+        self._session = await self._opening
+        return self._session
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class AsyncSession(_base.SessionBase):
+    """The asyncio twin of ``Session``: the same methods, awaited."""
+
+    def __init__(self, client: AsyncClient, response: pb.OpenSessionResponse) -> None:
+        super().__init__(response)
+        self._client = client
+
+    async def __aenter__(self) -> AsyncSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the session on the server (an already expired or closed session is fine)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._client._call(self._client._stub.CloseSession, pb.SessionRequest(session_id=self.id))
+        except RnnServeError as err:
+            if err.code != grpc.StatusCode.NOT_FOUND:
+                raise
+
+    async def step(
+        self,
+        x: _convert.Inputs | _convert.Chunk,
+        *,
+        chunk: bool = False,
+        outputs: Sequence[str] | None = None,
+        timeout: float | None = _DEFAULT,
+    ) -> _convert.Outputs:
+        """Apply one timestep (or, with ``chunk=True``, several); see ``Session.step``."""
+        req = self._step_request(x, chunk=chunk, outputs=outputs)
+        resp = await self._client._call(self._client._stub.Step, req, timeout)
+        self.steps = resp.steps
+        return _convert.outputs(resp.outputs)
+
+    async def step_chunk(
+        self,
+        xs: _convert.Chunk,
+        *,
+        outputs: Sequence[str] | None = None,
+        timeout: float | None = _DEFAULT,
+    ) -> _convert.Outputs:
+        """Apply several consecutive timesteps in one message; outputs get a leading time axis."""
+        return await self.step(xs, chunk=True, outputs=outputs, timeout=timeout)
+
+    def stream(
+        self,
+        xs: Iterable[_convert.Inputs] | AsyncIterable[_convert.Inputs],
+        *,
+        window: int = _base.DEFAULT_WINDOW,
+        outputs: Sequence[str] | None = None,
+    ) -> AsyncIterator[_convert.Outputs]:
+        """Stream timesteps (a plain or async iterable) and ``async for`` their outputs in order.
+
+        Same windowing and error rules as ``Session.stream``. Leaving the loop early cancels the call
+        when the generator is closed (``contextlib.aclosing`` makes that immediate).
+        """
+        _base.check_window(window)
+        return self._stream(_aiter(xs), window, outputs)
+
+    async def _stream(
+        self, xs: AsyncIterator[Any], window: int, outputs: Sequence[str] | None
+    ) -> AsyncIterator[_convert.Outputs]:
+        call = self._client._stub.StreamStep(metadata=self._client._metadata)
+        slots = asyncio.Semaphore(window)
+        failure: list[BaseException] = []
+
+        async def produce() -> None:
+            index = 0
+            try:
+                while True:
+                    await slots.acquire()  # before pulling, so window=1 is lock-step with the caller
+                    try:
+                        x = await anext(xs)
+                    except StopAsyncIteration:
+                        break
+                    step = self._step_request(x, chunk=False, outputs=outputs, request_id=str(index))
+                    index += 1
+                    await call.write(pb.StreamStepRequest(steps=[step]))
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                return  # the call ended; the reader reports why
+            except Exception as exc:
+                failure.append(exc)  # re-raised by the reader after the steps already sent
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                await call.done_writing()
+
+        writer = asyncio.create_task(produce())
+        try:
+            expected = 0
+            while (response := await call.read()) is not grpc.aio.EOF:
+                for result in response.results:
+                    yield self._stream_result(result, expected)
+                    expected += 1
+                    slots.release()
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err) from None
+        finally:
+            writer.cancel()
+            call.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+        if failure:
+            raise failure[0]
+
+    async def reset(self, state: Mapping[str, ArrayLike] | None = None) -> None:
+        """Reset the recurrent state to the model's initial value, or to ``state``."""
+        req = pb.ResetSessionRequest(session_id=self.id)
+        self._state_request(state, req.state)
+        await self._client._call(self._client._stub.ResetSession, req)
+
+    async def _get_state(self) -> pb.SessionState:
+        req = pb.SessionRequest(session_id=self.id)
+        resp = await self._client._call(self._client._stub.GetState, req)
+        self.steps = resp.steps
+        return resp
+
+    async def get_state(self) -> dict[str, np.ndarray]:
+        """The current recurrent state, by state name (per-session shapes)."""
+        return decode_map((await self._get_state()).state)
+
+    async def set_state(self, state: Mapping[str, ArrayLike]) -> None:
+        """Replace the recurrent state (all or some of the states, by name)."""
+        req = pb.SetStateRequest(session_id=self.id)
+        self._state_request(state, req.state)
+        await self._client._call(self._client._stub.SetState, req)
+
+    async def snapshot(self) -> bytes:
+        """An opaque snapshot of the whole session."""
+        return (await self._get_state()).snapshot
+
+    async def restore(self, snapshot: bytes) -> None:
+        """Put this session back to a snapshot taken earlier."""
+        req = pb.SetStateRequest(session_id=self.id, snapshot=snapshot)
+        await self._client._call(self._client._stub.SetState, req)
+        await self._get_state()  # the snapshot carries its step count
+
+
+async def _aiter(xs: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
+    if isinstance(xs, AsyncIterable):
+        async for x in xs:
+            yield x
+    else:
+        for x in xs:
+            yield x
+
+
+class AsyncMultiStream:
+    """The asyncio twin of ``MultiStream``: ``async with client.multi_stream() as ms``."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._call = client._stub.StreamStep(metadata=client._metadata)
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    async def __aenter__(self) -> AsyncMultiStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def step(
+        self,
+        batch: Mapping[Any, _convert.Inputs],
+        *,
+        outputs: Sequence[str] | None = None,
+        return_exceptions: bool = False,
+    ) -> dict[Any, Any]:
+        """Apply one timestep to each session of ``batch`` in one message; see ``MultiStream.step``."""
+        request, keys = _base.multi_request(batch, outputs)
+        async with self._lock:
+            if self._closed:
+                raise RuntimeError("this multi-stream is closed")
+            try:
+                await self._call.write(request)
+                response = await self._call.read()
+            except grpc.aio.AioRpcError as err:
+                self._closed = True
+                raise from_rpc_error(err) from None
+            if response is grpc.aio.EOF:
+                self._closed = True
+                raise RnnServeError(grpc.StatusCode.UNAVAILABLE, "the server ended the stream")
+        return _base.multi_results(response, keys, return_exceptions=return_exceptions)
+
+    async def close(self) -> None:
+        """Half-close the stream and wait for the server to end it."""
+        async with self._lock:
+            failed = self._closed
+            self._closed = True
+            if failed:
+                self._call.cancel()
+                return
+            try:
+                await self._call.done_writing()
+                while await self._call.read() is not grpc.aio.EOF:
+                    pass
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                pass  # the stream already failed; step() reported it

@@ -1,0 +1,144 @@
+"""What the sync and async clients share: channel settings, session bookkeeping, stream result checks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeAlias
+
+import grpc
+import numpy as np
+
+from rnnserve.client import _convert
+from rnnserve.client._errors import RnnServeError
+from rnnserve.client._types import ModelInfo
+from rnnserve.proto import rnnserve_pb2 as pb
+
+# Chunks of many timesteps easily pass grpc's 4 MiB default receive limit.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Steps of one session in flight on a stream (see Session.stream for why 8).
+DEFAULT_WINDOW = 8
+
+Metadata: TypeAlias = Mapping[str, str] | Sequence[tuple[str, str]]
+
+
+def channel_options(max_message_bytes: int | None, options: Sequence[tuple[str, Any]] | None) -> list:
+    """grpc channel options: message limits first, so explicit ``options`` override them."""
+    opts: list[tuple[str, Any]] = []
+    if max_message_bytes is not None:
+        opts += [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+    opts += list(options or ())
+    return opts
+
+
+def normalize_metadata(metadata: Metadata | None) -> tuple[tuple[str, str], ...] | None:
+    if not metadata:
+        return None
+    items = metadata.items() if isinstance(metadata, Mapping) else metadata
+    return tuple((str(k).lower(), str(v)) for k, v in items)
+
+
+def health_status(response: Any) -> str:
+    """The ServingStatus name of a grpc.health.v1 HealthCheckResponse (SERVING, NOT_SERVING, ...)."""
+    return response.DESCRIPTOR.fields_by_name["status"].enum_type.values_by_number[response.status].name
+
+
+def check_window(window: int) -> int:
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    return window
+
+
+def session_key(key: Any) -> tuple[str, ModelInfo | None]:
+    """A multi-stream key (a session object or a session id) as (session id, model when known)."""
+    if isinstance(key, str):
+        return key, None
+    return key.id, key.model
+
+
+class SessionBase:
+    """Session state both clients keep: id, model and the server's step count."""
+
+    id: str
+    model: ModelInfo
+    steps: int
+
+    def __init__(self, response: pb.OpenSessionResponse) -> None:
+        self.id = response.session_id
+        self.model = _convert.model_info(response.model)
+        self.steps = response.steps
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        """True once close() ran."""
+        return self._closed
+
+    def __repr__(self) -> str:
+        state = " closed" if self._closed else ""
+        model = f"{self.model.name}:{self.model.version}"
+        return f"<{type(self).__name__} {self.id} model={model} steps={self.steps}{state}>"
+
+    def _step_request(
+        self, x: Any, *, chunk: bool, outputs: Sequence[str] | None, request_id: str = ""
+    ) -> pb.StepRequest:
+        if chunk:
+            arrays, num_steps = _convert.stacked_inputs(x, self.model)
+        else:
+            arrays, num_steps = _convert.named_inputs(x, self.model), 0
+        return _convert.step_request(self.id, arrays, num_steps=num_steps, outputs=outputs, request_id=request_id)
+
+    def _state_request(self, state: Mapping[str, Any] | None, target: Any) -> None:
+        _convert.state_map(state, self.model, target)
+
+    def _stream_result(self, result: pb.StepResult, expected: int) -> _convert.Outputs:
+        """Check one stream result against the step it answers, and decode it."""
+        _convert.check_result(result)
+        if result.request_id and result.request_id != str(expected):
+            # The proto promises results in request order; a mismatch would silently pair wrong outputs.
+            raise RnnServeError(
+                grpc.StatusCode.INTERNAL,
+                f"stream result for request {result.request_id} arrived where {expected} was expected",
+                session_id=self.id,
+            )
+        self.steps = result.steps
+        return _convert.outputs(result.outputs)
+
+
+def multi_request(batch: Mapping[Any, Any], outputs: Sequence[str] | None) -> tuple[pb.StreamStepRequest, list[Any]]:
+    """One stream message carrying one step per session of ``batch``; also returns the keys in order."""
+    keys = list(batch)
+    request = pb.StreamStepRequest()
+    for i, key in enumerate(keys):
+        session_id, model = session_key(key)
+        arrays = _convert.named_inputs(batch[key], model)
+        request.steps.append(_convert.step_request(session_id, arrays, outputs=outputs, request_id=str(i)))
+    return request, keys
+
+
+def multi_results(
+    response: pb.StreamStepResponse, keys: list[Any], *, return_exceptions: bool
+) -> dict[Any, np.ndarray | dict[str, np.ndarray] | RnnServeError]:
+    """Pair a multi-session response with its request keys; raise the first error unless asked not to."""
+    if len(response.results) != len(keys):
+        raise RnnServeError(
+            grpc.StatusCode.INTERNAL,
+            f"stream response carries {len(response.results)} results for {len(keys)} steps",
+        )
+    results: dict[Any, Any] = {}
+    first_error: RnnServeError | None = None
+    for key, result in zip(keys, response.results, strict=True):
+        try:
+            _convert.check_result(result)
+        except RnnServeError as err:
+            results[key] = err
+            first_error = first_error or err
+            continue
+        if not isinstance(key, str):
+            key.steps = result.steps
+        results[key] = _convert.outputs(result.outputs)
+    if first_error is not None and not return_exceptions:
+        raise first_error
+    return results

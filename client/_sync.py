@@ -1,0 +1,387 @@
+"""The blocking client: Client, Session and MultiStream over a grpc channel."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from numpy.typing import ArrayLike
+
+from rnnserve.client import _base, _convert
+from rnnserve.client._errors import RnnServeError, from_rpc_error
+from rnnserve.client._types import ModelInfo, Stats
+from rnnserve.proto import rnnserve_pb2 as pb
+from rnnserve.proto import rnnserve_pb2_grpc as pb_grpc
+from rnnserve.tensors import decode_map
+
+_R = TypeVar("_R")
+_DEFAULT: Any = object()  # "use the client's timeout", distinct from an explicit None (no deadline)
+
+
+class Client:
+    """A blocking connection to an rnnserve server.
+
+    Args:
+        address: ``host:port`` of the server.
+        credentials: ``grpc.ChannelCredentials`` for TLS; None for a plaintext channel.
+        timeout: deadline in seconds for each unary call (streams have none); None waits forever.
+        max_message_bytes: send and receive limit of the channel (chunks of many steps are large).
+        options: extra grpc channel options, applied after the message limits.
+        metadata: ``(key, value)`` pairs or a mapping sent with every call (e.g. an auth token).
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout: float | None = None,
+        max_message_bytes: int | None = _base.DEFAULT_MAX_MESSAGE_BYTES,
+        options: Sequence[tuple[str, Any]] | None = None,
+        metadata: _base.Metadata | None = None,
+    ) -> None:
+        opts = _base.channel_options(max_message_bytes, options)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(address, options=opts)
+        else:
+            self._channel = grpc.secure_channel(address, credentials, options=opts)
+        self.address = address
+        self.timeout = timeout
+        self._metadata = _base.normalize_metadata(metadata)
+        self._stub = pb_grpc.RnnServeStub(self._channel)
+
+    # -- plumbing ------------------------------------------------------------------------------------
+
+    def _call(self, method: Callable[..., _R], request: Any, timeout: float | None = _DEFAULT) -> _R:
+        try:
+            return method(request, timeout=self.timeout if timeout is _DEFAULT else timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    @property
+    def channel(self) -> grpc.Channel:
+        """The underlying grpc channel (shared by all sessions of this client)."""
+        return self._channel
+
+    def close(self) -> None:
+        """Close the channel. Open sessions stay on the server until closed elsewhere or expired."""
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- models and server ---------------------------------------------------------------------------
+
+    def list_models(self, name: str = "") -> list[ModelInfo]:
+        """Every model version the server knows (ready or not), optionally only those called ``name``."""
+        resp = self._call(self._stub.ListModels, pb.ListModelsRequest(name=name))
+        return [_convert.model_info(m) for m in resp.models]
+
+    def model(self, name: str, version: int | None = None) -> ModelInfo:
+        """One model version; None means the newest ready one."""
+        return _convert.model_info(self._call(self._stub.GetModel, pb.GetModelRequest(name=name, version=version or 0)))
+
+    def stats(self, model: str = "") -> Stats:
+        """Server statistics, optionally for one model only."""
+        return _convert.stats(self._call(self._stub.GetStats, pb.StatsRequest(model=model)))
+
+    def health(self, service: str = "", timeout: float | None = _DEFAULT) -> str:
+        """The standard grpc health status of ``service`` ("" is the whole server): e.g. ``"SERVING"``.
+
+        Needs the ``grpcio-health-checking`` package (torch-free).
+        """
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        resp = self._call(stub.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        return _base.health_status(resp)
+
+    # -- sessions ------------------------------------------------------------------------------------
+
+    def open_session(
+        self,
+        model: str,
+        version: int | None = None,
+        initial_state: Mapping[str, ArrayLike] | None = None,
+    ) -> Session:
+        """Open a session on ``model`` (newest ready version unless ``version``); close it when done."""
+        req = pb.OpenSessionRequest(model=model, version=version or 0)
+        if initial_state:
+            # Cast to the declared state dtypes, which needs the model's signature first.
+            _convert.state_map(initial_state, self.model(model, version), req.initial_state)
+        return Session(self, self._call(self._stub.OpenSession, req))
+
+    def session(
+        self,
+        model: str,
+        version: int | None = None,
+        initial_state: Mapping[str, ArrayLike] | None = None,
+    ) -> Session:
+        """Same as open_session; reads best as ``with client.session("m") as s:``."""
+        return self.open_session(model, version, initial_state)
+
+    def restore(self, snapshot: bytes, model: str = "") -> Session:
+        """Open a new session from a snapshot (``Session.snapshot()``, possibly from another replica)."""
+        req = pb.OpenSessionRequest(model=model, snapshot=snapshot)
+        return Session(self, self._call(self._stub.OpenSession, req))
+
+    def multi_stream(self) -> MultiStream:
+        """A stream carrying steps of many sessions per message (see MultiStream)."""
+        return MultiStream(self)
+
+
+class Session(_base.SessionBase):
+    """One server-side session: the model's recurrent state lives on the server.
+
+    Attributes:
+        id: the server's session id.
+        model: the model's signature (ModelInfo).
+        steps: timesteps applied so far, as last reported by the server.
+    """
+
+    def __init__(self, client: Client, response: pb.OpenSessionResponse) -> None:
+        super().__init__(response)
+        self._client = client
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the session on the server (an already expired or closed session is fine)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._client._call(self._client._stub.CloseSession, pb.SessionRequest(session_id=self.id))
+        except RnnServeError as err:
+            if err.code != grpc.StatusCode.NOT_FOUND:
+                raise
+
+    def step(
+        self,
+        x: _convert.Inputs | _convert.Chunk,
+        *,
+        chunk: bool = False,
+        outputs: Sequence[str] | None = None,
+        timeout: float | None = _DEFAULT,
+    ) -> _convert.Outputs:
+        """Apply one timestep and return its outputs.
+
+        ``x`` is an array (single-input models) or a dict ``{input: array}``, per-session shapes (no batch
+        axis). Returns an array when the result has one output, else a dict; ``outputs`` picks which.
+        With ``chunk=True``, ``x`` holds several consecutive timesteps (see step_chunk).
+        """
+        req = self._step_request(x, chunk=chunk, outputs=outputs)
+        resp = self._client._call(self._client._stub.Step, req, timeout)
+        self.steps = resp.steps
+        return _convert.outputs(resp.outputs)
+
+    def step_chunk(
+        self,
+        xs: _convert.Chunk,
+        *,
+        outputs: Sequence[str] | None = None,
+        timeout: float | None = _DEFAULT,
+    ) -> _convert.Outputs:
+        """Apply several consecutive timesteps in one message; outputs get a leading time axis.
+
+        ``xs`` is stacked (an array or dict of arrays with a leading time axis) or a list of timesteps.
+        """
+        return self.step(xs, chunk=True, outputs=outputs, timeout=timeout)
+
+    def stream(
+        self,
+        xs: Iterable[_convert.Inputs],
+        *,
+        window: int = _base.DEFAULT_WINDOW,
+        outputs: Sequence[str] | None = None,
+    ) -> Iterator[_convert.Outputs]:
+        """Stream timesteps over one StreamStep call, yielding each step's outputs in order.
+
+        At most ``window`` steps are in flight (sent but not yet consumed by the caller): the next item of
+        ``xs`` is only pulled once a slot is free, so ``window=1`` is strict lock-step (e.g. to feed each
+        output back as the next input) and larger windows hide the network round trip. ``xs`` is
+        iterated on a grpc thread; an exception it raises is re-raised here after the outputs of the
+        steps before it. A failed step raises RnnServeError and cancels the stream; with a window above
+        1, steps sent after it may already have been applied (``get_state()`` says where it stands).
+        """
+        _base.check_window(window)
+        return self._stream(iter(xs), window, outputs)
+
+    def _stream(self, xs: Iterator[Any], window: int, outputs: Sequence[str] | None) -> Iterator[_convert.Outputs]:
+        slots = _Window(window)
+        failure: list[BaseException] = []
+
+        def requests() -> Iterator[pb.StreamStepRequest]:
+            index = 0
+            try:
+                while slots.acquire():
+                    try:
+                        x = next(xs)
+                    except StopIteration:
+                        return
+                    step = self._step_request(x, chunk=False, outputs=outputs, request_id=str(index))
+                    index += 1
+                    yield pb.StreamStepRequest(steps=[step])
+            except Exception as exc:
+                # Half-close instead of letting grpc cancel: the steps already sent still get answered.
+                failure.append(exc)
+
+        call = self._client._stub.StreamStep(requests(), metadata=self._client._metadata)
+        try:
+            expected = 0
+            for response in call:
+                for result in response.results:
+                    yield self._stream_result(result, expected)
+                    expected += 1
+                    slots.release()
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        finally:
+            slots.close()
+            call.cancel()  # a no-op once finished; stops the server's work when the caller stops early
+        if failure:
+            raise failure[0]
+
+    def reset(self, state: Mapping[str, ArrayLike] | None = None) -> None:
+        """Reset the recurrent state to the model's initial value, or to ``state``."""
+        req = pb.ResetSessionRequest(session_id=self.id)
+        self._state_request(state, req.state)
+        self._client._call(self._client._stub.ResetSession, req)
+
+    def _get_state(self) -> pb.SessionState:
+        resp = self._client._call(self._client._stub.GetState, pb.SessionRequest(session_id=self.id))
+        self.steps = resp.steps
+        return resp
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """The current recurrent state, by state name (per-session shapes)."""
+        return decode_map(self._get_state().state)
+
+    def set_state(self, state: Mapping[str, ArrayLike]) -> None:
+        """Replace the recurrent state (all or some of the states, by name)."""
+        req = pb.SetStateRequest(session_id=self.id)
+        self._state_request(state, req.state)
+        self._client._call(self._client._stub.SetState, req)
+
+    def snapshot(self) -> bytes:
+        """An opaque snapshot of the whole session, for ``restore`` here or ``Client.restore`` anywhere."""
+        return self._get_state().snapshot
+
+    def restore(self, snapshot: bytes) -> None:
+        """Put this session back to a snapshot taken earlier."""
+        req = pb.SetStateRequest(session_id=self.id, snapshot=snapshot)
+        self._client._call(self._client._stub.SetState, req)
+        self._get_state()  # the snapshot carries its step count
+
+
+class _Window:
+    """Bounds the steps in flight on a stream; close() wakes a producer blocked on a full window."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._in_flight = 0
+        self._closed = False
+        self._cond = threading.Condition()
+
+    def acquire(self) -> bool:
+        """Wait for a free slot; False once closed."""
+        with self._cond:
+            while self._in_flight >= self._size and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return False
+            self._in_flight += 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._in_flight -= 1
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class MultiStream:
+    """One StreamStep call carrying steps of many sessions per message, e.g. for a gateway.
+
+    Use as a context manager; ``step`` is thread-safe (callers take turns on the stream)::
+
+        with client.multi_stream() as ms:
+            ys = ms.step({s1: x1, s2: x2})
+    """
+
+    def __init__(self, client: Client) -> None:
+        self._requests: queue.SimpleQueue[pb.StreamStepRequest | None] = queue.SimpleQueue()
+        self._call = client._stub.StreamStep(self._pending(), metadata=client._metadata)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _pending(self) -> Iterator[pb.StreamStepRequest]:
+        while (request := self._requests.get()) is not None:
+            yield request
+
+    def __enter__(self) -> MultiStream:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def step(
+        self,
+        batch: Mapping[Any, _convert.Inputs],
+        *,
+        outputs: Sequence[str] | None = None,
+        return_exceptions: bool = False,
+    ) -> dict[Any, Any]:
+        """Apply one timestep to each session of ``batch`` in one message; outputs keyed like ``batch``.
+
+        Keys are Session objects or session ids (with an id, inputs must be a dict by name). A failed
+        step raises RnnServeError after the others were applied, or with ``return_exceptions=True``
+        stands in the result as its RnnServeError.
+        """
+        request, keys = _base.multi_request(batch, outputs)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this multi-stream is closed")
+            self._requests.put(request)
+            try:
+                response = next(self._call)
+            except StopIteration:
+                self._closed = True
+                raise RnnServeError(grpc.StatusCode.UNAVAILABLE, "the server ended the stream") from None
+            except grpc.RpcError as err:
+                self._closed = True
+                raise from_rpc_error(err) from None
+        return _base.multi_results(response, keys, return_exceptions=return_exceptions)
+
+    def close(self) -> None:
+        """Half-close the stream and wait for the server to end it."""
+        with self._lock:
+            failed = self._closed
+            self._closed = True
+            self._requests.put(None)  # ends the request iterator grpc's thread is blocked in
+            if failed:
+                self._call.cancel()
+                return
+            try:
+                for _ in self._call:
+                    pass
+            except grpc.RpcError:
+                pass  # the stream already failed; that was reported by step()
