@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Set up the development environment: .venv (system python3, 3.10+) with rnnserve installed editable and the
+# dev extras (which pull the server and export extras). Idempotent: a second run only checks, and reinstalls
+# when pyproject.toml or constraints.txt changed since the last install (or with --force).
+#
+#   scripts/setup.sh [--system] [--force]
+#     --system   also install the system packages some tests use (redis-server, nginx) with apt-get when they
+#                are missing and we are root; same as RNNSERVE_SYSTEM_DEPS=1. .ci/run turns it on.
+#     --force    reinstall the Python packages even when nothing changed.
+#   PYTHON=python3.12 scripts/setup.sh   picks another interpreter for a new .venv.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+system="${RNNSERVE_SYSTEM_DEPS:-0}"
+force=0
+for arg in "$@"; do
+  case "$arg" in
+    --system) system=1 ;;
+    --force) force=1 ;;
+    -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown argument: $arg (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+say() { printf '==> setup: %s\n' "$*"; }
+die() { printf 'setup: %s\n' "$*" >&2; exit 1; }
+
+PYTHON="${PYTHON:-python3}"
+VENV="$ROOT/.venv"
+# The checks use the venv's own interpreter: "is it 3.10+" must hold for what we run, not only for $PYTHON.
+version_ok='import sys; sys.exit(sys.version_info < (3, 10))'
+
+# --- 1. the virtual environment --------------------------------------------------------------------------
+if [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" -c "$version_ok" 2>/dev/null; then
+  say "using $VENV ($("$VENV/bin/python" --version))"
+else
+  command -v "$PYTHON" >/dev/null || die "$PYTHON not found: install Python 3.10+ (Debian: apt-get install python3 python3-venv)"
+  "$PYTHON" -c "$version_ok" || die "$PYTHON is $("$PYTHON" --version 2>&1); rnnserve needs Python 3.10+ (set PYTHON=...)"
+  # Debian/Ubuntu split venv's pip bootstrap (ensurepip) into python3-venv; without it `python3 -m venv`
+  # fails half-way and leaves a .venv with no pip, so check first and say what to install.
+  if ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
+    minor="$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+    die "$PYTHON cannot create virtual environments (no ensurepip). On Debian/Ubuntu run: apt-get install python3-venv (or python${minor}-venv), then rerun this script."
+  fi
+  # A .venv that exists but does not run (interpreter removed or too old) is replaced, not patched.
+  [[ -e "$VENV" ]] && { say "replacing unusable $VENV"; rm -rf "$VENV"; }
+  say "creating $VENV with $("$PYTHON" -c 'import sys; print(sys.executable)') ($("$PYTHON" --version 2>&1))"
+  "$PYTHON" -m venv "$VENV"
+  # The pip that ensurepip bundles can be years old; a current one reads the constraints/extras the same way
+  # everywhere.
+  say "upgrading pip in $VENV"
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+fi
+
+# --- 2. the Python packages ------------------------------------------------------------------------------
+# The stamp records what the last successful install was made from; the import check catches a venv whose
+# editable install points at another checkout (e.g. a copied .venv).
+stamp="$VENV/.rnnserve-setup"
+want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
+installed_here() {
+  "$VENV/bin/python" - "$ROOT" <<'PY' 2>/dev/null
+import pathlib, sys
+import rnnserve
+sys.exit(pathlib.Path(rnnserve.__file__).resolve().parent.parent != pathlib.Path(sys.argv[1]).resolve())
+PY
+}
+if [[ "$force" == 1 || "$(cat "$stamp" 2>/dev/null)" != "$want" ]] || ! installed_here; then
+  # -c constraints.txt pins torch to the CPU build on this machine's disk; without it pip resolves torch to
+  # a multi-GB CUDA build.
+  say "pip install -c constraints.txt -e '.[dev]'"
+  "$VENV/bin/python" -m pip install --progress-bar off -c constraints.txt -e '.[dev]'
+  echo "$want" >"$stamp"
+else
+  say "rnnserve[dev] already installed (pyproject.toml and constraints.txt unchanged; --force reinstalls)"
+fi
+
+# --- 3. optional system packages -------------------------------------------------------------------------
+if [[ "$system" == 1 ]]; then
+  missing=()
+  # nginx lives in /usr/sbin, which is not on every user's PATH.
+  command -v redis-server >/dev/null || missing+=(redis-server)
+  command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
+  if [[ ${#missing[@]} -eq 0 ]]; then
+    say "system packages present: redis-server nginx"
+  elif [[ "$(id -u)" != 0 ]]; then
+    say "NOTE: missing ${missing[*]}; not root, so skipping. Run: sudo apt-get install -y ${missing[*]}"
+  elif ! command -v apt-get >/dev/null; then
+    say "NOTE: missing ${missing[*]} and no apt-get here; install them with the system's package manager"
+  else
+    say "apt-get install -y ${missing[*]}"
+    # Debian starts a package's daemon on install. Tests start their own instances on free ports, so keep
+    # the system ones (port 80, 6379) from starting: policy-rc.d exiting 101 forbids it. Only ours is removed.
+    policy=/usr/sbin/policy-rc.d
+    if [[ ! -e "$policy" ]]; then
+      printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy"
+      trap 'rm -f "$policy"' EXIT
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  fi
+fi
+
+say "done. Activate with: source .venv/bin/activate"

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Set up (scripts/setup.sh), then lint, check the generated gRPC code, and run the tests. Arguments go to
+# pytest:  scripts/test.sh -k deploy -x
+# RNNSERVE_SYSTEM_DEPS=1 also installs the system packages tests use (see scripts/setup.sh; .ci/run sets it).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+bash "$ROOT/scripts/setup.sh"
+
+# The venv's tools, and its `rnnserve` console script for tests that start the server as a subprocess.
+export VIRTUAL_ENV="$ROOT/.venv"
+export PATH="$VIRTUAL_ENV/bin:$PATH"
+
+step() { printf '\n==> test: %s\n' "$*"; }
+
+step "ruff check ."
+ruff check .
+# Formatting is checked only on request until the whole tree is ruff-formatted.
+if [[ "${RNNSERVE_FORMAT_CHECK:-0}" == 1 ]]; then
+  step "ruff format --check ."
+  ruff format --check .
+fi
+
+step "python scripts/gen_protos.py --check"
+python scripts/gen_protos.py --check
+
+step "pytest $*"
+exec python -m pytest "$@"
