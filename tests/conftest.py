@@ -51,3 +51,82 @@ def server_factory() -> Iterator[Callable[..., ServerHandle]]:
     yield start
     for handle in handles:
         handle.stop()
+
+
+# ---- a tiny repository built straight from torch (independent of rnnserve.export) ---------------------------
+TINY_INPUT, TINY_HIDDEN, TINY_OUTPUT = 3, 5, 2
+
+
+def tiny_reference(seed: int = 0):
+    """The eager modules behind the tiny models: a GRUCell and a Linear head."""
+    import torch
+
+    torch.manual_seed(seed)
+    return torch.nn.GRUCell(TINY_INPUT, TINY_HIDDEN), torch.nn.Linear(TINY_HIDDEN, TINY_OUTPUT)
+
+
+def tiny_expected(xs, h0=None):
+    """Eager outputs (T, OUT) and final hidden state for one session's inputs xs (T, IN)."""
+    import numpy as np
+    import torch
+
+    cell, head = tiny_reference()
+    h = torch.zeros(1, TINY_HIDDEN) if h0 is None else torch.as_tensor(h0).reshape(1, TINY_HIDDEN)
+    ys = []
+    with torch.no_grad():
+        for x in xs:
+            h = cell(torch.as_tensor(np.asarray(x))[None], h)
+            ys.append(head(h)[0].numpy())
+    return np.stack(ys), h[0].numpy()
+
+
+def build_tiny_repository(root: Path) -> Path:
+    """``gru`` (ONNX) and ``gru_ts`` (TorchScript): y = Linear(GRUCell(x, h)), state h of shape (1, B, 5)
+    with batch axis 1, so the slab's non-zero batch axis is exercised."""
+    import warnings
+
+    import torch
+
+    from rnnserve.manifest import ModelManifest
+
+    cell, head = tiny_reference()
+
+    class Step(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell, self.head = cell, head
+
+        def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h2 = self.cell(x, h[0])
+            return self.head(h2), h2.unsqueeze(0)
+
+    step = Step().eval()
+    spec = {
+        "inputs": [{"name": "x", "shape": [-1, TINY_INPUT]}],
+        "outputs": [{"name": "y", "shape": [-1, TINY_OUTPUT]}],
+        "states": [{"name": "h", "output": "h_out", "shape": [1, -1, TINY_HIDDEN], "batch_axis": 1}],
+    }
+    onnx_dir = root / "gru" / "1"
+    onnx_dir.mkdir(parents=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            step,
+            (torch.randn(2, TINY_INPUT), torch.zeros(1, 2, TINY_HIDDEN)),
+            str(onnx_dir / "model.onnx"),
+            input_names=["x", "h"],
+            output_names=["y", "h_out"],
+            dynamic_axes={"x": {0: "b"}, "h": {1: "b"}, "y": {0: "b"}, "h_out": {1: "b"}},
+            dynamo=False,
+        )
+    ModelManifest(name="gru", version=1, format="onnx", artifact="model.onnx", **spec).write(onnx_dir)
+    ts_dir = root / "gru_ts" / "1"
+    ts_dir.mkdir(parents=True)
+    torch.jit.script(step).save(str(ts_dir / "model.pt"))
+    ModelManifest(name="gru_ts", version=1, format="torchscript", artifact="model.pt", **spec).write(ts_dir)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_repository(tmp_path_factory.mktemp("tiny-repo"))
