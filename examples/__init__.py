@@ -1,0 +1,28 @@
+"""The reference models of the tutorial notebooks, corrected, as exporter factories.
+
+``EXAMPLES`` maps each model-repository name to its factory (no arguments, fixed seed, returns an
+``rnnserve.export.Exportable`` whose ``model`` is the notebook model). Needs torch.
+"""
+
+from collections.abc import Callable
+
+from rnnserve.examples.models import (
+    elman_relu,
+    elman_tanh,
+    gru2,
+    lstm_proj_classifier,
+    rnn_regressor,
+    wuv_cell,
+)
+from rnnserve.export import Exportable
+
+EXAMPLES: dict[str, Callable[[], Exportable]] = {
+    "elman_tanh": elman_tanh,
+    "elman_relu": elman_relu,
+    "wuv_cell": wuv_cell,
+    "rnn_regressor": rnn_regressor,
+    "lstm_proj_classifier": lstm_proj_classifier,
+    "gru2": gru2,
+}
+
+__all__ = ["EXAMPLES"]

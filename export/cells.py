@@ -1,0 +1,195 @@
+"""One timestep of PyTorch's recurrent layers, written with plain ops, and the step modules built from them.
+
+Why not call ``nn.LSTM`` on a length-1 sequence? Its ONNX export is broken for us: the legacy exporter
+refuses ``proj_size`` and the dynamo exporter's graph cannot be loaded by onnxruntime with a dynamic batch.
+``F.linear``/sigmoid/tanh/relu/chunk export cleanly to ONNX and TorchScript alike. Every unit holds the
+original module's ``Parameter`` objects (shared, not copied) and follows PyTorch's documented equations and
+gate order exactly; the verification step checks each export against the original module anyway.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RNNUnit(nn.Module):
+    """Elman step ``h' = act(W_ih x + b_ih + W_hh h + b_hh)``; returns ``(y, h')`` with ``y = h'``."""
+
+    def __init__(
+        self,
+        w_ih: nn.Parameter,
+        w_hh: nn.Parameter,
+        b_ih: nn.Parameter | None,
+        b_hh: nn.Parameter | None,
+        relu: bool,
+    ) -> None:
+        super().__init__()
+        self.w_ih, self.w_hh, self.b_ih, self.b_hh = w_ih, w_hh, b_ih, b_hh
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = F.linear(x, self.w_ih, self.b_ih) + F.linear(h, self.w_hh, self.b_hh)
+        h = torch.relu(a) if self.relu else torch.tanh(a)
+        return h, h
+
+
+class GRUUnit(nn.Module):
+    """GRU step, gates r, z, n as in ``nn.GRU``: ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``."""
+
+    def __init__(
+        self, w_ih: nn.Parameter, w_hh: nn.Parameter, b_ih: nn.Parameter | None, b_hh: nn.Parameter | None
+    ) -> None:
+        super().__init__()
+        self.w_ih, self.w_hh, self.b_ih, self.b_hh = w_ih, w_hh, b_ih, b_hh
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        i_r, i_z, i_n = F.linear(x, self.w_ih, self.b_ih).chunk(3, dim=-1)
+        h_r, h_z, h_n = F.linear(h, self.w_hh, self.b_hh).chunk(3, dim=-1)
+        r = torch.sigmoid(i_r + h_r)
+        z = torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        h = (1.0 - z) * n + z * h
+        return h, h
+
+
+class LSTMUnit(nn.Module):
+    """LSTM step, gates i, f, g, o as in ``nn.LSTM``; with ``proj_size``, ``h' = (o * tanh(c')) @ W_hr^T``."""
+
+    def __init__(
+        self,
+        w_ih: nn.Parameter,
+        w_hh: nn.Parameter,
+        b_ih: nn.Parameter | None,
+        b_hh: nn.Parameter | None,
+        w_hr: nn.Parameter | None,
+    ) -> None:
+        super().__init__()
+        self.w_ih, self.w_hh, self.b_ih, self.b_hh, self.w_hr = w_ih, w_hh, b_ih, b_hh, w_hr
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gates = F.linear(x, self.w_ih, self.b_ih) + F.linear(h, self.w_hh, self.b_hh)
+        i, f, g, o = gates.chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        # TorchScript sees a None attribute as NoneType and drops this branch at compile time.
+        if self.w_hr is not None:
+            h = F.linear(h, self.w_hr)
+        return h, c
+
+
+class UserCellH(nn.Module):
+    """A user cell ``cell(x, h) -> h`` as a unit returning ``(y, h')`` with ``y = h'``."""
+
+    def __init__(self, cell: nn.Module) -> None:
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.cell(x, h)
+        return h, h
+
+
+class UserCellYH(nn.Module):
+    """A user cell ``cell(x, h) -> (y, h)`` as a unit."""
+
+    def __init__(self, cell: nn.Module) -> None:
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y, h = self.cell(x, h)
+        return y, h
+
+
+class LayeredStep(nn.Module):
+    """``nn.RNN``/``nn.GRU`` step: ``h`` is ``(num_layers, B, hidden)``; ``y = head(h'[-1])``."""
+
+    def __init__(self, units: list[nn.Module], head: nn.Module | None) -> None:
+        super().__init__()
+        self.units = nn.ModuleList(units)
+        self.head = head if head is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        new_h: list[torch.Tensor] = []
+        for i, unit in enumerate(self.units):
+            x, h_i = unit(x, h[i])
+            new_h.append(h_i)
+        return self.head(x), torch.stack(new_h, 0)
+
+
+class LayeredLSTMStep(nn.Module):
+    """``nn.LSTM`` step: ``h`` is ``(num_layers, B, proj_size or hidden)``, ``c`` is ``(num_layers, B, hidden)``."""
+
+    def __init__(self, units: list[nn.Module], head: nn.Module | None) -> None:
+        super().__init__()
+        self.units = nn.ModuleList(units)
+        self.head = head if head is not None else nn.Identity()
+
+    def forward(
+        self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        new_h: list[torch.Tensor] = []
+        new_c: list[torch.Tensor] = []
+        for i, unit in enumerate(self.units):
+            x, c_i = unit(x, h[i], c[i])
+            new_h.append(x)
+            new_c.append(c_i)
+        return self.head(x), torch.stack(new_h, 0), torch.stack(new_c, 0)
+
+
+class CellStep(nn.Module):
+    """One single-state cell (``(B, hidden)`` state) followed by an optional head."""
+
+    def __init__(self, unit: nn.Module, head: nn.Module | None) -> None:
+        super().__init__()
+        self.unit = unit
+        self.head = head if head is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y, h = self.unit(x, h)
+        return self.head(y), h
+
+
+class LSTMCellStep(nn.Module):
+    """One ``nn.LSTMCell`` (states ``h``, ``c`` of ``(B, hidden)``) followed by an optional head."""
+
+    def __init__(self, unit: LSTMUnit, head: nn.Module | None) -> None:
+        super().__init__()
+        self.unit = unit
+        self.head = head if head is not None else nn.Identity()
+
+    def forward(
+        self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h, c = self.unit(x, h, c)
+        return self.head(h), h, c
+
+
+class StackStep(nn.Module):
+    """A stack of cells, each layer's output feeding the next, then an optional head.
+
+    ``n_states[i]`` is how many state tensors unit ``i`` takes (2 for an LSTM cell, else 1). The variadic
+    ``*states`` cannot be scripted, so TorchScript export traces this (the loop over layers is static anyway).
+    """
+
+    def __init__(self, units: list[nn.Module], n_states: list[int], head: nn.Module | None) -> None:
+        super().__init__()
+        self.units = nn.ModuleList(units)
+        self.n_states = list(n_states)
+        self.head = head if head is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        new_states: list[torch.Tensor] = []
+        at = 0
+        for unit, n in zip(self.units, self.n_states, strict=True):
+            if n == 2:
+                h, c = unit(x, states[at], states[at + 1])
+                x = h
+                new_states += [h, c]
+            else:
+                x, h = unit(x, states[at])
+                new_states.append(h)
+            at += n
+        return (self.head(x), *new_states)
