@@ -110,9 +110,7 @@ class SequenceRegressor(nn.Module):
         self.rnn = nn.RNN(input_size, hidden_size, num_layers, batch_first=True)
         self.fc = nn.Linear(hidden_size, output_size)
 
-    def forward(
-        self, x: torch.Tensor, hidden: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         out, hidden = self.rnn(x, hidden)
         return self.fc(out), hidden  # (B, T, output_size): no .view(-1, ...) flattening the batch away
 

@@ -39,14 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-size", type=int, help="input size of a user cell, when it cannot be inferred")
     parser.add_argument("--hidden-size", type=int, help="hidden size of a user cell, when it cannot be inferred")
     parser.add_argument("--steps", type=int, default=50, help="verification steps (default 50)")
-    parser.add_argument(
-        "--batch-sizes", default="1,4", help="verification batch sizes, comma-separated (default 1,4)"
-    )
+    parser.add_argument("--batch-sizes", default="1,4", help="verification batch sizes, comma-separated (default 1,4)")
     parser.add_argument("--tolerance", type=float, default=1e-5, help="max abs error allowed (default 1e-5)")
     parser.add_argument("--max-batch-size", type=int, default=256, help="manifest max_batch_size (default 256)")
-    parser.add_argument(
-        "--max-queue-delay-us", type=int, default=0, help="manifest max_queue_delay_us (default 0)"
-    )
+    parser.add_argument("--max-queue-delay-us", type=int, default=0, help="manifest max_queue_delay_us (default 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -138,4 +134,6 @@ def _load_module(where: str) -> object:
     try:
         return importlib.import_module(where)
     except ModuleNotFoundError as exc:
-        raise ExportError(f"cannot import {where!r} ({exc}); give a dotted module name or a path to a .py file") from exc
+        raise ExportError(
+            f"cannot import {where!r} ({exc}); give a dotted module name or a path to a .py file"
+        ) from exc

@@ -190,9 +190,7 @@ class Exportable:
     def _check_xs(self, xs: torch.Tensor, initial_state: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
         want = self.input.session_shape
         if xs.dim() != 2 + len(want) or tuple(xs.shape[2:]) != want:
-            raise ExportError(
-                f"xs has shape {list(xs.shape)}, expected (batch, steps, {', '.join(map(str, want))})"
-            )
+            raise ExportError(f"xs has shape {list(xs.shape)}, expected (batch, steps, {', '.join(map(str, want))})")
         if initial_state is None:
             return self.initial_state(xs.shape[0])
         if len(initial_state) != len(self.states):
