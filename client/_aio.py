@@ -91,11 +91,8 @@ class AsyncClient:
 
     async def health(self, service: str = "", timeout: float | None = _DEFAULT) -> str:
         """The standard grpc health status of ``service`` ("" is the whole server), e.g. ``"SERVING"``."""
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        stub = health_pb2_grpc.HealthStub(self._channel)
-        resp = await self._call(stub.Check, health_pb2.HealthCheckRequest(service=service), timeout)
-        return _base.health_status(resp)
+        check, request = _base.health_call(self._channel, service)
+        return _base.health_status(await self._call(check, request, timeout))
 
     async def open_session(
         self,

@@ -15,7 +15,8 @@ from rnnserve.proto import rnnserve_pb2 as pb
 
 # Chunks of many timesteps easily pass grpc's 4 MiB default receive limit.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-# Steps of one session in flight on a stream (see Session.stream for why 8).
+# Steps of one session in flight on a stream: enough to hide the network round trip behind the server's
+# batching delay, small enough that a failed step has few later steps already applied behind it.
 DEFAULT_WINDOW = 8
 
 Metadata: TypeAlias = Mapping[str, str] | Sequence[tuple[str, str]]
@@ -38,6 +39,15 @@ def normalize_metadata(metadata: Metadata | None) -> tuple[tuple[str, str], ...]
         return None
     items = metadata.items() if isinstance(metadata, Mapping) else metadata
     return tuple((str(k).lower(), str(v)) for k, v in items)
+
+
+def health_call(channel: Any, service: str) -> tuple[Any, Any]:
+    """The standard health service's Check method on ``channel`` and the request for ``service``."""
+    try:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+    except ImportError as exc:  # a small, torch-free package, but not one grpcio itself ships
+        raise ImportError("health checks need grpcio-health-checking: pip install grpcio-health-checking") from exc
+    return health_pb2_grpc.HealthStub(channel).Check, health_pb2.HealthCheckRequest(service=service)
 
 
 def health_status(response: Any) -> str:

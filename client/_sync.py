@@ -98,11 +98,8 @@ class Client:
 
         Needs the ``grpcio-health-checking`` package (torch-free).
         """
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        stub = health_pb2_grpc.HealthStub(self._channel)
-        resp = self._call(stub.Check, health_pb2.HealthCheckRequest(service=service), timeout)
-        return _base.health_status(resp)
+        check, request = _base.health_call(self._channel, service)
+        return _base.health_status(self._call(check, request, timeout))
 
     # -- sessions ------------------------------------------------------------------------------------
 
