@@ -210,9 +210,9 @@ class Batcher:
             feeds[spec.name] = value
         out = model.runtime.run(feeds)
         new_states = []
-        for spec in model.manifest.states:
+        for spec, dtype in zip(model.manifest.states, model.slab.dtypes, strict=True):
             value = out[spec.output]
-            if value.shape[spec.batch_axis] != n or value.dtype != np.dtype(spec.dtype):
+            if value.shape[spec.batch_axis] != n or value.dtype != dtype:
                 raise Internal(
                     f"model {model.key} returned state '{spec.output}' of shape {list(value.shape)} {value.dtype}"
                     f" for a batch of {n}; the manifest declares {spec.shape} {spec.dtype}"

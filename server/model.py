@@ -12,7 +12,7 @@ from rnnserve.manifest import ModelManifest, TensorSpec
 from rnnserve.server.batcher import Batcher
 from rnnserve.server.errors import InvalidArgument
 from rnnserve.server.runtime import Runtime
-from rnnserve.server.slab import StateSlab
+from rnnserve.server.slab import DeviceStateSlab, StateSlab
 
 if TYPE_CHECKING:
     from rnnserve.server.sessions import Session
@@ -39,7 +39,12 @@ class LoadedModel:
         self.version_dir = version_dir
         self.runtime = runtime
         self.initial_state = [s.initial_value(version_dir) for s in manifest.states]
-        self.slab = StateSlab(manifest.states, self.initial_state)
+        # On a GPU the state stays on the device between steps; the runtime then takes and returns device tensors.
+        self.slab = (
+            DeviceStateSlab(manifest.states, self.initial_state, runtime.device)
+            if runtime.device == "cuda"
+            else StateSlab(manifest.states, self.initial_state)
+        )
         self.max_batch_size = max_batch_size or manifest.max_batch_size
         self.max_queue_delay_us = manifest.max_queue_delay_us if max_queue_delay_us is None else max_queue_delay_us
         self.batcher: Batcher | None = None  # created on the event loop by start()

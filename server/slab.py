@@ -4,6 +4,9 @@ One array per state input, laid out exactly as the model expects it (the batch a
 it), indexed by a session's *slot*. A batch gathers its sessions' rows with one ``np.take`` per state and
 scatters the new state back with one indexed assignment, so the hot path holds no per-session tensors.
 Capacity doubles when full; closed sessions' slots are reused.
+
+:class:`DeviceStateSlab` keeps the same arrays as torch tensors on a CUDA device, so with a GPU the state
+never crosses to the host between steps.
 """
 
 from __future__ import annotations
@@ -27,10 +30,18 @@ class StateSlab:
         self.lock = threading.Lock()
 
     @staticmethod
-    def _alloc(spec: StateSpec, capacity: int) -> np.ndarray:
+    def _shape(spec: StateSpec, capacity: int) -> list[int]:
         shape = list(spec.shape)
         shape[spec.batch_axis] = capacity
-        return np.zeros(shape, dtype=spec.dtype)
+        return shape
+
+    def _alloc(self, spec: StateSpec, capacity: int) -> np.ndarray:
+        return np.zeros(self._shape(spec, capacity), dtype=spec.dtype)
+
+    @property
+    def dtypes(self) -> list:
+        """The element type of each state array, in the slab's own array library."""
+        return [a.dtype for a in self._arrays]
 
     @staticmethod
     def _index(spec: StateSpec, rows: int | np.ndarray | slice) -> tuple:
@@ -87,3 +98,47 @@ class StateSlab:
         with self.lock:
             for spec, arr, value in zip(self.specs, self._arrays, values, strict=True):
                 arr[self._index(spec, slots)] = value
+
+
+class DeviceStateSlab(StateSlab):
+    """The slab as torch tensors on a CUDA device: gathers and scatters are device index ops, and the
+    runtime reads and writes the state in place on the device. Reads and writes of one session (snapshots,
+    resets) copy through the host."""
+
+    def __init__(self, specs: Sequence[StateSpec], initial: Sequence[np.ndarray], device: str, capacity: int = 64):
+        import torch
+
+        self._torch = torch
+        self.device = torch.device(device)
+        super().__init__(specs, initial, capacity)
+
+    def _alloc(self, spec: StateSpec, capacity: int):
+        torch = self._torch
+        return torch.zeros(self._shape(spec, capacity), dtype=getattr(torch, spec.dtype), device=self.device)
+
+    def _index_tensor(self, slots: np.ndarray):
+        return self._torch.as_tensor(slots, dtype=self._torch.long, device=self.device)
+
+    def read(self, slot: int) -> list[np.ndarray]:
+        with self.lock:
+            return [a.select(s.batch_axis, slot).cpu().numpy() for s, a in zip(self.specs, self._arrays, strict=True)]
+
+    def write(self, slot: int, state: Sequence[np.ndarray]) -> None:
+        with self.lock:
+            for spec, arr, value in zip(self.specs, self._arrays, state, strict=True):
+                arr.select(spec.batch_axis, slot).copy_(self._torch.as_tensor(np.asarray(value)))
+
+    def gather(self, slots: np.ndarray) -> list:
+        index = self._index_tensor(slots)
+        with self.lock:
+            return [a.index_select(s.batch_axis, index) for s, a in zip(self.specs, self._arrays, strict=True)]
+
+    def scatter(self, slots: np.ndarray, values: Sequence) -> None:
+        index = self._index_tensor(slots)
+        with self.lock:
+            for spec, arr, value in zip(self.specs, self._arrays, values, strict=True):
+                arr.index_copy_(spec.batch_axis, index, value)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.element_size() * a.nelement() for a in self._arrays)

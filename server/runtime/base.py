@@ -17,6 +17,9 @@ class Runtime(ABC):
     ``batch_axis``. The result holds every data output and every state output (by the state's ``output``
     name). Called from a worker thread: implementations must release the GIL while computing (onnxruntime
     and torch both do).
+
+    Data inputs and outputs are numpy arrays on the host. States are in the slab's array type: numpy on the
+    CPU, torch tensors on the device when ``device`` is ``cuda`` (so state stays on the GPU).
     """
 
     def __init__(self, manifest: ModelManifest):

@@ -39,10 +39,49 @@ class OnnxRuntime(Runtime):
                 f"graph has inputs {sorted(graph_inputs)} and outputs {sorted(graph_outputs)}"
             )
         self._device = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
+        if self._device == "cuda":
+            import torch  # the device slab's tensors; the server extra installs torch
+
+            if not torch.cuda.is_available():
+                raise RuntimeError("device cuda asked for, but torch sees no CUDA device; serve with --device cpu")
+            self._torch = torch
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._device == "cuda":
+            return self._run_on_device(feeds)
         results = self.session.run(self.output_names, dict(feeds))
         return dict(zip(self.output_names, results, strict=True))
+
+    def _run_on_device(self, feeds: Mapping) -> dict:
+        """IOBinding: state inputs and outputs are bound to CUDA tensors of the slab's batch, so the state
+        never crosses to the host; data inputs are copied up and data outputs come back to the host."""
+        torch = self._torch
+        manifest = self.manifest
+        binding = self.session.io_binding()
+        batch = 0
+        for spec in manifest.inputs:
+            value = np.ascontiguousarray(feeds[spec.name])
+            batch = value.shape[spec.batch_axis]
+            binding.bind_cpu_input(spec.name, value)
+        for spec in manifest.outputs:
+            binding.bind_output(spec.name, "cpu")
+        next_states = {}
+        for spec in manifest.states:
+            value = feeds[spec.name].contiguous()
+            dtype = np.dtype(spec.dtype)
+            binding.bind_input(spec.name, "cuda", value.device.index or 0, dtype, tuple(value.shape), value.data_ptr())
+            shape = list(spec.shape)
+            shape[spec.batch_axis] = batch
+            out = torch.empty(shape, dtype=value.dtype, device=value.device)
+            binding.bind_output(spec.output, "cuda", out.device.index or 0, dtype, tuple(shape), out.data_ptr())
+            next_states[spec.output] = out
+        # torch queued the gather on its own CUDA stream; onnxruntime runs on another.
+        torch.cuda.current_stream().synchronize()
+        self.session.run_with_iobinding(binding)
+        data = binding.get_outputs()[: len(manifest.outputs)]
+        result = {spec.name: value.numpy() for spec, value in zip(manifest.outputs, data, strict=True)}
+        result.update(next_states)
+        return result
 
     @property
     def device(self) -> str:

@@ -22,10 +22,15 @@ class TorchScriptRuntime(Runtime):
         self._torch_device = torch.device(device)
         self.module = torch.jit.load(str(artifact), map_location=self._torch_device).eval()
         self._n_out = len(self.output_names)
+        self._n_data_out = len(manifest.outputs)
+        self._on_device = self._torch_device.type == "cuda"
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         dev = self._torch_device
-        args = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(dev) for n in self.input_names]
+        args = [
+            v.to(dev) if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v)).to(dev)
+            for v in (feeds[n] for n in self.input_names)
+        ]
         with torch.inference_mode():
             result = self.module(*args)
         if isinstance(result, torch.Tensor):
@@ -35,7 +40,11 @@ class TorchScriptRuntime(Runtime):
                 f"TorchScript module returned {len(result)} tensors, manifest declares {self._n_out} "
                 f"({self.output_names})"
             )
-        return {n: t.detach().cpu().numpy() for n, t in zip(self.output_names, result, strict=True)}
+        out = {}
+        for i, (name, value) in enumerate(zip(self.output_names, result, strict=True)):
+            # On a GPU the next state stays there (the slab holds device tensors); data goes to the host.
+            out[name] = value if self._on_device and i >= self._n_data_out else value.detach().cpu().numpy()
+        return out
 
     @property
     def device(self) -> str:

@@ -1,0 +1,42 @@
+"""The CUDA path: state slab on the GPU, IOBinding (ONNX) and CUDA tensors (TorchScript). Skipped without a
+CUDA device; run on a GPU machine with `pytest tests/test_gpu.py` (onnxruntime-gpu and a CUDA torch)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import TINY_INPUT, tiny_expected
+
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device", allow_module_level=True)
+
+from rnnserve.client import Client  # noqa: E402
+from rnnserve.server.slab import DeviceStateSlab  # noqa: E402
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["gru", "gru_ts"])
+def test_cuda_sessions_equal_eager_and_state_stays_on_device(server_factory, tiny_repository, model):
+    if model == "gru":
+        ort = pytest.importorskip("onnxruntime")
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            pytest.skip("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+    server = server_factory(tiny_repository, device="cuda", max_queue_delay_us=2000)
+    loaded = server.server.repository.get(model)
+    assert isinstance(loaded.slab, DeviceStateSlab)
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal((30, TINY_INPUT)).astype(np.float32) for _ in range(8)]
+    with Client(server.address) as client:
+        sessions = [client.open_session(model) for _ in inputs]
+        outputs = [[] for _ in inputs]
+        for t in range(30):
+            with client.multi_stream() as ms:
+                results = ms.step({s: {"x": xs[t]} for s, xs in zip(sessions, inputs, strict=True)})
+            for i, s in enumerate(sessions):
+                outputs[i].append(results[s])
+        for i, s in enumerate(sessions):
+            expected, h = tiny_expected(inputs[i])
+            assert np.abs(np.stack(outputs[i]) - expected).max() <= 1e-5
+            assert np.abs(s.get_state()["h"][0] - h).max() <= 1e-5
+        assert client.stats(model).models[0].steps == 30 * len(inputs)
