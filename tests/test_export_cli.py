@@ -1,0 +1,160 @@
+"""`rnnserve export`: the real console script as a subprocess (a dotted module and a .py file as targets, a
+refused export), plus in-process runs of the CLI for the error paths."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from test_export_support import max_error, rnnserve_cli, run_artifact
+
+from rnnserve.cli import main
+from rnnserve.export import ExportError
+from rnnserve.export.cli import load_target
+from rnnserve.manifest import ModelManifest
+
+USER_MODELS = textwrap.dedent(
+    """
+    import torch
+    from dataclasses import replace
+    from torch import nn
+
+    from rnnserve.export import adapt
+
+
+    class RawCell(nn.Module):
+        # No Linear layers and no size attributes: the exporter needs --input-size/--hidden-size.
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.w = nn.Parameter(0.3 * torch.randn(6, 5))
+
+        def forward(self, x, h):
+            return torch.tanh(x @ self.w.T + h)
+
+
+    class Shifted(nn.Module):
+        def __init__(self, step):
+            super().__init__()
+            self.inner = step
+
+        def forward(self, x, h):
+            y, h = self.inner(x, h)
+            return y + 1e-3, h
+
+
+    def make_cell():
+        return RawCell()
+
+
+    def broken():
+        good = adapt(nn.GRU(3, 4))
+        return replace(good, step=Shifted(good.step))
+
+
+    def bidirectional():
+        return nn.LSTM(3, 4, bidirectional=True)
+    """
+)
+
+
+@pytest.fixture
+def user_file(tmp_path: Path) -> Path:
+    path = tmp_path / "user_models.py"
+    path.write_text(USER_MODELS)
+    return path
+
+
+def test_cli_exports_a_module_factory(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    result = rnnserve_cli("export", "rnnserve.examples.models:gru2", "--repository", str(repo))
+    assert result.returncode == 0, result.stderr
+    folder = repo / "gru2" / "1"
+    assert result.stdout.strip().splitlines()[-1] == str(folder)
+    assert "verifying batch 4" in result.stderr and "wrote" in result.stderr
+    manifest = ModelManifest.read(folder)
+    assert manifest.source == "rnnserve.examples.models:gru2" and manifest.format == "onnx"
+
+
+def test_cli_exports_from_a_py_file_and_asks_for_sizes(user_file: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    asked = rnnserve_cli("export", f"{user_file}:make_cell", "--repository", str(repo))
+    assert asked.returncode == 1
+    assert "cannot infer the input/hidden size of RawCell" in asked.stderr and "--input-size" in asked.stderr
+    assert not repo.exists()
+
+    result = rnnserve_cli(
+        "export",
+        f"{user_file}:make_cell",
+        "--repository",
+        str(repo),
+        "--name",
+        "raw",
+        "--format",
+        "torchscript",
+        "--input-size",
+        "5",
+        "--hidden-size",
+        "6",
+        "--steps",
+        "20",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    manifest = ModelManifest.read(repo / "raw" / "1")
+    assert manifest.inputs[0].shape == [-1, 5] and manifest.states[0].shape == [-1, 6]
+    assert manifest.verification is not None and manifest.verification.steps == 20
+
+    cell, _ = load_target(f"{user_file}:make_cell")
+    xs = torch.randn(2, 8, 5)
+    h, want = torch.zeros(2, 6), []
+    with torch.no_grad():
+        for t in range(8):
+            h = cell(xs[:, t], h)
+            want.append(h)
+    got, _ = run_artifact(repo / "raw" / "1", xs)
+    assert max_error(torch.stack(want, 1), got) <= 1e-5
+
+
+def test_cli_refuses_a_wrong_step_module(user_file: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    result = rnnserve_cli("export", f"{user_file}:broken", "--repository", str(repo), "--format", "onnx")
+    assert result.returncode != 0
+    assert "verification failed" in result.stderr and "tolerance 1e-05" in result.stderr
+    assert not (repo / "broken").exists()
+
+
+def test_cli_error_paths_in_process(user_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    repo = str(tmp_path / "repo")
+    assert main(["export", f"{user_file}:bidirectional", "--repository", repo]) == 1
+    assert "bidirectional" in capsys.readouterr().err
+    assert main(["export", "no_such_module_here:f", "--repository", repo]) == 1
+    assert "cannot import 'no_such_module_here'" in capsys.readouterr().err
+    assert main(["export", "rnnserve.examples.models:nope", "--repository", repo]) == 1
+    assert "has no 'nope'" in capsys.readouterr().err
+    assert main(["export", "rnnserve.examples.models", "--repository", repo]) == 1
+    assert "expected MODULE_OR_FILE:FACTORY" in capsys.readouterr().err
+    assert main(["export", "--repository", repo]) == 2
+    assert main(["export", "x:y", "--all-examples", "--repository", repo]) == 2
+    assert "not both" in capsys.readouterr().err
+
+    args = ["export", "rnnserve.examples.models:wuv_cell", "--repository", repo, "--quiet", "--steps", "5"]
+    assert main([*args, "--version", "3"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main([*args, "--version", "3"]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert main([*args, "--version", "3", "--overwrite"]) == 0
+
+
+def test_load_target_takes_objects_classes_and_factories(tmp_path: Path) -> None:
+    path = tmp_path / "objs.py"
+    path.write_text("from torch import nn\ncell = nn.GRUCell(2, 3)\nCell = nn.RNNCell\nnumber = 3\n")
+    assert isinstance(load_target(f"{path}:cell")[0], torch.nn.GRUCell)
+    with pytest.raises(ExportError, match="factory must take no arguments"):
+        load_target(f"{path}:Cell")
+    with pytest.raises(ExportError, match="gave a int"):
+        load_target(f"{path}:number")
+    with pytest.raises(ExportError, match="no such Python file"):
+        load_target(f"{tmp_path / 'missing.py'}:f")
