@@ -79,24 +79,24 @@ class LSTMUnit(nn.Module):
         return h, c
 
 
-class UserCellH(nn.Module):
-    """A user cell ``cell(x, h) -> h`` as a unit returning ``(y, h')`` with ``y = h'``."""
-
+class _UserCell(nn.Module):
+    # Two classes, not one with a flag: TorchScript type-checks both branches of an `if`, and only one of
+    # them matches what the user's cell returns.
     def __init__(self, cell: nn.Module) -> None:
         super().__init__()
         self.cell = cell
+
+
+class UserCellH(_UserCell):
+    """A user cell ``cell(x, h) -> h`` as a unit returning ``(y, h')`` with ``y = h'``."""
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.cell(x, h)
         return h, h
 
 
-class UserCellYH(nn.Module):
+class UserCellYH(_UserCell):
     """A user cell ``cell(x, h) -> (y, h)`` as a unit."""
-
-    def __init__(self, cell: nn.Module) -> None:
-        super().__init__()
-        self.cell = cell
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y, h = self.cell(x, h)
