@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("rnnserve.demo", "export the built-in examples, serve them and stream a demo session"),
     "health": ("rnnserve.client.cli_health", "check a server's gRPC health (exit 0 when SERVING)"),
     "models": ("rnnserve.client.cli_models", "list a server's models and their signatures"),
+    "bench": ("rnnserve.bench.cli", "measure rnnserve against ceilings measured in the same run"),
 }
 
 

@@ -1,0 +1,98 @@
+"""The transport ceiling: a bare ``grpc.aio`` service answering rnnserve's ``StreamStep`` with canned bytes.
+
+It serves the same method path with the same server options as ``rnnserve serve``, takes requests as raw
+bytes (nothing is parsed) and answers every request message with a pre-serialized ``StreamStepResponse``
+of exactly the size rnnserve would send: one result per step carrying the model's outputs. The load
+generator names the message shape once per stream in metadata (``x-bench-shape: STEPS_PER_MESSAGE,CHUNK``).
+What it reaches is what Python gRPC itself carries on this machine with this client.
+
+    python -m rnnserve.bench.echo --model-dir REPO/NAME/VERSION --port-file F
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from rnnserve.manifest import ModelManifest
+from rnnserve.proto import rnnserve_pb2 as pb
+from rnnserve.tensors import to_proto
+
+SHAPE_KEY = "x-bench-shape"
+STREAM_METHOD = "/rnnserve.v1.RnnServe/StreamStep"
+# The rnnserve server's defaults (settings.max_message_bytes), so both servers accept the same messages.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+def canned_response(manifest: ModelManifest, group: int, chunk: int) -> bytes:
+    """A ``StreamStepResponse`` the size of rnnserve's answer to ``group`` steps of ``chunk`` timesteps."""
+    response = pb.StreamStepResponse()
+    lead = (chunk,) if chunk else ()
+    for _ in range(group):
+        result = response.results.add(session_id="0" * 32, steps=1_000_000)
+        for spec in manifest.outputs:
+            shape = lead + tuple(1 if d == -1 else d for d in spec.session_shape)
+            to_proto(np.zeros(shape, dtype=spec.dtype), result.outputs[spec.name])
+    return response.SerializeToString()
+
+
+class Echo:
+    def __init__(self, manifest: ModelManifest):
+        self.manifest = manifest
+        self._cache: dict[tuple[int, int], bytes] = {}
+
+    def _response_for(self, context: grpc.aio.ServicerContext) -> bytes:
+        shape = dict(context.invocation_metadata() or ()).get(SHAPE_KEY, "1,0")
+        group, chunk = (int(v) for v in shape.split(","))
+        key = (group, chunk)
+        if key not in self._cache:
+            self._cache[key] = canned_response(self.manifest, group, chunk)
+        return self._cache[key]
+
+    async def stream_step(self, request_iterator: AsyncIterator[bytes], context) -> AsyncIterator[bytes]:
+        response = self._response_for(context)
+        async for _ in request_iterator:
+            yield response
+
+
+async def serve(model_dir: Path, port_file: Path, host: str) -> None:
+    echo = Echo(ModelManifest.read(model_dir))
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    handler = grpc.stream_stream_rpc_method_handler(echo.stream_step)  # raw bytes both ways
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("rnnserve.v1.RnnServe", {"StreamStep": handler}),)
+    )
+    port = server.add_insecure_port(f"{host}:0")
+    await server.start()
+    port_file.write_text(f"{port}\n")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(0.2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, required=True, help="REPO/NAME/VERSION (for the output sizes)")
+    parser.add_argument("--port-file", type=Path, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    args = parser.parse_args(argv)
+    asyncio.run(serve(args.model_dir, args.port_file, args.host))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,331 @@
+"""The bench's phases: compute ceiling, transport ceiling, rnnserve (per-session streams, multiplexed,
+chunked), idle capacity, and the optional Triton peer. Each returns plain dict rows for the report."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rnnserve.bench import procs
+from rnnserve.bench.load import LoadPool, LoadResult, LoadSpec, PhaseError
+from rnnserve.bench.model import BenchModel, random_batch
+from rnnserve.bench.progress import Progress
+
+Row = dict[str, Any]
+
+
+@dataclass
+class BenchConfig:
+    sessions: list[int]
+    max_batch: int
+    mux_sessions: int
+    chunk_sessions: int
+    chunk: int
+    idle_sessions: int
+    client_procs: int
+    phase_timeout: float
+    compute_seconds: float
+    step_budget: int
+    min_steps: int
+    max_steps: int
+    steps: int | None = None
+    server_args: list[str] = field(default_factory=list)
+
+    def steps_for(self, sessions: int) -> int:
+        """Timesteps per session for a phase of ``sessions``: about ``step_budget`` steps in all."""
+        if self.steps:
+            return self.steps
+        return max(self.min_steps, min(self.max_steps, self.step_budget // max(1, sessions)))
+
+    def chunk_steps(self) -> int:
+        """Chunked phase: at least 8 messages per stream, a whole number of chunks."""
+        steps = max(self.steps_for(self.chunk_sessions), 8 * self.chunk)
+        return (steps // self.chunk) * self.chunk
+
+    def compute_batches(self) -> list[int]:
+        sizes = {1 << k for k in range(self.max_batch.bit_length()) if 1 << k <= self.max_batch}
+        # The batch sizes the ratios refer to are measured even when they are not powers of two.
+        sizes |= {min(n, self.max_batch) for n in (*self.sessions, self.mux_sessions, self.chunk_sessions)}
+        return sorted(sizes)
+
+
+@dataclass
+class ServerSample:
+    cpu_s: float = 0.0
+    stats: Any = None
+
+
+class Bench:
+    """Runs the phases against one model; holds the pool and whatever servers are up, for cleanup."""
+
+    def __init__(self, model: BenchModel, repository: Path, workdir: Path, cfg: BenchConfig, progress: Progress):
+        self.model = model
+        self.repository = repository
+        self.workdir = workdir
+        self.cfg = cfg
+        self.progress = progress
+        self.pool = LoadPool(cfg.client_procs)
+        self._servers: list[procs.ServerProcess] = []
+
+    # ---- lifecycle ----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.pool.start()
+
+    def close(self) -> None:
+        for server in self._servers:
+            server.stop(grace=3.0)
+        self._servers.clear()
+        self.pool.close()
+
+    @contextlib.contextmanager
+    def server(self, server: procs.ServerProcess) -> Iterator[procs.ServerProcess]:
+        self._servers.append(server)
+        try:
+            self.progress.log(f"starting {server.name}")
+            yield server.start()
+        finally:
+            server.stop(grace=3.0)
+            self._servers.remove(server)
+
+    def _spec(self, address: str, target: str, sessions: int, **kw: Any) -> LoadSpec:
+        return LoadSpec(
+            kind=kw.pop("kind", "steps"),
+            address=address,
+            target=target,  # type: ignore[arg-type]
+            model=self.model.name,
+            version=self.model.version,
+            inputs=tuple(self.model.inputs),
+            sessions=sessions,
+            timeout=self.cfg.phase_timeout,
+            **kw,
+        )
+
+    def _run_load(
+        self, label: str, spec: LoadSpec, server: procs.ServerProcess, *, stats: Callable[[], Any] | None = None
+    ) -> tuple[LoadResult, dict[str, Any]]:
+        """One load phase against ``server`` with its CPU, peak RSS and (rnnserve) batch statistics."""
+        before, after = ServerSample(), ServerSample()
+        mem: dict[str, int] = {}
+
+        def on_start() -> None:
+            procs.reset_peak_rss(server.pid)
+            before.cpu_s = procs.cpu_seconds(server.pid)
+            before.stats = stats() if stats else None
+
+        def on_done() -> None:
+            after.cpu_s = procs.cpu_seconds(server.pid)
+            mem.update(procs.memory(server.pid))
+            after.stats = stats() if stats else None
+
+        total = spec.sessions * spec.steps if spec.kind == "steps" else spec.sessions
+        unit = "steps" if spec.kind == "steps" else "sessions"
+        t = time.monotonic()
+        try:
+            result = self.pool.run(
+                spec, on_start=on_start, on_done=on_done, tick=self.progress.ticker(label, total, unit)
+            )
+        except PhaseError:
+            # A stuck or dead generator leaves the pool in an unknown state: start it afresh.
+            self.pool.restart()
+            raise
+        if not server.alive():
+            raise PhaseError(f"{server.name} died during {label}:\n{server.log_tail()}")
+        count = result.steps or result.opened
+        extra: dict[str, Any] = {
+            "server_cpu_s": after.cpu_s - before.cpu_s,
+            "server_cpu_us_per_step": 1e6 * (after.cpu_s - before.cpu_s) / count if count else math.nan,
+            "client_cpu_us_per_step": 1e6 * result.client_cpu_s / count if count else math.nan,
+            "server_rss_mib": mem.get("VmRSS", 0) / 2**20,
+            "server_peak_rss_mib": mem.get("VmHWM", 0) / 2**20,
+        }
+        if before.stats is not None and after.stats is not None:
+            extra.update(_batch_stats(before.stats, after.stats))
+        self.progress.log(
+            f"  {label}: {result.steps_per_s if result.steps else result.opened / result.wall_s:,.0f} "
+            f"{unit}/s, phase took {time.monotonic() - t:.1f} s"
+        )
+        return result, extra
+
+    # ---- 1. compute ceiling -------------------------------------------------------------------------------
+    def compute(self) -> list[Row]:
+        """The artifact called in-process through the server's own runtime class (same thread settings)."""
+        from rnnserve.server.runtime import load_runtime
+
+        runtime = load_runtime(self.model.manifest, self.model.version_dir, device="cpu", threads=1)
+        manifest = self.model.manifest
+        rng = np.random.default_rng(0)
+        rows = []
+        for batch in self.cfg.compute_batches():
+            feeds = {k: np.moveaxis(v, 0, s.batch_axis) for k, v, s in _inputs(self.model, batch, rng)}
+            for spec in manifest.states:
+                shape = list(spec.shape)
+                shape[spec.batch_axis] = batch
+                feeds[spec.name] = np.zeros(shape, dtype=spec.dtype)
+            times: list[float] = []
+            for i in itertools.count():
+                t = time.perf_counter()
+                out = runtime.run(feeds)
+                if i >= 2:  # two warm-up calls
+                    times.append(time.perf_counter() - t)
+                # Feed the states back, as serving does.
+                for spec in manifest.states:
+                    feeds[spec.name] = out[spec.output]
+                if len(times) >= 3 and sum(times) >= self.cfg.compute_seconds:
+                    break
+            call = float(np.median(times))
+            rows.append(
+                {
+                    "phase": "compute",
+                    "label": f"batch {batch}",
+                    "batch": batch,
+                    "calls": len(times),
+                    "call_ms": call * 1e3,
+                    "steps_per_s": batch * len(times) / sum(times),
+                }
+            )
+            self.progress.log(
+                f"  compute batch {batch}: {call * 1e3:.3f} ms/call, {rows[-1]['steps_per_s']:,.0f} steps/s"
+            )
+        del runtime
+        return rows
+
+    # ---- 2. transport ceiling -----------------------------------------------------------------------------
+    def transport(self) -> list[Row]:
+        rows = []
+        with self.server(procs.echo_server(self.model.version_dir, self.workdir)) as echo:
+            for phase, label, spec in self._load_plan(echo.address, "echo"):
+                result, extra = self._run_load(f"transport {label}", spec, echo)
+                rows.append(_load_row("transport", label, spec, result, extra, phase=phase))
+        return rows
+
+    # ---- 3 + 4. rnnserve ------------------------------------------------------------------------------
+    def rnnserve(self) -> list[Row]:
+        cfg = self.cfg
+        most = max(max(cfg.sessions), cfg.mux_sessions, cfg.chunk_sessions)
+        server = procs.rnnserve_server(
+            self.repository, self.workdir, tag="serve", max_sessions=most + 64, extra=cfg.server_args
+        )
+        rows = []
+        with self.server(server) as srv, _StatsClient(srv.address, self.model.name) as stats:
+            for phase, label, spec in self._load_plan(srv.address, "rnnserve"):
+                result, extra = self._run_load(f"rnnserve {label}", spec, srv, stats=stats.get)
+                rows.append(_load_row(phase, label, spec, result, extra, phase=phase))
+        return rows
+
+    def _load_plan(self, address: str, target: str) -> list[tuple[str, str, LoadSpec]]:
+        """(phase, label, spec) for every load phase, the same for the echo service and rnnserve."""
+        cfg = self.cfg
+        plan = [("sessions", f"N={n}", self._spec(address, target, n, steps=cfg.steps_for(n))) for n in cfg.sessions]
+        n = cfg.mux_sessions
+        plan.append(("multiplexed", f"N={n} in 1 msg", self._spec(address, target, n, group=n, steps=cfg.steps_for(n))))
+        n = cfg.chunk_sessions
+        plan.append(
+            (
+                "chunked",
+                f"N={n} x {cfg.chunk} steps/msg",
+                self._spec(address, target, n, chunk=cfg.chunk, steps=cfg.chunk_steps()),
+            )
+        )
+        return plan
+
+    # ---- 5. idle capacity ---------------------------------------------------------------------------------
+    def idle(self) -> Row:
+        cfg = self.cfg
+        server = procs.rnnserve_server(
+            self.repository,
+            self.workdir,
+            tag="idle",
+            max_sessions=cfg.idle_sessions + 64,
+            extra=["--session-ttl", "86400", *cfg.server_args],
+        )
+        with self.server(server) as srv:
+            # Warm the server up (first model call, gRPC buffers) so the baseline holds everything but sessions.
+            warm = self._spec(srv.address, "rnnserve", 1, steps=5)
+            self._run_load("idle warm-up", warm, srv)
+            rss0 = procs.memory(srv.pid)["VmRSS"]
+            spec = self._spec(srv.address, "rnnserve", cfg.idle_sessions, kind="open")
+            result, extra = self._run_load(f"idle open {cfg.idle_sessions}", spec, srv)
+            time.sleep(0.2)  # let the allocator settle before reading RSS
+            rss1 = procs.memory(srv.pid)["VmRSS"]
+        per_session = (rss1 - rss0) / max(1, result.opened)
+        raw = self.model.state_bytes
+        return {
+            "phase": "idle",
+            "label": f"{result.opened} open sessions",
+            "sessions": result.opened,
+            "opens_per_s": result.opened / result.wall_s if result.wall_s else math.nan,
+            "server_rss0_mib": rss0 / 2**20,
+            "server_rss_mib": rss1 / 2**20,
+            "server_peak_rss_mib": extra["server_peak_rss_mib"],
+            "server_cpu_us_per_open": extra["server_cpu_us_per_step"],
+            "bytes_per_session": per_session,
+            "state_bytes": raw,
+        }
+
+
+class _StatsClient:
+    """GetStats for one model from the bench process (a sync channel; this process sends no load)."""
+
+    def __init__(self, address: str, model: str):
+        self.address = address
+        self.model = model
+
+    def __enter__(self) -> _StatsClient:
+        import grpc
+
+        from rnnserve.proto import rnnserve_pb2 as pb
+        from rnnserve.proto import rnnserve_pb2_grpc as pb_grpc
+
+        self._channel = grpc.insecure_channel(self.address)
+        self._stub = pb_grpc.RnnServeStub(self._channel)
+        self._request = pb.StatsRequest(model=self.model)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._channel.close()
+
+    def get(self) -> Any:
+        response = self._stub.GetStats(self._request, timeout=30)
+        return response.models[0] if response.models else None
+
+
+def _batch_stats(before: Any, after: Any) -> dict[str, Any]:
+    steps = after.steps - before.steps
+    batches = after.batches - before.batches
+    return {
+        "mean_batch": steps / batches if batches else math.nan,
+        "model_calls": batches,
+        "server_compute_s": (after.compute_ns - before.compute_ns) / 1e9,
+        "server_queue_ms_per_step": (after.queue_ns - before.queue_ns) / 1e6 / steps if steps else math.nan,
+    }
+
+
+def _inputs(model: BenchModel, batch: int, rng: np.random.Generator):
+    data = random_batch(model.inputs, batch, rng)
+    for spec in model.manifest.inputs:
+        yield spec.name, data[spec.name], spec
+
+
+def _load_row(kind: str, label: str, spec: LoadSpec, result: LoadResult, extra: dict[str, Any], *, phase: str) -> Row:
+    return {
+        "phase": kind,
+        "shape": phase,  # sessions / multiplexed / chunked: the message shape (transport rows mirror rnnserve's)
+        "label": label,
+        "sessions": spec.sessions,
+        "steps_per_session": spec.steps,
+        "steps_per_message": spec.steps_per_message * min(spec.group, spec.sessions),
+        "steps": result.steps,
+        "wall_s": result.wall_s,
+        "steps_per_s": result.steps_per_s,
+        "p50_ms": result.percentile_ms(50),
+        "p99_ms": result.percentile_ms(99),
+        **extra,
+    }
