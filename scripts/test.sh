@@ -17,11 +17,8 @@ step() { printf '\n==> test: %s\n' "$*"; }
 
 step "ruff check ."
 ruff check .
-# Formatting is checked only on request until the whole tree is ruff-formatted.
-if [[ "${RNNSERVE_FORMAT_CHECK:-0}" == 1 ]]; then
-  step "ruff format --check ."
-  ruff format --check .
-fi
+step "ruff format --check ."
+ruff format --check .
 
 step "python scripts/gen_protos.py --check"
 python scripts/gen_protos.py --check
