@@ -7,6 +7,8 @@ input and output, states included (axis 1 for ``nn.LSTM``-style states), is expo
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from rnnserve.export.step import Exportable
 ARTIFACT = "model.onnx"
 OPSET = 17
 DYNAMO_OPSET = 18  # the dynamo exporter's lowest well-supported opset
+EXPORTERS = ("legacy", "dynamo")  # tried in this order
 
 
 def _example_args(ex: Exportable) -> tuple[torch.Tensor, ...]:
@@ -27,48 +30,79 @@ def _example_args(ex: Exportable) -> tuple[torch.Tensor, ...]:
     return (torch.randn(ex.input.batched(2), dtype=ex.input.dtype), *ex.initial_state(2))
 
 
-def write_onnx(ex: Exportable, path: Path) -> str:
-    """Export ``ex.step`` to ``path``; returns a note on how (for the manifest description)."""
-    assert ex.output is not None
-    args = _example_args(ex)
-    input_names = [ex.input.name] + [s.name for s in ex.states]
-    output_names = [ex.output.name] + [s.output for s in ex.states]
-    axes = [0] + [s.batch_axis for s in ex.states]
+def write_onnx(ex: Exportable, path: Path, exporters: Sequence[str] = EXPORTERS) -> str:
+    """Export ``ex.step`` to ``path`` with the first of ``exporters`` that succeeds; returns a note on how
+    (for the manifest description)."""
+    failures: list[str] = []
     with quiet() as log, torch.no_grad():
-        try:
-            torch.onnx.export(
-                ex.step,
-                args,
-                str(path),
-                dynamo=False,
-                input_names=input_names,
-                output_names=output_names,
-                dynamic_axes={n: {a: "batch"} for n, a in zip(input_names + output_names, axes + axes, strict=True)},
-                opset_version=OPSET,
-            )
-            return f"ONNX opset {OPSET} (legacy exporter)"
-        except Exception as legacy_error:
-            path.unlink(missing_ok=True)
-            first = legacy_error
-        try:
-            batch = torch.export.Dim("batch")
-            torch.onnx.export(
-                ex.step,
-                args,
-                str(path),
-                dynamo=True,
-                input_names=input_names,
-                output_names=output_names,
-                dynamic_shapes=tuple({a: batch} for a in axes),
-                opset_version=DYNAMO_OPSET,
-                external_data=False,
-            )
-            return f"ONNX opset {DYNAMO_OPSET} (dynamo exporter; the legacy exporter failed: {first})"
-        except Exception as dynamo_error:
-            raise ExportError(
-                f"ONNX export of {ex.kind} failed. Legacy exporter: {first}. Dynamo exporter: {dynamo_error}. "
-                f"Try --format torchscript.\nExporter output:\n{log.getvalue()[-4000:]}"
-            ) from dynamo_error
+        for exporter in exporters:
+            try:
+                note = _EXPORTERS[exporter](ex, path)
+            except Exception as exc:
+                path.unlink(missing_ok=True)
+                failures.append(f"{exporter} exporter: {exc}")
+                continue
+            # The manifest description says why the preferred exporter was not used (first line of each).
+            return note + "".join(f"; {f.splitlines()[0][:200]}" for f in failures)
+    raise ExportError(
+        f"ONNX export of {ex.kind} failed. {' '.join(failures)} Try --format torchscript.\n"
+        f"Exporter output:\n{log.getvalue()[-4000:]}"
+    )
+
+
+def _names_and_axes(ex: Exportable) -> tuple[list[str], list[str], list[int]]:
+    assert ex.output is not None
+    inputs = [ex.input.name] + [s.name for s in ex.states]
+    outputs = [ex.output.name] + [s.output for s in ex.states]
+    return inputs, outputs, [0] + [s.batch_axis for s in ex.states]
+
+
+def _legacy(ex: Exportable, path: Path) -> str:
+    inputs, outputs, axes = _names_and_axes(ex)
+    torch.onnx.export(
+        ex.step,
+        _example_args(ex),
+        str(path),
+        dynamo=False,
+        input_names=inputs,
+        output_names=outputs,
+        dynamic_axes={n: {a: "batch"} for n, a in zip(inputs + outputs, axes + axes, strict=True)},
+        opset_version=OPSET,
+    )
+    return f"ONNX opset {OPSET} (legacy exporter)"
+
+
+def _dynamo(ex: Exportable, path: Path) -> str:
+    inputs, outputs, axes = _names_and_axes(ex)
+    batch = torch.export.Dim("batch")
+    torch.onnx.export(
+        ex.step,
+        _example_args(ex),
+        str(path),
+        dynamo=True,
+        input_names=inputs,
+        output_names=outputs,
+        dynamic_shapes=_dynamic_shapes(ex.step, [{a: batch} for a in axes]),
+        opset_version=DYNAMO_OPSET,
+        external_data=False,
+    )
+    return f"ONNX opset {DYNAMO_OPSET} (dynamo exporter)"
+
+
+_EXPORTERS: dict[str, Callable[[Exportable, Path], str]] = {"legacy": _legacy, "dynamo": _dynamo}
+
+
+def _dynamic_shapes(step: torch.nn.Module, per_arg: list[dict]) -> dict[str, object]:
+    """``torch.export`` wants dynamic shapes structured like the signature: ``*states`` gets one tuple."""
+    shapes: dict[str, object] = {}
+    rest = list(per_arg)
+    for name, param in inspect.signature(step.forward).parameters.items():
+        if param.kind is inspect.Parameter.VAR_POSITIONAL:
+            shapes[name] = tuple(rest)
+            rest = []
+        elif rest:
+            shapes[name] = rest.pop(0)
+    return shapes
 
 
 def load_onnx(path: Path, ex: Exportable) -> Runner:

@@ -269,3 +269,25 @@ def test_user_cell_sizes_inferred_or_asked_for() -> None:
         adapt(RawCell())
     ex = adapt(RawCell(), input_size=5, hidden_size=6)
     assert ex.input.shape == (-1, 5) and ex.states[0].shape == (-1, 6)
+
+
+def test_dynamo_exporter_fallback_writes_a_working_artifact(tmp_path: Path) -> None:
+    """The legacy exporter is preferred; the dynamo one (used if it fails) must give an equivalent artifact."""
+    from rnnserve.export.onnx import load_onnx, write_onnx
+    from rnnserve.export.verify import verify
+
+    torch.manual_seed(5)
+    stack = nn.ModuleList([nn.RNNCell(IN, 5), nn.LSTMCell(5, 3)])  # *states: the trickiest signature
+    ex = adapt(stack, head=nn.Linear(3, 2))
+    note = write_onnx(ex, tmp_path / "model.onnx", exporters=("dynamo",))
+    assert "dynamo" in note
+    error = verify(
+        ex,
+        load_onnx(tmp_path / "model.onnx", ex),
+        steps=20,
+        batch_sizes=(1, 3),
+        tolerance=TOL,
+        label="dynamo",
+        progress=lambda line: None,
+    )
+    assert error <= TOL
