@@ -222,6 +222,8 @@ def export_examples(
     version: int | None = None,
     overwrite: bool = False,
     steps: int = 50,
+    batch_sizes: Sequence[int] = (1, 4),
+    tolerance: float = 1e-5,
     progress: Progress = True,
 ) -> list[Path]:
     """Export the built-in examples (``rnnserve.examples.EXAMPLES``) to ``repository``.
@@ -250,6 +252,8 @@ def export_examples(
                     version=version,
                     overwrite=overwrite,
                     steps=steps,
+                    batch_sizes=batch_sizes,
+                    tolerance=tolerance,
                     source=f"{factory.__module__}:{factory.__name__}",
                     progress=progress,
                 )

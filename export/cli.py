@@ -53,14 +53,16 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"--batch-sizes {args.batch_sizes!r}: expected integers separated by commas, e.g. 1,4", 2)
     try:
         if args.all_examples:
-            if args.target:
-                return _fail("give either MODULE_OR_FILE:FACTORY or --all-examples, not both", 2)
+            if args.target or args.name:
+                return _fail("--all-examples names its models itself: give no MODULE_OR_FILE:FACTORY or --name", 2)
             paths = export_examples(
                 args.repository,
                 [args.format],
                 version=args.version,
                 overwrite=args.overwrite,
                 steps=args.steps,
+                batch_sizes=batch_sizes,
+                tolerance=args.tolerance,
                 progress=not args.quiet,
             )
             print("\n".join(str(p) for p in paths))

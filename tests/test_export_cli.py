@@ -138,7 +138,7 @@ def test_cli_error_paths_in_process(user_file: Path, tmp_path: Path, capsys: pyt
     assert "expected MODULE_OR_FILE:FACTORY" in capsys.readouterr().err
     assert main(["export", "--repository", repo]) == 2
     assert main(["export", "x:y", "--all-examples", "--repository", repo]) == 2
-    assert "not both" in capsys.readouterr().err
+    assert "give no MODULE_OR_FILE:FACTORY or --name" in capsys.readouterr().err
 
     args = ["export", "rnnserve.examples.models:wuv_cell", "--repository", repo, "--quiet", "--steps", "5"]
     assert main([*args, "--version", "3"]) == 0
