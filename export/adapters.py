@@ -57,9 +57,13 @@ def adapt(
             f"cannot export a {type(obj).__name__}: expected an nn.Module (RNN/LSTM/GRU, a cell, a ModuleList "
             "of cells) or an Exportable"
         )
-    obj.eval()
-    if head is not None:
-        head.eval()
+    modules = [obj] if head is None else [obj, head]
+    devices = sorted({p.device.type for m in modules for p in m.parameters()} - {"cpu"})
+    if devices:
+        # Export and verification run on CPU; the server moves the artifact to its own device.
+        raise ExportError(f"{type(obj).__name__} has parameters on {devices}: move it to CPU first (.cpu())")
+    for module in modules:
+        module.eval()
     if isinstance(obj, nn.RNNBase):
         ex = _adapt_recurrent(obj, head)
     elif isinstance(obj, nn.ModuleList):

@@ -240,6 +240,11 @@ def test_bidirectional_is_refused_with_a_clear_error(cls: type[nn.RNNBase], tmp_
     assert not (tmp_path / "bi").exists()
 
 
+def test_parameters_off_the_cpu_are_refused() -> None:
+    with pytest.raises(ExportError, match=r"parameters on \['meta'\]: move it to CPU first"):
+        adapt(nn.GRU(3, 4, device="meta"))
+
+
 def test_whole_model_is_not_mistaken_for_a_cell() -> None:
     class Model(nn.Module):
         def __init__(self) -> None:
