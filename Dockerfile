@@ -9,15 +9,12 @@
 #   docker run --rm -p 50051:50051 rnnserve:cpu --repository /models --port 50051 --session-ttl 120
 
 ARG PYTHON_IMAGE=python:3.11-slim
-# On Linux, PyPI's torch is the CUDA build (several GB of nvidia-* wheels). The exporter and the TorchScript
-# runtime only need the CPU build, so torch comes from PyTorch's CPU index; the GPU image runs ONNX models on
-# the GPU through onnxruntime-gpu. For TorchScript models on CUDA, build the gpu target with
-#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
+# The CPU image takes torch from PyTorch's CPU index: on Linux, PyPI's torch is the CUDA build (several GB
+# of nvidia-* wheels), which the CPU image has no use for.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
-# ---- base: interpreter, torch, the sources, and how the server is run (both targets inherit it) ----------
+# ---- base: interpreter, user, and how the server is run (both targets inherit it) -----------------------
 FROM ${PYTHON_IMAGE} AS base
-ARG TORCH_INDEX_URL
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -26,11 +23,6 @@ ENV PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv \
  && useradd --create-home --uid 10001 --user-group rnnserve
-# torch before the project, in a layer of its own: the project's torch requirement is then already met, so
-# pip never looks for torch on PyPI, and a source change does not download torch again.
-COPY constraints.txt /src/constraints.txt
-RUN pip install --index-url "${TORCH_INDEX_URL}" -c /src/constraints.txt torch
-COPY . /src
 EXPOSE 50051
 # Exec form throughout: `rnnserve serve` is PID 1 and gets docker stop's SIGTERM itself (it drains for
 # --grace seconds, then exits 0).
@@ -39,12 +31,14 @@ HEALTHCHECK --interval=15s --timeout=10s --start-period=60s --retries=3 \
 ENTRYPOINT ["rnnserve", "serve"]
 CMD ["--repository", "/models", "--port", "50051"]
 
-# ---- gpu: onnxruntime-gpu (never beside onnxruntime) ----------------------------------------------------
+# ---- gpu: onnxruntime-gpu (never beside onnxruntime) and a CUDA torch -------------------------------------
 FROM base AS gpu
-# The CUDA and cuDNN user-space libraries come as pip wheels (the onnxruntime-gpu extras), so they always
-# match the CUDA major version onnxruntime-gpu was built for; the driver comes from the NVIDIA Container
-# Toolkit at run time. Registering their folders with the dynamic loader lets onnxruntime's CUDA provider
-# find them without an LD_LIBRARY_PATH or a preload in the server.
+COPY . /src
+# torch from PyPI is the CUDA build: `--device cuda` keeps session state in CUDA tensors, so the CPU build
+# will not do. On PyPI, the pinned torch and onnxruntime-gpu are built for the same CUDA major version (13)
+# and share one set of nvidia-* wheels (CUDA runtime, cuBLAS, cuDNN, ...); the driver comes from the NVIDIA
+# Container Toolkit at run time. Registering the wheels' library folders with the dynamic loader lets
+# onnxruntime's CUDA provider find them without LD_LIBRARY_PATH.
 RUN pip install -c /src/constraints.txt '/src[runtime,gpu,export]' 'onnxruntime-gpu[cuda,cudnn]' \
  && find /opt/venv -path '*/site-packages/nvidia/*' -name 'lib*.so*' -printf '%h\n' | sort -u \
       > /etc/ld.so.conf.d/rnnserve-nvidia-wheels.conf \
@@ -53,8 +47,14 @@ RUN rnnserve export --all-examples --repository /models --format onnx
 USER rnnserve
 WORKDIR /home/rnnserve
 
-# ---- cpu (default): onnxruntime ---------------------------------------------------------------------------
+# ---- cpu (default): onnxruntime and a CPU torch -----------------------------------------------------------
 FROM base AS cpu
+ARG TORCH_INDEX_URL
+# torch before the project, in a layer of its own: the project's torch requirement is then already met, so
+# pip never resolves torch on PyPI, and a source change does not download torch again.
+COPY constraints.txt /src/constraints.txt
+RUN pip install --index-url "${TORCH_INDEX_URL}" -c /src/constraints.txt torch
+COPY . /src
 RUN pip install -c /src/constraints.txt '/src[server,export]'
 RUN rnnserve export --all-examples --repository /models --format onnx
 USER rnnserve

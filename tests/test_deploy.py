@@ -469,11 +469,14 @@ def test_each_target_installs_one_onnxruntime_flavour(
         assert install.options.get("-c", install.options.get("--constraint", "")).endswith("constraints.txt"), (
             f"{target}: every pip install takes the project's pins (-c constraints.txt): {install}"
         )
-    # torch comes first and from PyTorch's CPU index: resolved from PyPI as a dependency of the project it
-    # would be the multi-GB CUDA build.
-    first = installs[0]
-    assert first.requirements == ["torch"], f"{target}: install torch before the project: {installs}"
-    assert first.options.get("--index-url", "").rstrip("/").endswith("/whl/cpu"), first
+    cpu_index = [i for i in installs if i.options.get("--index-url", "").rstrip("/").endswith("/whl/cpu")]
+    if target == "cpu":
+        # torch first, from PyTorch's CPU index: resolved from PyPI as a dependency of the project it would
+        # be the multi-GB CUDA build.
+        assert installs[0].requirements == ["torch"] and cpu_index == installs[:1], installs
+    else:
+        # --device cuda keeps session state in CUDA tensors: the GPU image needs a CUDA torch.
+        assert cpu_index == [], f"the gpu target must not install the CPU build of torch: {cpu_index}"
 
 
 def test_images_run_as_a_non_root_user(dockerfile: Dockerfile) -> None:
