@@ -8,7 +8,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -127,7 +127,7 @@ def export(
             max_queue_delay_us=max_queue_delay_us,
             source=source,
             rnnserve_version=__version__,
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
             verification=Verification(
                 steps=steps, batch_sizes=list(batch_sizes), tolerance=tolerance, max_abs_error=error
             ),

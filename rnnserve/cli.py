@@ -21,7 +21,12 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or with ``only`` set, one whose other subcommands are listed but not loaded.
+
+    ``main`` loads only the chosen subcommand: importing ``rnnserve.export.cli`` pulls in torch, which a
+    health check (run every few seconds by a container) must not pay for.
+    """
     parser = argparse.ArgumentParser(
         prog="rnnserve", description="rnnserve: export and serve stateful recurrent models over gRPC"
     )
@@ -30,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in SUBCOMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
         sp.set_defaults(_module=module)
+        if only is not None and name != only:
+            continue
         try:
             importlib.import_module(module).add_arguments(sp)
         except ImportError as exc:
@@ -39,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((a for a in argv if not a.startswith("-")), "")
+    parser = build_parser(only=chosen)
+    args, _ = parser.parse_known_args(argv)
     missing = getattr(args, "_missing", None)
     if missing is not None:
         print(
@@ -48,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    args = parser.parse_args(argv)  # strict now, so a bad flag is reported against its subcommand
     return int(importlib.import_module(args._module).run(args) or 0)
 
 

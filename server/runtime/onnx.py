@@ -38,7 +38,13 @@ class OnnxRuntime(Runtime):
                 f"manifest and ONNX graph disagree: graph lacks inputs {missing_in} / outputs {missing_out}; "
                 f"graph has inputs {sorted(graph_inputs)} and outputs {sorted(graph_outputs)}"
             )
-        self._device = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
+        # onnxruntime quietly falls back to the CPU when its CUDA provider fails to load: ask what it took.
+        self._device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        if device == "cuda" and self._device != "cuda":
+            raise RuntimeError(
+                "device cuda asked for, but onnxruntime could not load its CUDA provider (check the CUDA and "
+                "cuDNN libraries onnxruntime-gpu needs), or serve with --device cpu"
+            )
         if self._device == "cuda":
             import torch  # the device slab's tensors; the server extra installs torch
 
