@@ -27,6 +27,9 @@ DTYPE_TO_PB: dict[str, int] = {
 PB_TO_DTYPE: dict[int, str] = {v: k for k, v in DTYPE_TO_PB.items()}
 # Wire byte order is little-endian whatever the host.
 _WIRE_DTYPE: dict[str, np.dtype] = {name: np.dtype(name).newbyteorder("<") for name in DTYPE_TO_PB}
+# Native dtype -> (wire enum, wire dtype), for the step path: ``dtype.name`` is a Python-level property in
+# numpy 2 and cost about 10 us per encoded tensor (measured by ``rnnserve bench``).
+_ENCODE: dict[np.dtype, tuple[int, np.dtype]] = {np.dtype(n): (DTYPE_TO_PB[n], _WIRE_DTYPE[n]) for n in DTYPE_TO_PB}
 
 
 class TensorDecodeError(ValueError):
@@ -44,12 +47,15 @@ def dtype_name(dtype: np.dtype | str | type) -> str:
 def to_proto(array: np.ndarray | float | int | bool, out: pb.Tensor | None = None) -> pb.Tensor:
     """Encode an array (anything ``np.asarray`` accepts) as a wire tensor."""
     arr = np.asarray(array)
-    name = dtype_name(arr.dtype)
+    found = _ENCODE.get(arr.dtype)
+    if found is None:  # a non-native byte order, or a dtype the wire lacks (dtype_name raises)
+        name = dtype_name(arr.dtype)
+        found = DTYPE_TO_PB[name], _WIRE_DTYPE[name]
+    code, wire = found
     msg = out if out is not None else pb.Tensor()
-    msg.dtype = DTYPE_TO_PB[name]
+    msg.dtype = code
     del msg.shape[:]
     msg.shape.extend(arr.shape)
-    wire = _WIRE_DTYPE[name]
     if arr.dtype != wire or not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr, dtype=wire)
     msg.data = arr.tobytes()
