@@ -258,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
     if result["compute"]:
         report.add_ratios(result)
     result["targets"] = report.targets(result) if result["compute"] else []
-    print(report.markdown_table(result) if args.markdown else report.text_report(result))
+    print(report.markdown_report(result) if args.markdown else report.text_report(result))
     if args.json:
         args.json.write_text(json.dumps(_finite(result), indent=2) + "\n")
         progress.log(f"wrote {args.json}")

@@ -190,6 +190,13 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def markdown_report(result: dict[str, Any]) -> str:
+    lines = [markdown_table(result), ""]
+    lines += [f"- **{'PASS' if t['pass'] else 'FAIL'}** {t['target']}: {t['detail']}" for t in result["targets"]]
+    lines += [f"- ERROR {err}" for err in result.get("errors", [])]
+    return "\n".join(lines)
+
+
 def text_report(result: dict[str, Any]) -> str:
     rows = [list(COLUMNS), *table_rows(result)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS) - 1)]
