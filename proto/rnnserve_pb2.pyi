@@ -302,17 +302,63 @@ class StepResult(_message.Message):
     message: str
     def __init__(self, session_id: _Optional[str] = ..., outputs: _Optional[_Mapping[str, Tensor]] = ..., steps: _Optional[int] = ..., request_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
-class StreamStepRequest(_message.Message):
-    __slots__ = ("steps",)
+class StepBatch(_message.Message):
+    __slots__ = ("session_ids", "inputs", "request_id", "outputs")
+    class InputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    session_ids: _containers.RepeatedScalarFieldContainer[str]
+    inputs: _containers.MessageMap[str, Tensor]
+    request_id: str
+    outputs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_ids: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., request_id: _Optional[str] = ..., outputs: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StepBatchResult(_message.Message):
+    __slots__ = ("session_ids", "outputs", "steps", "codes", "messages", "request_id")
+    class OutputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    CODES_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    session_ids: _containers.RepeatedScalarFieldContainer[str]
+    outputs: _containers.MessageMap[str, Tensor]
+    steps: _containers.RepeatedScalarFieldContainer[int]
+    codes: _containers.RepeatedScalarFieldContainer[int]
+    messages: _containers.RepeatedScalarFieldContainer[str]
+    request_id: str
+    def __init__(self, session_ids: _Optional[_Iterable[str]] = ..., outputs: _Optional[_Mapping[str, Tensor]] = ..., steps: _Optional[_Iterable[int]] = ..., codes: _Optional[_Iterable[int]] = ..., messages: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class StreamStepRequest(_message.Message):
+    __slots__ = ("steps", "batch")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     steps: _containers.RepeatedCompositeFieldContainer[StepRequest]
-    def __init__(self, steps: _Optional[_Iterable[_Union[StepRequest, _Mapping]]] = ...) -> None: ...
+    batch: StepBatch
+    def __init__(self, steps: _Optional[_Iterable[_Union[StepRequest, _Mapping]]] = ..., batch: _Optional[_Union[StepBatch, _Mapping]] = ...) -> None: ...
 
 class StreamStepResponse(_message.Message):
-    __slots__ = ("results",)
+    __slots__ = ("results", "batch")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[StepResult]
-    def __init__(self, results: _Optional[_Iterable[_Union[StepResult, _Mapping]]] = ...) -> None: ...
+    batch: StepBatchResult
+    def __init__(self, results: _Optional[_Iterable[_Union[StepResult, _Mapping]]] = ..., batch: _Optional[_Union[StepBatchResult, _Mapping]] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ("model",)

@@ -33,19 +33,59 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class JobGroup:
+    """The steps of one StepBatch message: answered together through one future and a countdown, rather
+    than a future per step (the columnar fast path)."""
+
+    __slots__ = ("errors", "future", "outputs", "remaining", "steps")
+
+    def __init__(self, size: int, future: asyncio.Future):
+        self.future = future
+        self.remaining = size
+        self.outputs: list[list[np.ndarray] | None] = [None] * size
+        self.steps = [0] * size
+        self.errors: dict[int, BaseException] = {}
+
+    def finish(self, index: int, outputs: list[np.ndarray] | None, steps: int, error: BaseException | None) -> None:
+        if error is not None:
+            self.errors[index] = error
+        else:
+            self.outputs[index] = outputs
+            self.steps[index] = steps
+        self.remaining -= 1
+        if self.remaining == 0:
+            _resolve(self.future, self)
+
+
 class StepJob:
     """One timestep, or a chunk of ``num_steps`` consecutive timesteps, of one session."""
 
-    __slots__ = ("done", "future", "inputs", "num_steps", "outputs", "session", "start_state")
+    __slots__ = ("done", "future", "group", "index", "inputs", "num_steps", "outputs", "session", "start_state")
 
-    def __init__(self, session: Session, inputs: dict[str, np.ndarray], num_steps: int, future: asyncio.Future):
+    def __init__(
+        self,
+        session: Session,
+        inputs: dict[str, np.ndarray],
+        num_steps: int,
+        future: asyncio.Future | None,
+        group: JobGroup | None = None,
+        index: int = 0,
+    ):
         self.session = session
         self.inputs = inputs
         self.num_steps = num_steps  # 0: a single step without a time axis
         self.done = 0
         self.outputs: list[list[np.ndarray]] = []
-        self.future = future
+        self.future = future  # None when the job belongs to a group
+        self.group = group
+        self.index = index
         self.start_state: list[np.ndarray] | None = None  # for rolling a failed chunk back
+
+    def finish(self, steps: int = 0, error: BaseException | None = None) -> None:
+        if self.group is not None:
+            self.group.finish(self.index, self.outputs[0] if error is None else None, steps, error)
+        else:
+            _resolve(self.future, None if error is not None else (self.outputs, steps), error)
 
     @property
     def total(self) -> int:
@@ -246,14 +286,14 @@ class Batcher:
                     # A chunk failed midway: put the session back where the chunk began.
                     self.model.slab.write(session.slot, job.start_state)
                     session.steps -= job.done
-                _resolve(job.future, error=error)
+                job.finish(error=error)
             else:
                 job.outputs.append([o[i] for o in per_output])
                 job.done += 1
                 session.steps += 1
                 if job.done == job.total:
                     session.pending.popleft()
-                    _resolve(job.future, (job.outputs, session.steps))
+                    job.finish(session.steps)
             session.last_used = now
             self._settle(session)
 
@@ -262,7 +302,11 @@ class Batcher:
         if session.closed:
             while session.pending:
                 job = session.pending.popleft()
-                _resolve(job.future, error=FailedPrecondition(f"session '{session.id}' was closed"))
+                error = FailedPrecondition(f"session '{session.id}' was closed")
+                if isinstance(job, StepJob):
+                    job.finish(error=error)
+                else:
+                    _resolve(job.future, error=error)
             session.scheduled = False
             self.model.release(session)
         elif session.pending:

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from rnnserve.server import snapshot as snapshots
-from rnnserve.server.batcher import ControlJob, StepJob
-from rnnserve.server.errors import InvalidArgument, ResourceExhausted
+from rnnserve.server.batcher import ControlJob, JobGroup, StepJob
+from rnnserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
 from rnnserve.server.model import LoadedModel
 from rnnserve.server.repository import ModelRepository
 from rnnserve.server.sessions import Session, SessionManager
@@ -69,9 +69,12 @@ class DataPlane:
         return await future
 
     def _batcher(self, session: Session):
-        batcher = session.model.batcher
-        assert batcher is not None, "model not started"
-        return batcher
+        return self._batcher_of(session.model)
+
+    @staticmethod
+    def _batcher_of(model: LoadedModel):
+        assert model.batcher is not None, "model not started"
+        return model.batcher
 
     async def reset_session(self, session_id: str, state: Mapping[str, np.ndarray]) -> None:
         session = self.sessions.get(session_id)
@@ -137,6 +140,66 @@ class DataPlane:
             )
         future = asyncio.get_running_loop().create_future()
         self._batcher(session).enqueue(session, StepJob(session, checked, num_steps, future))
+        return model, future
+
+    def submit_batch(
+        self, session_ids: Sequence[str], inputs: Mapping[str, np.ndarray]
+    ) -> tuple[LoadedModel | None, asyncio.Future]:
+        """Validate and queue one timestep for each of many sessions of one model (a StepBatch).
+
+        Inputs are stacked, one row per session id, and are decoded and checked once for the whole message.
+        A row whose session is unknown, on another model, over its queue limit, or whose input holds NaN/Inf
+        fails alone; a malformed stacked tensor fails the whole message. The future gives a ``JobGroup``.
+        """
+        n = len(session_ids)
+        if n == 0:
+            raise InvalidArgument("a StepBatch needs at least one session id")
+        future = asyncio.get_running_loop().create_future()
+        errors: dict[int, Exception] = {}
+        sessions: list[Session | None] = [None] * n
+        model: LoadedModel | None = None
+        for i, sid in enumerate(session_ids):
+            try:
+                session = self.sessions.get(sid)
+            except NotFound as exc:
+                errors[i] = exc
+                continue
+            if model is None:
+                model = session.model
+            elif session.model is not model:
+                errors[i] = InvalidArgument(
+                    f"session '{sid}' is on model {session.model.key}, not {model.key}: "
+                    "a StepBatch holds sessions of one model"
+                )
+                continue
+            if len(session.pending) >= self.max_pending_steps:
+                errors[i] = ResourceExhausted(
+                    f"session '{sid}' already has {len(session.pending)} steps queued (limit {self.max_pending_steps})"
+                )
+                continue
+            sessions[i] = session
+        group = JobGroup(n, future)
+        if model is None:
+            for i, exc in errors.items():
+                group.finish(i, None, 0, exc)
+            return None, future
+        checked = model.check_inputs(inputs, n, lead="sessions", finite=False)
+        for row, name in model.nonfinite_rows(checked).items():
+            errors.setdefault(
+                row,
+                InvalidArgument(
+                    f"input '{name}' of model {model.key}, row {row} (session '{session_ids[row]}'), holds NaN or "
+                    "Inf, which this model does not accept (set allow_nonfinite in its manifest to allow them)"
+                ),
+            )
+        for i, exc in errors.items():
+            group.finish(i, None, 0, exc)
+        batcher = self._batcher_of(model)
+        names = list(checked)
+        for i, session in enumerate(sessions):
+            if session is not None and i not in errors:
+                rows = {name: checked[name][i] for name in names}
+                batcher.enqueue(session, StepJob(session, rows, 0, None, group, i))
         return model, future
 
     @staticmethod

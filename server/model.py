@@ -49,6 +49,7 @@ class LoadedModel:
         self.max_queue_delay_us = manifest.max_queue_delay_us if max_queue_delay_us is None else max_queue_delay_us
         self.batcher: Batcher | None = None  # created on the event loop by start()
         self.open_sessions = 0
+        self._info_pb = None  # the transport's ModelInfo message for this model, built once
         self._input_checks = [(t.name, np.dtype(t.dtype), t.session_shape) for t in manifest.inputs]
         self._state_checks = [(s.name, np.dtype(s.dtype), s.session_shape) for s in manifest.states]
         self._check_finite = not manifest.allow_nonfinite
@@ -73,10 +74,14 @@ class LoadedModel:
             self.open_sessions -= 1
 
     # ---- request checks ---------------------------------------------------------------------------------
-    def check_inputs(self, inputs: Mapping[str, np.ndarray], num_steps: int) -> dict[str, np.ndarray]:
+    def check_inputs(
+        self, inputs: Mapping[str, np.ndarray], num_steps: int, *, lead: str = "num_steps", finite: bool = True
+    ) -> dict[str, np.ndarray]:
         """Validate one step's (or chunk's) data inputs; return them in manifest order.
 
         Messages name the tensor and the expected dtype and per-session shape, so a client can fix its call.
+        ``lead`` names the leading axis when ``num_steps`` is set; ``finite=False`` leaves the NaN/Inf check
+        to the caller (a StepBatch rejects only its bad rows).
         """
         if len(inputs) != len(self._input_checks) or any(n not in inputs for n, _, _ in self._input_checks):
             expected = ", ".join(f"'{n}' {d.name}{_shape_text(s)}" for n, d, s in self._input_checks)
@@ -84,12 +89,26 @@ class LoadedModel:
                 f"model {self.key} takes {len(self._input_checks)} input tensor(s): {expected}; got {sorted(inputs)}"
             )
         checked = {}
-        lead = (num_steps,) if num_steps else ()
+        lead_shape = (num_steps,) if num_steps else ()
         for name, dtype, shape in self._input_checks:
             arr = inputs[name]
-            self._check_tensor("input", name, arr, dtype, lead + shape, chunk=bool(num_steps))
+            self._check_tensor(
+                "input", name, arr, dtype, lead_shape + shape, lead=lead if num_steps else "", finite=finite
+            )
             checked[name] = arr
         return checked
+
+    def nonfinite_rows(self, inputs: Mapping[str, np.ndarray]) -> dict[int, str]:
+        """Rows (leading axis) of stacked inputs that hold NaN or Inf, with the first such input's name."""
+        if not self._check_finite:
+            return {}
+        bad: dict[int, str] = {}
+        for name, arr in inputs.items():
+            if arr.dtype.kind == "f" and arr.size:
+                rows = np.flatnonzero(~np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1))
+                for row in rows.tolist():
+                    bad.setdefault(row, name)
+        return bad
 
     def check_state(self, state: Mapping[str, np.ndarray], *, partial: bool) -> list[np.ndarray]:
         """Validate user-given state tensors; missing ones (when ``partial``) take the initial value."""
@@ -105,24 +124,32 @@ class LoadedModel:
                 result.append(initial)
                 continue
             arr = state[name]
-            self._check_tensor("state", name, arr, dtype, shape, chunk=False)
+            self._check_tensor("state", name, arr, dtype, shape)
             result.append(arr)
         return result
 
     def _check_tensor(
-        self, kind: str, name: str, arr: np.ndarray, dtype: np.dtype, shape: tuple[int, ...], *, chunk: bool
+        self,
+        kind: str,
+        name: str,
+        arr: np.ndarray,
+        dtype: np.dtype,
+        shape: tuple[int, ...],
+        *,
+        lead: str = "",
+        finite: bool = True,
     ) -> None:
         if arr.dtype != dtype:
             raise InvalidArgument(
                 f"{kind} '{name}' of model {self.key}: expected dtype {dtype.name}, got {arr.dtype.name}"
             )
         if arr.ndim != len(shape) or any(e != -1 and e != g for e, g in zip(shape, arr.shape, strict=True)):
-            what = "[num_steps, ...per-session shape]" if chunk else "per-session shape, no batch axis"
+            what = f"[{lead}, ...per-session shape]" if lead else "per-session shape, no batch axis"
             raise InvalidArgument(
                 f"{kind} '{name}' of model {self.key}: expected shape {_shape_text(shape)} ({what}), "
                 f"got {list(arr.shape)}"
             )
-        if self._check_finite and arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        if finite and self._check_finite and arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise InvalidArgument(
                 f"{kind} '{name}' of model {self.key} holds NaN or Inf, which this model does not accept "
                 "(set allow_nonfinite in its manifest to allow them)"

@@ -11,7 +11,7 @@ from rnnserve.proto import rnnserve_pb2 as pb
 from rnnserve.server.dataplane import SessionStateView
 from rnnserve.server.model import LoadedModel
 from rnnserve.server.repository import FailedModel
-from rnnserve.tensors import DTYPE_TO_PB, decode_map, encode_map
+from rnnserve.tensors import DTYPE_TO_PB, decode_map, encode_map, to_proto
 
 
 def tensor_spec(spec: TensorSpec) -> pb.TensorSpec:
@@ -30,6 +30,17 @@ def state_spec(spec: StateSpec) -> pb.StateSpec:
 
 
 def model_info(model: LoadedModel) -> pb.ModelInfo:
+    """The model's description; the static part is built once per model (OpenSession returns it every time)."""
+    cached = model._info_pb
+    if cached is None:
+        cached = model._info_pb = _static_model_info(model)
+    info = pb.ModelInfo()
+    info.CopyFrom(cached)
+    info.open_sessions = model.open_sessions
+    return info
+
+
+def _static_model_info(model: LoadedModel) -> pb.ModelInfo:
     m = model.manifest
     return pb.ModelInfo(
         name=m.name,
@@ -42,7 +53,6 @@ def model_info(model: LoadedModel) -> pb.ModelInfo:
         state_bytes=m.state_bytes,
         max_batch_size=model.max_batch_size,
         allow_nonfinite=m.allow_nonfinite,
-        open_sessions=model.open_sessions,
         source=m.source,
         device=model.runtime.device,
     )
@@ -71,3 +81,29 @@ def session_state(view: SessionStateView) -> pb.SessionState:
 def fill_outputs(target, outputs: Mapping[str, np.ndarray], wanted: list[str]) -> None:
     """Encode the outputs a request asked for (all when ``wanted`` is empty)."""
     encode_map({k: v for k, v in outputs.items() if not wanted or k in wanted}, target)
+
+
+def batch_result(result: pb.StepBatchResult, model: LoadedModel | None, group, n: int, wanted: list[str]) -> None:
+    """Fill a StepBatchResult from a finished JobGroup: outputs stacked by row, zeros in failed rows."""
+    from rnnserve.server.grpc.utils import to_status
+
+    codes = [0] * n
+    messages = [""] * n
+    for i, exc in group.errors.items():
+        code, message = to_status(exc)
+        codes[i], messages[i] = code.value[0], message
+    result.codes.extend(codes)
+    result.messages.extend(messages)
+    result.steps.extend(group.steps)
+    done = [o for o in group.outputs if o is not None]
+    if model is None or not done:
+        return
+    for j, spec in enumerate(model.manifest.outputs):
+        if wanted and spec.name not in wanted:
+            continue
+        first = done[0][j]
+        stacked = np.zeros((n, *first.shape), dtype=first.dtype)
+        for i, outputs in enumerate(group.outputs):
+            if outputs is not None:
+                stacked[i] = outputs[j]
+        to_proto(stacked, result.outputs[spec.name])

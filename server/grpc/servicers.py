@@ -119,19 +119,20 @@ class RnnServeServicer:
                                 step.session_id, converters.tensors(step.inputs), step.num_steps
                             )
                             entries.append((step, model, future, _check_wanted(model, step.outputs)))
-                        except Exception as exc:
+                        except Exception as exc:  # reported in this step's result
                             entries.append((step, None, None, exc))
-                    await queue.put(entries)
+                    await queue.put((entries, self._submit_batch(message) if message.HasField("batch") else None))
                 await queue.put(done)
-            except Exception as exc:
+            except Exception as exc:  # ends the stream with its status
                 await queue.put(exc)
 
         reader = asyncio.get_running_loop().create_task(read())
         try:
-            while (entries := await queue.get()) is not done:
-                if isinstance(entries, Exception):
-                    code, message = to_status(entries)
+            while (item := await queue.get()) is not done:
+                if isinstance(item, Exception):
+                    code, message = to_status(item)
                     await context.abort(code, message)
+                entries, batch = item
                 response = pb.StreamStepResponse()
                 for step, model, future, extra in entries:
                     result = response.results.add(session_id=step.session_id, request_id=step.request_id)
@@ -142,13 +143,37 @@ class RnnServeServicer:
                         out = self.dp.step_result(model, value, step.num_steps)
                         result.steps = out.steps
                         converters.fill_outputs(result.outputs, out.outputs, extra)
-                    except Exception as exc:
+                    except Exception as exc:  # one step's failure does not end the stream
                         code, msg = to_status(exc)
                         result.code = code.value[0]
                         result.message = msg
+                if batch is not None:
+                    await self._answer_batch(response.batch, *batch)
                 yield response
         finally:
             reader.cancel()
+
+    def _submit_batch(self, message: pb.StreamStepRequest) -> tuple:
+        batch = message.batch
+        ids = list(batch.session_ids)
+        try:
+            model, future = self.dp.submit_batch(ids, converters.tensors(batch.inputs))
+            wanted = _check_wanted(model, batch.outputs) if model is not None else []
+            return batch, ids, model, future, wanted, None
+        except Exception as exc:  # the whole batch fails with this status, the stream goes on
+            return batch, ids, None, None, [], exc
+
+    @staticmethod
+    async def _answer_batch(result: pb.StepBatchResult, batch, ids, model, future, wanted, error) -> None:
+        result.session_ids.extend(ids)
+        result.request_id = batch.request_id
+        if error is not None:
+            code, message = to_status(error)
+            result.codes.extend([code.value[0]] * len(ids))
+            result.messages.extend([message] * len(ids))
+            result.steps.extend([0] * len(ids))
+            return
+        converters.batch_result(result, model, await future, len(ids), wanted)
 
 
 # name -> (request type, response type, streaming?)

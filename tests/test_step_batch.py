@@ -1,0 +1,108 @@
+"""The columnar multiplexed form (StreamStepRequest.batch): many sessions' steps as one stacked tensor."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from conftest import TINY_INPUT, tiny_expected
+
+from rnnserve.proto import rnnserve_pb2 as pb
+from rnnserve.proto import rnnserve_pb2_grpc as pb_grpc
+from rnnserve.tensors import from_proto, to_proto
+
+OK = 0
+INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
+
+
+@pytest.fixture
+def stub(server_factory, tiny_repository):
+    server = server_factory(tiny_repository)
+    with grpc.insecure_channel(server.address) as channel:
+        yield pb_grpc.RnnServeStub(channel)
+
+
+def _open(stub, model: str = "gru") -> str:
+    return stub.OpenSession(pb.OpenSessionRequest(model=model)).session_id
+
+
+def _batch(stub, ids: list[str], x: np.ndarray, request_id: str = "") -> pb.StepBatchResult:
+    request = pb.StreamStepRequest(
+        batch=pb.StepBatch(session_ids=ids, inputs={"x": to_proto(x)}, request_id=request_id)
+    )
+    (response,) = list(stub.StreamStep(iter([request])))
+    return response.batch
+
+
+def _steps(stub, sid: str) -> int:
+    return stub.GetState(pb.SessionRequest(session_id=sid)).steps
+
+
+@pytest.mark.parametrize("model", ["gru", "gru_ts"])
+def test_batches_equal_each_session_alone(stub, model):
+    n, steps = 40, 12
+    rng = np.random.default_rng(3)
+    ids = [_open(stub, model) for _ in range(n)]
+    xs = rng.standard_normal((n, steps, TINY_INPUT)).astype(np.float32)
+    ys = np.zeros((n, steps, 2), np.float32)
+
+    def requests():
+        for t in range(steps):
+            order = rng.permutation(n)  # rows in a different order every step
+            yield pb.StreamStepRequest(
+                batch=pb.StepBatch(
+                    session_ids=[ids[i] for i in order], inputs={"x": to_proto(xs[order, t])}, request_id=str(t)
+                )
+            )
+
+    for t, response in enumerate(stub.StreamStep(requests())):
+        result = response.batch
+        assert result.request_id == str(t) and list(result.codes) == [OK] * n
+        assert list(result.steps) == [t + 1] * n
+        y = from_proto(result.outputs["y"])
+        for row, sid in enumerate(result.session_ids):
+            ys[ids.index(sid), t] = y[row]
+    for i in range(n):
+        assert np.abs(ys[i] - tiny_expected(xs[i])[0]).max() <= 1e-5
+
+
+def test_bad_rows_fail_alone_and_change_nothing(stub):
+    a, b, c = _open(stub), _open(stub), _open(stub)
+    other_model = _open(stub, "gru_ts")
+    x = np.random.default_rng(4).standard_normal((5, TINY_INPUT)).astype(np.float32)
+    x[1, 2] = np.nan
+    result = _batch(stub, [a, b, "no-such-session", other_model, c], x)
+    assert list(result.codes) == [OK, INVALID, NOT_FOUND, INVALID, OK]
+    assert "row 1" in result.messages[1] and "NaN or Inf" in result.messages[1]
+    assert "not found" in result.messages[2]
+    assert "a StepBatch holds sessions of one model" in result.messages[3]
+    y = from_proto(result.outputs["y"])
+    assert np.all(y[[1, 2, 3]] == 0)
+    assert np.abs(y[0] - tiny_expected(x[:1])[0][0]).max() <= 1e-5
+    assert np.abs(y[4] - tiny_expected(x[4:5])[0][0]).max() <= 1e-5
+    assert [_steps(stub, s) for s in (a, b, c, other_model)] == [1, 0, 1, 0]
+
+
+def test_malformed_stacked_input_fails_every_row(stub):
+    a, b = _open(stub), _open(stub)
+    result = _batch(stub, [a, b], np.zeros((3, TINY_INPUT), np.float32))
+    assert list(result.codes) == [INVALID, INVALID]
+    assert "expected shape [2, 3] ([sessions, ...per-session shape])" in result.messages[0]
+    assert _steps(stub, a) == 0 and _steps(stub, b) == 0
+    empty = _batch(stub, [], np.zeros((0, TINY_INPUT), np.float32))
+    assert len(empty.codes) == 0
+
+
+def test_steps_and_batch_in_one_message(stub):
+    a, b = _open(stub), _open(stub)
+    xs = np.random.default_rng(5).standard_normal((2, TINY_INPUT)).astype(np.float32)
+    request = pb.StreamStepRequest(
+        steps=[pb.StepRequest(session_id=a, inputs={"x": to_proto(xs[0])})],
+        # Session a appears in both parts: the list is applied first, then the batch row.
+        batch=pb.StepBatch(session_ids=[a, b], inputs={"x": to_proto(xs)}),
+    )
+    (response,) = list(stub.StreamStep(iter([request])))
+    assert response.results[0].steps == 1 and list(response.batch.steps) == [2, 1]
+    expected_a = tiny_expected(np.stack([xs[0], xs[0]]))[0][1]
+    assert np.abs(from_proto(response.batch.outputs["y"])[0] - expected_a).max() <= 1e-5
