@@ -54,7 +54,8 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
         ("multiplexed", 4),
         ("chunked", 4),
     }
-    assert len(result["multiplexed"]) == 1 and len(result["chunked"]) == 1
+    assert [r["label"] for r in result["multiplexed"]] == ["N=4 in 1 msg", "N=4 columnar"]
+    assert len(result["chunked"]) == 1
     assert result["idle"]["sessions"] == 1000
     for kind in ROWS:
         for row in result[kind]:
@@ -103,7 +104,7 @@ def test_ratios_and_targets() -> None:
     got = {t["target"]: t["pass"] for t in report.targets(result)}
     assert got == {
         "256 sessions >= 0.8x transport": True,
-        "multiplexed 256 >= 0.6x compute batch 256": False,
+        "multiplexed N=256 >= 0.6x compute batch 256": False,
         "1-session p50 <= transport p50 + batch-1 compute + 0.3 ms": True,
         "idle memory/session <= 1.2x raw state + 2 KiB": True,
     }

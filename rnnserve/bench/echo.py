@@ -30,9 +30,20 @@ STREAM_METHOD = "/rnnserve.v1.RnnServe/StreamStep"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
-def canned_response(manifest: ModelManifest, group: int, chunk: int) -> bytes:
-    """A ``StreamStepResponse`` the size of rnnserve's answer to ``group`` steps of ``chunk`` timesteps."""
+def canned_response(manifest: ModelManifest, group: int, chunk: int, columnar: bool = False) -> bytes:
+    """A ``StreamStepResponse`` the size of rnnserve's answer to ``group`` steps of ``chunk`` timesteps
+    (or, ``columnar``, to a StepBatch of ``group`` sessions)."""
     response = pb.StreamStepResponse()
+    if columnar:
+        batch = response.batch
+        batch.session_ids.extend(["0" * 32] * group)
+        batch.steps.extend([1_000_000] * group)
+        batch.codes.extend([0] * group)
+        batch.messages.extend([""] * group)
+        for spec in manifest.outputs:
+            shape = (group, *(1 if d == -1 else d for d in spec.session_shape))
+            to_proto(np.zeros(shape, dtype=spec.dtype), batch.outputs[spec.name])
+        return response.SerializeToString()
     lead = (chunk,) if chunk else ()
     for _ in range(group):
         result = response.results.add(session_id="0" * 32, steps=1_000_000)
@@ -45,14 +56,14 @@ def canned_response(manifest: ModelManifest, group: int, chunk: int) -> bytes:
 class Echo:
     def __init__(self, manifest: ModelManifest):
         self.manifest = manifest
-        self._cache: dict[tuple[int, int], bytes] = {}
+        self._cache: dict[tuple[int, ...], bytes] = {}
 
     def _response_for(self, context: grpc.aio.ServicerContext) -> bytes:
-        shape = dict(context.invocation_metadata() or ()).get(SHAPE_KEY, "1,0")
-        group, chunk = (int(v) for v in shape.split(","))
-        key = (group, chunk)
+        shape = dict(context.invocation_metadata() or ()).get(SHAPE_KEY, "1,0,0")
+        group, chunk, columnar = (int(v) for v in shape.split(","))
+        key = (group, chunk, columnar)
         if key not in self._cache:
-            self._cache[key] = canned_response(self.manifest, group, chunk)
+            self._cache[key] = canned_response(self.manifest, group, chunk, bool(columnar))
         return self._cache[key]
 
     async def stream_step(self, request_iterator: AsyncIterator[bytes], context) -> AsyncIterator[bytes]:

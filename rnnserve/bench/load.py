@@ -54,6 +54,8 @@ class LoadSpec:
     """Timesteps per message of one session (0: a single step without a time axis)."""
     steps: int = 1
     """Timesteps per session in the timed part (a multiple of ``chunk``)."""
+    columnar: bool = False
+    """Send a group's step t as one StepBatch (stacked inputs) instead of a list of StepRequests."""
     warmup: int = 1
     """Untimed round trips per stream before the timed part."""
     timeout: float = 300.0
@@ -101,6 +103,12 @@ def _step_messages(spec: LoadSpec, session_ids: list[str], rng: np.random.Genera
     rows = max(spec.chunk, 1)
     for _ in range(INPUT_VARIANTS):
         request = pb.StreamStepRequest()
+        if spec.columnar:
+            request.batch.session_ids.extend(session_ids)
+            for name, value in random_batch(list(spec.inputs), len(session_ids), rng).items():
+                to_proto(value, request.batch.inputs[name])
+            messages.append(request.SerializeToString())
+            continue
         for sid in session_ids:
             step = request.steps.add(session_id=sid, num_steps=spec.chunk)
             for name, value in random_batch(list(spec.inputs), rows, rng).items():
@@ -138,7 +146,8 @@ class _Stream:
         self.expected = len(session_ids)
         self.messages = _step_messages(spec, session_ids, rng)
         method = channel.stream_stream(SERVICE + "StreamStep", request_serializer=None, response_deserializer=None)
-        self.call = method(metadata=((SHAPE_KEY, f"{self.expected},{spec.chunk}"),))
+        self.columnar = spec.columnar
+        self.call = method(metadata=((SHAPE_KEY, f"{self.expected},{spec.chunk},{int(spec.columnar)}"),))
         self.sent = 0
 
     async def round_trip(self) -> int:
@@ -154,6 +163,11 @@ class _Stream:
         if raw is grpc.aio.EOF:
             raise PhaseError(f"stream ended early: {await self.call.code()} {await self.call.details()}")
         response = self._parse(raw)
+        if self.columnar:
+            codes = response.batch.codes
+            if len(codes) != self.expected or any(codes):
+                raise PhaseError(f"batch failed: codes {list(codes)[:8]}... {list(response.batch.messages)[:2]}")
+            return elapsed
         if len(response.results) != self.expected:
             raise PhaseError(f"{len(response.results)} results for {self.expected} steps")
         for result in response.results:

@@ -228,6 +228,13 @@ class Bench:
         plan = [("sessions", f"N={n}", self._spec(address, target, n, steps=cfg.steps_for(n))) for n in cfg.sessions]
         n = cfg.mux_sessions
         plan.append(("multiplexed", f"N={n} in 1 msg", self._spec(address, target, n, group=n, steps=cfg.steps_for(n))))
+        plan.append(
+            (
+                "multiplexed",
+                f"N={n} columnar",
+                self._spec(address, target, n, group=n, steps=cfg.steps_for(n), columnar=True),
+            )
+        )
         n = cfg.chunk_sessions
         plan.append(
             (

@@ -27,13 +27,14 @@ def add_ratios(result: dict[str, Any]) -> None:
     for row in compute:
         row["ratio"] = _ratio(row["steps_per_s"], compute[0]["steps_per_s"])
         row["ratio_to"] = f"compute {compute[0]['label']} (batching gain)"
-    transport = {(r["shape"], r["sessions"]): r for r in result["transport"]}
+    # Echo rows mirror rnnserve's message shapes and labels (list vs columnar multiplexing share a size).
+    transport = {(r["shape"], r["label"]): r for r in result["transport"]}
     for row in result["transport"]:
         ceiling = _compute_at(compute, row["sessions"])
         row["ratio"] = _ratio(row["steps_per_s"], ceiling["steps_per_s"])
         row["ratio_to"] = f"compute {ceiling['label']}"
     for row in result["sessions"]:
-        echo = transport.get(("sessions", row["sessions"]))
+        echo = transport.get(("sessions", row["label"]))
         row["ratio"] = _ratio(row["steps_per_s"], echo["steps_per_s"] if echo else math.nan)
         row["ratio_to"] = f"transport {row['label']}"
         if row["sessions"] == 1 and echo is not None:
@@ -45,13 +46,13 @@ def add_ratios(result: dict[str, Any]) -> None:
             ceiling = _compute_at(compute, row["sessions"])
             row["ratio"] = _ratio(row["steps_per_s"], ceiling["steps_per_s"])
             row["ratio_to"] = f"compute {ceiling['label']}"
-            echo = transport.get((kind, row["sessions"]))
+            echo = transport.get((kind, row["label"]))
             if echo is not None:
                 row["ratio_transport"] = _ratio(row["steps_per_s"], echo["steps_per_s"])
     for row in result.get("peer", []):
         if "steps_per_s" not in row:
             continue
-        echo = transport.get(("sessions", row["sessions"]))
+        echo = transport.get(("sessions", f"N={row['sessions']}"))
         row["ratio"] = _ratio(row["steps_per_s"], echo["steps_per_s"] if echo else math.nan)
         row["ratio_to"] = f"transport N={row['sessions']}"
     idle = result.get("idle")
@@ -81,7 +82,7 @@ def targets(result: dict[str, Any]) -> list[Row]:
         need = 0.6 * _compute_at(compute, row["sessions"])["steps_per_s"]
         out.append(
             _target(
-                f"multiplexed {row['sessions']} >= 0.6x compute batch {row['sessions']}",
+                f"multiplexed {row['label']} >= 0.6x compute batch {row['sessions']}",
                 row["steps_per_s"] >= need,
                 f"{row['steps_per_s']:,.0f} vs {need:,.0f} steps/s",
             )
