@@ -17,7 +17,7 @@ from rnnserve.client._aio import AsyncClient, AsyncMultiStream, AsyncSession
 from rnnserve.client._base import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_WINDOW
 from rnnserve.client._errors import RnnServeError
 from rnnserve.client._sync import Client, MultiStream, Session
-from rnnserve.client._types import ModelInfo, ModelStats, StateSpec, Stats, TensorSpec
+from rnnserve.client._types import BatchResult, ModelInfo, ModelStats, StateSpec, Stats, TensorSpec
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -25,6 +25,7 @@ __all__ = [
     "AsyncClient",
     "AsyncMultiStream",
     "AsyncSession",
+    "BatchResult",
     "Client",
     "ModelInfo",
     "ModelStats",

@@ -14,7 +14,7 @@ from numpy.typing import ArrayLike
 
 from rnnserve.client import _base, _convert
 from rnnserve.client._errors import RnnServeError, from_rpc_error
-from rnnserve.client._types import ModelInfo, Stats
+from rnnserve.client._types import BatchResult, ModelInfo, Stats
 from rnnserve.proto import rnnserve_pb2 as pb
 from rnnserve.proto import rnnserve_pb2_grpc as pb_grpc
 from rnnserve.tensors import decode_map
@@ -316,6 +316,21 @@ class AsyncMultiStream:
     ) -> dict[Any, Any]:
         """Apply one timestep to each session of ``batch`` in one message; see ``MultiStream.step``."""
         request, keys = _base.multi_request(batch, outputs)
+        return _base.multi_results(await self._exchange(request), keys, return_exceptions=return_exceptions)
+
+    async def step_batch(
+        self,
+        sessions: Sequence[Any],
+        inputs: Any,
+        *,
+        outputs: Sequence[str] | None = None,
+        return_exceptions: bool = False,
+    ) -> BatchResult:
+        """One timestep of each of ``sessions`` in columnar form; see ``MultiStream.step_batch``."""
+        request, keys = _base.batch_request(sessions, inputs, outputs)
+        return _base.batch_results(await self._exchange(request), keys, return_exceptions=return_exceptions)
+
+    async def _exchange(self, request: pb.StreamStepRequest) -> pb.StreamStepResponse:
         async with self._lock:
             if self._closed:
                 raise RuntimeError("this multi-stream is closed")
@@ -328,7 +343,7 @@ class AsyncMultiStream:
             if response is grpc.aio.EOF:
                 self._closed = True
                 raise RnnServeError(grpc.StatusCode.UNAVAILABLE, "the server ended the stream")
-        return _base.multi_results(response, keys, return_exceptions=return_exceptions)
+            return response
 
     async def close(self) -> None:
         """Half-close the stream and wait for the server to end it."""

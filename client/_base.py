@@ -9,9 +9,10 @@ import grpc
 import numpy as np
 
 from rnnserve.client import _convert
-from rnnserve.client._errors import RnnServeError
-from rnnserve.client._types import ModelInfo
+from rnnserve.client._errors import RnnServeError, status_code
+from rnnserve.client._types import BatchResult, ModelInfo
 from rnnserve.proto import rnnserve_pb2 as pb
+from rnnserve.tensors import encode_map
 
 # Chunks of many timesteps easily pass grpc's 4 MiB default receive limit.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -152,3 +153,34 @@ def multi_results(
     if first_error is not None and not return_exceptions:
         raise first_error
     return results
+
+
+def batch_request(
+    sessions: Sequence[Any], inputs: Any, outputs: Sequence[str] | None
+) -> tuple[pb.StreamStepRequest, list[Any]]:
+    """A columnar StepBatch: one timestep of each session, inputs stacked along a leading session axis."""
+    keys = list(sessions)
+    ids = [session_key(k)[0] for k in keys]
+    model = next((m for m in (session_key(k)[1] for k in keys) if m is not None), None)
+    request = pb.StreamStepRequest()
+    request.batch.session_ids.extend(ids)
+    request.batch.outputs.extend(outputs or ())
+    encode_map(_convert.named_inputs(inputs, model), request.batch.inputs)
+    return request, keys
+
+
+def batch_results(response: pb.StreamStepResponse, keys: list[Any], *, return_exceptions: bool) -> BatchResult:
+    batch = response.batch
+    if len(batch.codes) != len(keys):
+        raise RnnServeError(
+            grpc.StatusCode.INTERNAL, f"stream response carries {len(batch.codes)} rows for {len(keys)} sessions"
+        )
+    errors: dict[int, RnnServeError] = {}
+    for i, (key, code) in enumerate(zip(keys, batch.codes, strict=True)):
+        if code:
+            errors[i] = RnnServeError(status_code(code), batch.messages[i], session_id=batch.session_ids[i])
+        elif not isinstance(key, str):
+            key.steps = batch.steps[i]
+    if errors and not return_exceptions:
+        raise next(iter(errors.values()))
+    return BatchResult(_convert.outputs(batch.outputs) if batch.outputs else {}, list(batch.steps), errors)

@@ -14,7 +14,7 @@ from numpy.typing import ArrayLike
 
 from rnnserve.client import _base, _convert
 from rnnserve.client._errors import RnnServeError, from_rpc_error
-from rnnserve.client._types import ModelInfo, Stats
+from rnnserve.client._types import BatchResult, ModelInfo, Stats
 from rnnserve.proto import rnnserve_pb2 as pb
 from rnnserve.proto import rnnserve_pb2_grpc as pb_grpc
 from rnnserve.tensors import decode_map
@@ -354,19 +354,39 @@ class MultiStream:
         stands in the result as its RnnServeError.
         """
         request, keys = _base.multi_request(batch, outputs)
+        return _base.multi_results(self._exchange(request), keys, return_exceptions=return_exceptions)
+
+    def step_batch(
+        self,
+        sessions: Sequence[Any],
+        inputs: Any,
+        *,
+        outputs: Sequence[str] | None = None,
+        return_exceptions: bool = False,
+    ) -> BatchResult:
+        """One timestep of each of ``sessions`` (all on one model) in columnar form: ``inputs`` stacked along
+        a leading axis, one row per session (an array, or a dict by input name). The server decodes and
+        checks the whole stack at once, so this is the fast path for a gateway with many devices.
+
+        A failed row raises RnnServeError after the other rows were applied, or with
+        ``return_exceptions=True`` is reported in ``BatchResult.errors``.
+        """
+        request, keys = _base.batch_request(sessions, inputs, outputs)
+        return _base.batch_results(self._exchange(request), keys, return_exceptions=return_exceptions)
+
+    def _exchange(self, request: pb.StreamStepRequest) -> pb.StreamStepResponse:
         with self._lock:
             if self._closed:
                 raise RuntimeError("this multi-stream is closed")
             self._requests.put(request)
             try:
-                response = next(self._call)
+                return next(self._call)
             except StopIteration:
                 self._closed = True
                 raise RnnServeError(grpc.StatusCode.UNAVAILABLE, "the server ended the stream") from None
             except grpc.RpcError as err:
                 self._closed = True
                 raise from_rpc_error(err) from None
-        return _base.multi_results(response, keys, return_exceptions=return_exceptions)
 
     def close(self) -> None:
         """Half-close the stream and wait for the server to end it."""

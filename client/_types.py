@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -93,3 +94,16 @@ class Stats:
     models: tuple[ModelStats, ...] = field(default_factory=tuple)
     open_sessions: int = 0
     expired_sessions: int = 0
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """The answer to ``MultiStream.step_batch``: one row per session, in the order they were given.
+
+    ``outputs`` is one stacked array (or a dict of them for several outputs) with zeros in failed rows;
+    ``errors`` maps a failed row's index to its RnnServeError (the other rows were applied).
+    """
+
+    outputs: Any
+    steps: list[int]
+    errors: dict[int, Any]

@@ -158,3 +158,38 @@ def test_async_client(server: ServerHandle) -> None:
                 await s.close()
 
     asyncio.run(main_())
+
+
+def test_step_batch_columnar_sync_and_async(server_factory, tiny_repository):
+    import asyncio
+
+    from rnnserve.client import AsyncClient, BatchResult, Client, RnnServeError
+
+    server = server_factory(tiny_repository)
+    rng = np.random.default_rng(21)
+    xs = rng.standard_normal((4, 6, 3)).astype(np.float32)
+    with Client(server.address) as client:
+        sessions = [client.open_session("gru") for _ in range(4)]
+        with client.multi_stream() as ms:
+            ys = np.stack([ms.step_batch(sessions, xs[:, t]).outputs for t in range(6)], axis=1)
+            bad = xs[:, 0].copy()
+            bad[2, 0] = np.inf
+            with pytest.raises(RnnServeError) as info:
+                ms.step_batch(sessions, bad)
+            assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "row 2" in info.value.message
+            partial = ms.step_batch([sessions[0], "nope"], xs[:2, 0], return_exceptions=True)
+            assert isinstance(partial, BatchResult) and set(partial.errors) == {1}
+            assert partial.errors[1].code == grpc.StatusCode.NOT_FOUND
+        assert [s.steps for s in sessions] == [8, 7, 6, 7]  # the inf row was not applied
+    for i in range(4):
+        assert np.abs(ys[i] - tiny_expected(xs[i])[0]).max() <= 1e-5
+
+    async def run_async() -> np.ndarray:
+        async with AsyncClient(server.address) as client:
+            sessions = [await client.open_session("gru_ts") for _ in range(4)]
+            async with client.multi_stream() as ms:
+                return np.stack([(await ms.step_batch(sessions, xs[:, t])).outputs for t in range(6)], axis=1)
+
+    ys = asyncio.run(run_async())
+    for i in range(4):
+        assert np.abs(ys[i] - tiny_expected(xs[i])[0]).max() <= 1e-5
