@@ -8,12 +8,8 @@ time, prints the outputs and checks them against the eager module run over the w
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,40 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", help="only these examples (repeatable; default all)")
 
 
-def _start_server(repository: Path) -> tuple[subprocess.Popen, str]:
-    port_file = Path(tempfile.mkdtemp(prefix="rnnserve-demo-")) / "port"
-    cmd = [
-        sys.executable,
-        "-m",
-        "rnnserve.cli",
-        "serve",
-        "--repository",
-        str(repository),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--port-file",
-        str(port_file),
-        "--log-level",
-        "WARNING",
-    ]
-    print(f"$ {' '.join(cmd[2:])}", file=sys.stderr)
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 120
-    while not port_file.exists() or not port_file.read_text().strip():
-        if proc.poll() is not None:
-            raise RuntimeError(f"rnnserve serve exited with {proc.returncode} before listening")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("rnnserve serve did not start listening within 120 s")
-        time.sleep(0.1)
-    return proc, f"127.0.0.1:{port_file.read_text().strip()}"
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from rnnserve.bench.procs import rnnserve_server
     from rnnserve.client import Client
     from rnnserve.examples import EXAMPLES
     from rnnserve.export import export_examples
@@ -73,8 +39,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"[1/3] exporting {len(names)} example(s) to {args.repository} ({args.format})", file=sys.stderr)
     export_examples(args.repository, [args.format], names=names, version=1, overwrite=True)
 
-    print("[2/3] starting the server", file=sys.stderr)
-    proc, address = _start_server(args.repository)
+    print("[2/3] starting rnnserve serve (a separate process)", file=sys.stderr)
+    workdir = Path(tempfile.mkdtemp(prefix="rnnserve-demo-"))
+    server = rnnserve_server(args.repository, workdir, tag="demo", max_sessions=1000).start()
+    address = server.address
     worst = 0.0
     try:
         print(f"[3/3] streaming {args.steps} steps per model from {address}\n", file=sys.stderr)
@@ -99,8 +67,7 @@ def run(args: argparse.Namespace) -> int:
                             print(f"   step {t:3d}: {ys[t].reshape(-1)}")
                 print(f"   max |server - eager PyTorch| over {args.steps} steps: {err:.2e}\n")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        server.stop(grace=10)
     ok = worst <= 1e-5
     print(
         f"{'OK' if ok else 'MISMATCH'}: every streamed output equals eager PyTorch (worst {worst:.2e}, tolerance 1e-5)"
