@@ -63,7 +63,8 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
                 assert isinstance(value, float) and math.isfinite(value) and value > 0, (kind, row["label"], name)
             if kind != "compute":
                 assert row["steps"] > 0 and row["steps_per_s"] > 0
-                assert row["server_cpu_us_per_step"] > 0 and row["server_peak_rss_mib"] > 0
+                # /proc counts CPU in 10 ms ticks: a quick phase may read 0, never less.
+                assert row["server_cpu_us_per_step"] >= 0 and row["server_peak_rss_mib"] > 0
     loads = [r for kind in ROWS if kind != "compute" for r in result[kind]]
     assert any(r["server_cpu_us_per_step"] > 0 for r in loads), "server CPU was never measured"
     assert "latency_ratio" in next(r for r in result["sessions"] if r["sessions"] == 1)
