@@ -67,7 +67,7 @@ class StateSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., output_name: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., batch_axis: _Optional[int] = ..., initial: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "format", "state", "error", "inputs", "outputs", "states", "state_bytes", "max_batch_size", "allow_nonfinite", "open_sessions", "source", "device")
+    __slots__ = ("name", "version", "format", "state", "error", "inputs", "outputs", "states", "state_bytes", "max_batch_size", "allow_nonfinite", "open_sessions", "source", "device", "kind", "parameters", "constants")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +82,9 @@ class ModelInfo(_message.Message):
     OPEN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    CONSTANTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     format: str
@@ -96,7 +99,10 @@ class ModelInfo(_message.Message):
     open_sessions: int
     source: str
     device: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., format: _Optional[str] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., states: _Optional[_Iterable[_Union[StateSpec, _Mapping]]] = ..., state_bytes: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., allow_nonfinite: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., source: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+    kind: str
+    parameters: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    constants: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., format: _Optional[str] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., states: _Optional[_Iterable[_Union[StateSpec, _Mapping]]] = ..., state_bytes: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., allow_nonfinite: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., source: _Optional[str] = ..., device: _Optional[str] = ..., kind: _Optional[str] = ..., parameters: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., constants: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ("name",)
@@ -119,8 +125,15 @@ class GetModelRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("model", "version", "initial_state", "snapshot")
+    __slots__ = ("model", "version", "initial_state", "snapshot", "parameters")
     class InitialStateEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    class ParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -131,11 +144,13 @@ class OpenSessionRequest(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INITIAL_STATE_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     initial_state: _containers.MessageMap[str, Tensor]
     snapshot: bytes
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., initial_state: _Optional[_Mapping[str, Tensor]] = ..., snapshot: _Optional[bytes] = ...) -> None: ...
+    parameters: _containers.MessageMap[str, Tensor]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., initial_state: _Optional[_Mapping[str, Tensor]] = ..., snapshot: _Optional[bytes] = ..., parameters: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
     __slots__ = ("session_id", "model", "steps")
@@ -359,6 +374,107 @@ class StreamStepResponse(_message.Message):
     results: _containers.RepeatedCompositeFieldContainer[StepResult]
     batch: StepBatchResult
     def __init__(self, results: _Optional[_Iterable[_Union[StepResult, _Mapping]]] = ..., batch: _Optional[_Union[StepBatchResult, _Mapping]] = ...) -> None: ...
+
+class PredictRequest(_message.Message):
+    __slots__ = ("model", "version", "inputs", "lengths", "initial_state", "parameters", "outputs", "request_id")
+    class InputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    class InitialStateEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    class ParametersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_STATE_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    inputs: _containers.MessageMap[str, Tensor]
+    lengths: Tensor
+    initial_state: _containers.MessageMap[str, Tensor]
+    parameters: _containers.MessageMap[str, Tensor]
+    outputs: _containers.RepeatedScalarFieldContainer[str]
+    request_id: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., lengths: _Optional[_Union[Tensor, _Mapping]] = ..., initial_state: _Optional[_Mapping[str, Tensor]] = ..., parameters: _Optional[_Mapping[str, Tensor]] = ..., outputs: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class PredictResponse(_message.Message):
+    __slots__ = ("model", "version", "outputs", "final_state", "request_id")
+    class OutputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    class FinalStateEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_STATE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    outputs: _containers.MessageMap[str, Tensor]
+    final_state: _containers.MessageMap[str, Tensor]
+    request_id: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., outputs: _Optional[_Mapping[str, Tensor]] = ..., final_state: _Optional[_Mapping[str, Tensor]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class LoadModelRequest(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class LoadModelResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class UnloadModelRequest(_message.Message):
+    __slots__ = ("name", "version", "force")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    force: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class UnloadModelResponse(_message.Message):
+    __slots__ = ("models", "closed_sessions")
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    closed_sessions: int
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., closed_sessions: _Optional[int] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ("model",)

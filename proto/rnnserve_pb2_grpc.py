@@ -79,6 +79,21 @@ class RnnServeStub:
                 request_serializer=rnnserve_dot_proto_dot_rnnserve__pb2.StreamStepRequest.SerializeToString,
                 response_deserializer=rnnserve_dot_proto_dot_rnnserve__pb2.StreamStepResponse.FromString,
                 _registered_method=True)
+        self.Predict = channel.unary_unary(
+                '/rnnserve.v1.RnnServe/Predict',
+                request_serializer=rnnserve_dot_proto_dot_rnnserve__pb2.PredictRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_proto_dot_rnnserve__pb2.PredictResponse.FromString,
+                _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/rnnserve.v1.RnnServe/LoadModel',
+                request_serializer=rnnserve_dot_proto_dot_rnnserve__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_proto_dot_rnnserve__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/rnnserve.v1.RnnServe/UnloadModel',
+                request_serializer=rnnserve_dot_proto_dot_rnnserve__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_proto_dot_rnnserve__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
         self.GetStats = channel.unary_unary(
                 '/rnnserve.v1.RnnServe/GetStats',
                 request_serializer=rnnserve_dot_proto_dot_rnnserve__pb2.StatsRequest.SerializeToString,
@@ -143,6 +158,24 @@ class RnnServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Predict(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -196,6 +229,21 @@ def add_RnnServeServicer_to_server(servicer, server):
                     servicer.StreamStep,
                     request_deserializer=rnnserve_dot_proto_dot_rnnserve__pb2.StreamStepRequest.FromString,
                     response_serializer=rnnserve_dot_proto_dot_rnnserve__pb2.StreamStepResponse.SerializeToString,
+            ),
+            'Predict': grpc.unary_unary_rpc_method_handler(
+                    servicer.Predict,
+                    request_deserializer=rnnserve_dot_proto_dot_rnnserve__pb2.PredictRequest.FromString,
+                    response_serializer=rnnserve_dot_proto_dot_rnnserve__pb2.PredictResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=rnnserve_dot_proto_dot_rnnserve__pb2.LoadModelRequest.FromString,
+                    response_serializer=rnnserve_dot_proto_dot_rnnserve__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=rnnserve_dot_proto_dot_rnnserve__pb2.UnloadModelRequest.FromString,
+                    response_serializer=rnnserve_dot_proto_dot_rnnserve__pb2.UnloadModelResponse.SerializeToString,
             ),
             'GetStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStats,
@@ -446,6 +494,87 @@ class RnnServe:
             '/rnnserve.v1.RnnServe/StreamStep',
             rnnserve_dot_proto_dot_rnnserve__pb2.StreamStepRequest.SerializeToString,
             rnnserve_dot_proto_dot_rnnserve__pb2.StreamStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Predict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.RnnServe/Predict',
+            rnnserve_dot_proto_dot_rnnserve__pb2.PredictRequest.SerializeToString,
+            rnnserve_dot_proto_dot_rnnserve__pb2.PredictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.RnnServe/LoadModel',
+            rnnserve_dot_proto_dot_rnnserve__pb2.LoadModelRequest.SerializeToString,
+            rnnserve_dot_proto_dot_rnnserve__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.RnnServe/UnloadModel',
+            rnnserve_dot_proto_dot_rnnserve__pb2.UnloadModelRequest.SerializeToString,
+            rnnserve_dot_proto_dot_rnnserve__pb2.UnloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
