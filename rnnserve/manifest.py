@@ -1,4 +1,5 @@
-"""The model manifest: ``REPO/NAME/VERSION/manifest.json``, written by ``rnnserve export`` and read by the server.
+"""The model manifest (model config): ``REPO/NAME/VERSION/manifest.json``, written by ``rnnserve export`` or by
+hand for a model exported elsewhere, and read by the server.
 
 It describes how to call the artifact as a *step function*::
 
@@ -7,6 +8,10 @@ It describes how to call the artifact as a *step function*::
 * TorchScript artifacts are called positionally: ``forward(*inputs, *states)`` returns the tuple
   ``(*outputs, *next_states)``, in manifest order.
 * ONNX artifacts are called by name: each state's ``name`` is a graph input and its ``output`` a graph output.
+* ``constants`` are fed on every call exactly as configured (not batched), ``parameters`` are per-session
+  values given at session open and batched like inputs. For TorchScript, ``torchscript`` gives the argument
+  and result structure when it is not the flat default (e.g. a tuple state).
+* ``kind: sequence`` models take whole padded sequences plus a lengths input (served by Predict only).
 
 Shapes are full model shapes including the batch axis, written as -1 (like every free dimension); the
 ``batch_axis`` field says where it is. A session sees per-session shapes: the model shape without the batch axis.
@@ -19,7 +24,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MANIFEST_FILE = "manifest.json"
 DType = Literal["float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"]
@@ -36,7 +41,8 @@ class TensorSpec(_Strict):
     dtype: DType = "float32"
     """Element type, numpy spelling."""
     shape: list[int]
-    """Full model shape; -1 for the batch axis and any free dimension."""
+    """Full model shape; -1 for the batch axis and any free dimension (1 at the batch axis for a model whose
+    batch is fixed at 1: it then serves one session per call)."""
     batch_axis: int = 0
     """Index of the batch axis in ``shape``."""
 
@@ -44,8 +50,10 @@ class TensorSpec(_Strict):
     def _check_axis(self) -> TensorSpec:
         if not 0 <= self.batch_axis < len(self.shape):
             raise ValueError(f"batch_axis {self.batch_axis} is outside shape {self.shape}")
-        if self.shape[self.batch_axis] != -1:
-            raise ValueError(f"shape {self.shape} must have -1 at batch_axis {self.batch_axis}")
+        if self.shape[self.batch_axis] not in (-1, 1):
+            raise ValueError(
+                f"shape {self.shape} must have -1 (or 1, for a batch fixed at 1) at batch_axis {self.batch_axis}"
+            )
         if any(d < -1 or d == 0 for d in self.shape):
             raise ValueError(f"shape {self.shape}: dimensions are positive, or -1 for free")
         return self
@@ -54,6 +62,11 @@ class TensorSpec(_Strict):
     def session_shape(self) -> tuple[int, ...]:
         """Per-session shape (the batch axis removed)."""
         return tuple(d for i, d in enumerate(self.shape) if i != self.batch_axis)
+
+    @property
+    def fixed_batch(self) -> bool:
+        """The model takes exactly one session per call on this tensor."""
+        return self.shape[self.batch_axis] == 1
 
 
 class ZerosInit(_Strict):
@@ -81,13 +94,12 @@ class StateSpec(TensorSpec):
     initial: InitialState = Field(default_factory=ZerosInit)
     """Initial value of a new (or reset) session."""
 
-    @field_validator("shape")
-    @classmethod
-    def _fixed_dims(cls, shape: list[int]) -> list[int]:
+    @model_validator(mode="after")
+    def _fixed_dims(self) -> StateSpec:
         # State lives in a preallocated slab, so every dimension but the batch axis must be fixed.
-        if sum(1 for d in shape if d == -1) != 1:
-            raise ValueError(f"state shape {shape}: exactly one -1 (the batch axis) allowed")
-        return shape
+        if any(d == -1 for i, d in enumerate(self.shape) if i != self.batch_axis):
+            raise ValueError(f"state shape {self.shape}: only the batch axis may be -1")
+        return self
 
     def initial_value(self, version_dir: Path | None = None) -> np.ndarray:
         """The per-session initial state as an array of ``session_shape``."""
@@ -99,10 +111,7 @@ class StateSpec(TensorSpec):
             return np.full(shape, init.value, dtype=self.dtype)
         if version_dir is None:
             raise ValueError(f"state '{self.name}': a file initial value needs the version folder")
-        path = (version_dir / init.path).resolve()
-        if version_dir.resolve() not in path.parents:
-            raise ValueError(f"state '{self.name}': initial file {init.path} is outside the model folder")
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(_inside(version_dir, init.path, f"state '{self.name}'"), allow_pickle=False)
         if tuple(arr.shape) != shape:
             raise ValueError(f"state '{self.name}': {init.path} has shape {list(arr.shape)}, expected {list(shape)}")
         return arr.astype(self.dtype)
@@ -111,6 +120,91 @@ class StateSpec(TensorSpec):
     def nbytes(self) -> int:
         """Bytes of this state per session."""
         return int(np.prod(self.session_shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+class ConstantSpec(_Strict):
+    """An input the server feeds on every call, exactly as given (no batch axis is added)."""
+
+    name: str = Field(min_length=1)
+    dtype: DType = "float32"
+    shape: list[int] = Field(default_factory=list)
+    """Its full shape ([] for a scalar)."""
+    value: float | int | bool | list | None = None
+    """The value (a number, or nested lists matching ``shape``)..."""
+    file: str | None = None
+    """...or a ``.npy`` file relative to the version folder."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ConstantSpec:
+        if (self.value is None) == (self.file is None):
+            raise ValueError(f"constant '{self.name}': give exactly one of value or file")
+        return self
+
+    def array(self, version_dir: Path) -> np.ndarray:
+        if self.file is not None:
+            arr = np.load(_inside(version_dir, self.file, f"constant '{self.name}'"), allow_pickle=False)
+        else:
+            arr = np.asarray(self.value)
+        if list(arr.shape) != self.shape:
+            raise ValueError(f"constant '{self.name}': value has shape {list(arr.shape)}, shape says {self.shape}")
+        return arr.astype(self.dtype)
+
+
+class ParameterSpec(TensorSpec):
+    """A per-session input given at session open and fed (batched) on every call, e.g. a speaker id."""
+
+    default: float | int | bool | list | None = None
+    """Used when the session gives none; without a default the parameter is required at open."""
+
+    @model_validator(mode="after")
+    def _fixed(self) -> ParameterSpec:
+        if any(d == -1 for i, d in enumerate(self.shape) if i != self.batch_axis):
+            raise ValueError(f"parameter shape {self.shape}: only the batch axis may be -1")
+        return self
+
+    def default_value(self) -> np.ndarray | None:
+        if self.default is None:
+            return None
+        return np.broadcast_to(np.asarray(self.default, dtype=self.dtype), self.session_shape).copy()
+
+
+class RuntimeSettings(_Strict):
+    """Per-model runtime settings; unset ones follow the server's."""
+
+    device: Literal["cpu", "cuda"] | None = None
+    intra_op_threads: int | None = Field(default=None, ge=0)
+    inter_op_threads: int | None = Field(default=None, ge=0)
+
+
+# A TorchScript argument or result: a tensor's name, or a tuple of names (one level, e.g. an LSTM's (h, c)).
+TorchScriptArg = str | list[str]
+
+
+class TorchScriptSignature(_Strict):
+    """How a TorchScript module's positional arguments and results map to the manifest's tensor names.
+
+    Default (when absent): ``forward(*inputs, *parameters, *constants, *states)`` returns
+    ``(*outputs, *next_states)``. A module with a tuple state ``forward(x, (h, c)) -> (y, (h2, c2))`` says
+    ``{"inputs": ["x", ["h", "c"]], "outputs": ["y", ["h_out", "c_out"]]}``.
+    """
+
+    inputs: list[TorchScriptArg]
+    outputs: list[TorchScriptArg]
+
+
+def flatten_names(args: list) -> list[str]:
+    """Every tensor name in a (nested) TorchScript argument list, in order."""
+    names: list[str] = []
+    for a in args:
+        names.extend(flatten_names(a) if isinstance(a, list) else [a])
+    return names
+
+
+def _inside(version_dir: Path, relative: str, what: str) -> Path:
+    path = (version_dir / relative).resolve()
+    if version_dir.resolve() not in path.parents:
+        raise ValueError(f"{what}: {relative} is outside the model folder")
+    return path
 
 
 class Verification(_Strict):
@@ -130,6 +224,18 @@ class ModelManifest(_Strict):
     inputs: list[TensorSpec] = Field(min_length=1)
     outputs: list[TensorSpec] = Field(min_length=1)
     states: list[StateSpec] = Field(default_factory=list)
+    parameters: list[ParameterSpec] = Field(default_factory=list)
+    """Per-session inputs given at session open."""
+    constants: list[ConstantSpec] = Field(default_factory=list)
+    """Inputs fed on every call from this config."""
+    kind: Literal["step", "sequence"] = "step"
+    """``step``: served through sessions (and Predict); ``sequence``: whole padded sequences, Predict only."""
+    lengths_input: str | None = None
+    """Sequence models: the input that takes each sequence's length (int64, shape [-1])."""
+    torchscript: TorchScriptSignature | None = None
+    """TorchScript argument/result structure when it is not the flat default."""
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    """Per-model device and thread settings."""
     allow_nonfinite: bool = False
     """Accept NaN/Inf in float inputs (rejected with INVALID_ARGUMENT otherwise)."""
     max_batch_size: int = Field(default=256, ge=1)
@@ -144,16 +250,49 @@ class ModelManifest(_Strict):
     description: str = ""
 
     @model_validator(mode="after")
-    def _unique_names(self) -> ModelManifest:
-        names = [t.name for t in self.inputs] + [s.name for s in self.states]
-        outs = [t.name for t in self.outputs] + [s.output for s in self.states]
+    def _consistent(self) -> ModelManifest:
+        names = self.input_names
+        outs = self.output_names
         for kind, seq in (("input", names), ("output", outs)):
             dup = {n for n in seq if seq.count(n) > 1}
             if dup:
                 raise ValueError(f"duplicate {kind} names: {sorted(dup)}")
         if Path(self.artifact).is_absolute() or ".." in Path(self.artifact).parts:
             raise ValueError(f"artifact {self.artifact!r} must be a path inside the version folder")
+        batched = [*self.inputs, *self.parameters, *self.states, *self.outputs]
+        if any(t.fixed_batch for t in batched) and self.max_batch_size != 1:
+            raise ValueError("a tensor has its batch axis fixed at 1: set max_batch_size to 1")
+        if self.kind == "sequence":
+            if self.states or self.parameters:
+                raise ValueError("a sequence model has no states or parameters (it sees whole sequences)")
+            if self.lengths_input is None or self.lengths_input not in [t.name for t in self.inputs]:
+                raise ValueError("a sequence model needs lengths_input naming one of its inputs")
+        elif self.lengths_input is not None:
+            raise ValueError("lengths_input is for kind: sequence models")
+        if self.torchscript is not None:
+            if self.format != "torchscript":
+                raise ValueError("torchscript: applies to torchscript models only")
+            for kind, given, known in (
+                ("inputs", flatten_names(self.torchscript.inputs), names),
+                ("outputs", flatten_names(self.torchscript.outputs), outs),
+            ):
+                if sorted(given) != sorted(known):
+                    raise ValueError(f"torchscript.{kind} names {sorted(given)} must be exactly {sorted(known)}")
         return self
+
+    @property
+    def input_names(self) -> list[str]:
+        """Every model input, in the default call order."""
+        return (
+            [t.name for t in self.inputs]
+            + [p.name for p in self.parameters]
+            + [c.name for c in self.constants]
+            + [s.name for s in self.states]
+        )
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs] + [s.output for s in self.states]
 
     @property
     def state_bytes(self) -> int:
