@@ -80,7 +80,13 @@ class ModelRepository:
             manifest = ModelManifest.read(version_dir)
             if manifest.name != name or manifest.version != version:
                 raise ValueError(f"manifest says {manifest.name}:{manifest.version} but lives in {name}/{version}")
-            runtime = load_runtime(manifest, version_dir, device=self.device, threads=self.threads)
+            settings = manifest.runtime  # per-model settings win over the server's
+            runtime = load_runtime(
+                manifest,
+                version_dir,
+                device=settings.device or self.device,
+                threads=self.threads if settings.intra_op_threads is None else settings.intra_op_threads,
+            )
             model = LoadedModel(
                 manifest,
                 version_dir,
