@@ -245,12 +245,13 @@ class Batcher:
         feeds: dict[str, np.ndarray] = {}
         for spec in model.manifest.inputs:
             feeds[spec.name] = np.stack([j.step_input(spec.name) for j in jobs], axis=spec.batch_axis)
-        states = model.slab.gather(slots)
-        for spec, value in zip(model.manifest.states, states, strict=True):
+        # States and per-session parameters share the slab; constants are fed as configured.
+        for spec, value in zip(model.slab.specs, model.slab.gather(slots), strict=True):
             feeds[spec.name] = value
+        feeds.update(model.constants)
         out = model.runtime.run(feeds)
         new_states = []
-        for spec, dtype in zip(model.manifest.states, model.slab.dtypes, strict=True):
+        for spec, dtype in zip(model.manifest.states, model.slab.dtypes, strict=False):
             value = out[spec.output]
             if value.shape[spec.batch_axis] != n or value.dtype != dtype:
                 raise Internal(

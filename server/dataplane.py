@@ -47,18 +47,27 @@ class DataPlane:
 
     # ---- sessions ---------------------------------------------------------------------------------------
     def open_session(
-        self, model_name: str, version: int, initial_state: Mapping[str, np.ndarray], snapshot: bytes
+        self,
+        model_name: str,
+        version: int,
+        initial_state: Mapping[str, np.ndarray],
+        snapshot: bytes,
+        parameters: Mapping[str, np.ndarray] | None = None,
     ) -> Session:
+        parameters = parameters or {}
         if snapshot:
-            if initial_state:
-                raise InvalidArgument("give either initial_state or snapshot, not both")
+            if initial_state or parameters:
+                raise InvalidArgument("a snapshot carries the state and parameters: give it alone")
             snap = snapshots.decode(snapshot)
             model = self.repository.get(model_name or snap.model, version or (0 if model_name else snap.version))
-            state = model.check_state(snap.state, partial=False)
-            return self.sessions.open(model, state, snap.steps)
+            # A snapshot holds the session's parameters beside its state, under their own names.
+            param_names = {p.name for p in model.manifest.parameters}
+            state = model.check_state({k: v for k, v in snap.state.items() if k not in param_names}, partial=False)
+            params = model.check_parameters({k: v for k, v in snap.state.items() if k in param_names})
+            return self.sessions.open(model, state, snap.steps, params)
         model = self.repository.get(model_name, version)
         state = model.check_state(initial_state, partial=True) if initial_state else None
-        return self.sessions.open(model, state)
+        return self.sessions.open(model, state, 0, model.check_parameters(parameters))
 
     def close_session(self, session_id: str) -> None:
         self.sessions.close(session_id)
@@ -91,8 +100,9 @@ class DataPlane:
         model = session.model
 
         def read() -> SessionStateView:
-            state = model.state_dict(model.slab.read(session.slot))
-            snap = snapshots.Snapshot(model.name, model.version, session.steps, state)
+            row = model.slab.read(session.slot)
+            state = model.state_dict(row)
+            snap = snapshots.Snapshot(model.name, model.version, session.steps, {**state, **model.parameter_dict(row)})
             return SessionStateView(session.id, model.name, model.version, session.steps, state, snapshots.encode(snap))
 
         return await self._control(session, read)
@@ -105,7 +115,9 @@ class DataPlane:
         steps: int | None = None
         if snapshot:
             snap = snapshots.decode(snapshot)
-            given = model.state_dict(model.check_state(snap.state, partial=False))
+            param_names = {p.name for p in model.manifest.parameters}
+            own = {k: v for k, v in snap.state.items() if k not in param_names}
+            given = model.state_dict(model.check_state(own, partial=False))
             steps = snap.steps
         else:
             model.check_state(state, partial=True)
@@ -114,7 +126,7 @@ class DataPlane:
         def write() -> None:
             # States not given keep their current value.
             current = model.slab.read(session.slot)
-            merged = [given.get(s.name, c) for s, c in zip(model.manifest.states, current, strict=True)]
+            merged = [given.get(s.name, c) for s, c in zip(model.manifest.states, current, strict=False)]
             model.slab.write(session.slot, merged)
             if steps is not None:
                 session.steps = steps

@@ -39,13 +39,24 @@ class LoadedModel:
         self.version_dir = version_dir
         self.runtime = runtime
         self.initial_state = [s.initial_value(version_dir) for s in manifest.states]
+        self.constants = {c.name: c.array(version_dir) for c in manifest.constants}
+        # Per-session parameters sit in the slab after the states: one gather feeds both.
+        self.parameter_defaults = [p.default_value() for p in manifest.parameters]
+        slab_specs = [*manifest.states, *manifest.parameters]
+        slab_initial = self.initial_state + [
+            d if d is not None else np.zeros(p.session_shape, p.dtype)
+            for p, d in zip(manifest.parameters, self.parameter_defaults, strict=True)
+        ]
         # On a GPU the state stays on the device between steps; the runtime then takes and returns device tensors.
         self.slab = (
-            DeviceStateSlab(manifest.states, self.initial_state, runtime.device)
+            DeviceStateSlab(slab_specs, slab_initial, runtime.device)
             if runtime.device == "cuda"
-            else StateSlab(manifest.states, self.initial_state)
+            else StateSlab(slab_specs, slab_initial)
         )
         self.max_batch_size = max_batch_size or manifest.max_batch_size
+        if manifest.max_batch_size == 1:
+            # A model whose batch is fixed at 1 serves its sessions one per call, whatever the server says.
+            self.max_batch_size = 1
         self.max_queue_delay_us = manifest.max_queue_delay_us if max_queue_delay_us is None else max_queue_delay_us
         self.batcher: Batcher | None = None  # created on the event loop by start()
         self.open_sessions = 0
@@ -63,9 +74,15 @@ class LoadedModel:
             await self.batcher.stop()
 
     # ---- sessions ---------------------------------------------------------------------------------------
-    def acquire(self, state: list[np.ndarray] | None = None) -> int:
+    def acquire(self, state: list[np.ndarray] | None = None, parameters: list[np.ndarray] | None = None) -> int:
+        """A slab slot holding the session's state (default: initial) and parameters (default: defaults)."""
+        values = None
+        if state is not None or parameters is not None:
+            values = (state if state is not None else self.initial_state) + (
+                parameters if parameters is not None else self.check_parameters({})
+            )
         self.open_sessions += 1
-        return self.slab.allocate(state)
+        return self.slab.allocate(values)
 
     def release(self, session: Session) -> None:
         if session.slot >= 0:
@@ -155,8 +172,38 @@ class LoadedModel:
                 "(set allow_nonfinite in its manifest to allow them)"
             )
 
+    def check_parameters(self, given: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Validate a session's parameters; missing ones take their default (or are refused without one)."""
+        specs = self.manifest.parameters
+        unknown = sorted(set(given) - {p.name for p in specs})
+        if unknown:
+            raise InvalidArgument(
+                f"model {self.key} has no parameter named {unknown}; its parameters are {[p.name for p in specs]}"
+            )
+        values = []
+        for spec, default in zip(specs, self.parameter_defaults, strict=True):
+            shape = spec.session_shape
+            if spec.name not in given:
+                if default is None:
+                    raise InvalidArgument(
+                        f"model {self.key} needs parameter '{spec.name}' ({spec.dtype}{_shape_text(shape)}) "
+                        "at session open"
+                    )
+                values.append(default)
+                continue
+            arr = given[spec.name]
+            self._check_tensor("parameter", spec.name, arr, np.dtype(spec.dtype), shape)
+            values.append(arr)
+        return values
+
     def state_dict(self, values: list[np.ndarray]) -> dict[str, np.ndarray]:
-        return {s.name: v for s, v in zip(self.manifest.states, values, strict=True)}
+        """Name the leading (state) arrays of a slab row."""
+        return {s.name: v for s, v in zip(self.manifest.states, values, strict=False)}
+
+    def parameter_dict(self, values: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """Name the parameter arrays of a slab row (after the states)."""
+        row = values[len(self.manifest.states) :]
+        return {p.name: v for p, v in zip(self.manifest.parameters, row, strict=True)}
 
     def input_specs(self) -> list[TensorSpec]:
         return self.manifest.inputs

@@ -42,7 +42,7 @@ class SessionManager:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def open(self, model: LoadedModel, state=None, steps: int = 0) -> Session:
+    def open(self, model: LoadedModel, state=None, steps: int = 0, parameters=None) -> Session:
         if len(self._sessions) >= self.max_sessions:
             self.expire()
             if len(self._sessions) >= self.max_sessions:
@@ -51,7 +51,7 @@ class SessionManager:
                     "or raise --max-sessions"
                 )
         session_id = secrets.token_hex(16)  # 128 random bits: ids are capabilities, not counters
-        session = Session(session_id, model, model.acquire(state), steps)
+        session = Session(session_id, model, model.acquire(state, parameters), steps)
         self._sessions[session_id] = session
         return session
 

@@ -3,7 +3,8 @@
 One array per state input, laid out exactly as the model expects it (the batch axis where the manifest puts
 it), indexed by a session's *slot*. A batch gathers its sessions' rows with one ``np.take`` per state and
 scatters the new state back with one indexed assignment, so the hot path holds no per-session tensors.
-Capacity doubles when full; closed sessions' slots are reused.
+Capacity doubles when full; closed sessions' slots are reused. A model's per-session parameters live in the
+same slab after its states (same slot, gathered every call, never scattered).
 
 :class:`DeviceStateSlab` keeps the same arrays as torch tensors on a CUDA device, so with a GPU the state
 never crosses to the host between steps.
@@ -16,11 +17,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from rnnserve.manifest import StateSpec
+from rnnserve.manifest import TensorSpec
 
 
 class StateSlab:
-    def __init__(self, specs: Sequence[StateSpec], initial: Sequence[np.ndarray], capacity: int = 64):
+    def __init__(self, specs: Sequence[TensorSpec], initial: Sequence[np.ndarray], capacity: int = 64):
         self.specs = list(specs)
         self.initial = [np.asarray(v) for v in initial]
         self.capacity = max(1, capacity)
@@ -30,12 +31,12 @@ class StateSlab:
         self.lock = threading.Lock()
 
     @staticmethod
-    def _shape(spec: StateSpec, capacity: int) -> list[int]:
+    def _shape(spec: TensorSpec, capacity: int) -> list[int]:
         shape = list(spec.shape)
         shape[spec.batch_axis] = capacity
         return shape
 
-    def _alloc(self, spec: StateSpec, capacity: int) -> np.ndarray:
+    def _alloc(self, spec: TensorSpec, capacity: int) -> np.ndarray:
         return np.zeros(self._shape(spec, capacity), dtype=spec.dtype)
 
     @property
@@ -44,7 +45,7 @@ class StateSlab:
         return [a.dtype for a in self._arrays]
 
     @staticmethod
-    def _index(spec: StateSpec, rows: int | np.ndarray | slice) -> tuple:
+    def _index(spec: TensorSpec, rows: int | np.ndarray | slice) -> tuple:
         return (slice(None),) * spec.batch_axis + (rows,)
 
     @property
@@ -85,8 +86,9 @@ class StateSlab:
             return [a[self._index(s, slot)].copy() for s, a in zip(self.specs, self._arrays, strict=True)]
 
     def write(self, slot: int, state: Sequence[np.ndarray]) -> None:
+        """Write the first ``len(state)`` arrays of one slot (states, or states and parameters)."""
         with self.lock:
-            for spec, arr, value in zip(self.specs, self._arrays, state, strict=True):
+            for spec, arr, value in zip(self.specs, self._arrays, state, strict=False):
                 arr[self._index(spec, slot)] = value
 
     def gather(self, slots: np.ndarray) -> list[np.ndarray]:
@@ -95,8 +97,9 @@ class StateSlab:
             return [np.take(a, slots, axis=s.batch_axis) for s, a in zip(self.specs, self._arrays, strict=True)]
 
     def scatter(self, slots: np.ndarray, values: Sequence[np.ndarray]) -> None:
+        """Write the batch's new states (the leading arrays; parameters after them are never written)."""
         with self.lock:
-            for spec, arr, value in zip(self.specs, self._arrays, values, strict=True):
+            for spec, arr, value in zip(self.specs, self._arrays, values, strict=False):
                 arr[self._index(spec, slots)] = value
 
 
@@ -105,14 +108,14 @@ class DeviceStateSlab(StateSlab):
     runtime reads and writes the state in place on the device. Reads and writes of one session (snapshots,
     resets) copy through the host."""
 
-    def __init__(self, specs: Sequence[StateSpec], initial: Sequence[np.ndarray], device: str, capacity: int = 64):
+    def __init__(self, specs: Sequence[TensorSpec], initial: Sequence[np.ndarray], device: str, capacity: int = 64):
         import torch
 
         self._torch = torch
         self.device = torch.device(device)
         super().__init__(specs, initial, capacity)
 
-    def _alloc(self, spec: StateSpec, capacity: int):
+    def _alloc(self, spec: TensorSpec, capacity: int):
         torch = self._torch
         return torch.zeros(self._shape(spec, capacity), dtype=getattr(torch, spec.dtype), device=self.device)
 
@@ -125,7 +128,7 @@ class DeviceStateSlab(StateSlab):
 
     def write(self, slot: int, state: Sequence[np.ndarray]) -> None:
         with self.lock:
-            for spec, arr, value in zip(self.specs, self._arrays, state, strict=True):
+            for spec, arr, value in zip(self.specs, self._arrays, state, strict=False):
                 arr.select(spec.batch_axis, slot).copy_(self._torch.as_tensor(np.asarray(value)))
 
     def gather(self, slots: np.ndarray) -> list:
@@ -136,7 +139,7 @@ class DeviceStateSlab(StateSlab):
     def scatter(self, slots: np.ndarray, values: Sequence) -> None:
         index = self._index_tensor(slots)
         with self.lock:
-            for spec, arr, value in zip(self.specs, self._arrays, values, strict=True):
+            for spec, arr, value in zip(self.specs, self._arrays, values, strict=False):
                 arr.index_copy_(spec.batch_axis, index, value)
 
     @property

@@ -54,6 +54,9 @@ def _static_model_info(model: LoadedModel) -> pb.ModelInfo:
         max_batch_size=model.max_batch_size,
         allow_nonfinite=m.allow_nonfinite,
         source=m.source,
+        kind=m.kind,
+        parameters=[tensor_spec(p) for p in m.parameters],
+        constants=[pb.TensorSpec(name=c.name, dtype=DTYPE_TO_PB[c.dtype], shape=c.shape) for c in m.constants],
         device=model.runtime.device,
     )
 

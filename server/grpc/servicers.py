@@ -48,7 +48,11 @@ class RnnServeServicer:
     # ---- sessions ---------------------------------------------------------------------------------------
     async def OpenSession(self, request: pb.OpenSessionRequest, context) -> pb.OpenSessionResponse:
         session = self.dp.open_session(
-            request.model, request.version, converters.tensors(request.initial_state), request.snapshot
+            request.model,
+            request.version,
+            converters.tensors(request.initial_state),
+            request.snapshot,
+            converters.tensors(request.parameters),
         )
         return pb.OpenSessionResponse(
             session_id=session.id, model=converters.model_info(session.model), steps=session.steps
