@@ -65,6 +65,45 @@ class LoadedModel:
         self._state_checks = [(s.name, np.dtype(s.dtype), s.session_shape) for s in manifest.states]
         self._check_finite = not manifest.allow_nonfinite
 
+    def self_check(self) -> None:
+        """Call the model once on zeros at batch 1 (and 2 where it batches) and compare every result with the
+        manifest, so a config that disagrees with its model fails at load, with a message, not at a step."""
+        m = self.manifest
+        for n in (1, 2) if self.max_batch_size > 1 else (1,):
+            feeds: dict[str, np.ndarray] = {}
+            for spec in m.inputs:
+                shape = [n if i == spec.batch_axis else (1 if d == -1 else d) for i, d in enumerate(spec.shape)]
+                feeds[spec.name] = (
+                    np.ones(shape, spec.dtype) if spec.name == m.lengths_input else np.zeros(shape, spec.dtype)
+                )
+            for spec, value in zip(self.slab.specs, self.slab.initial, strict=True):
+                feeds[spec.name] = np.stack([value] * n, axis=spec.batch_axis)
+            feeds.update(self.constants)
+            if self.runtime.device == "cuda":
+                import torch
+
+                for spec in self.slab.specs:
+                    feeds[spec.name] = torch.as_tensor(feeds[spec.name], device="cuda")
+            try:
+                out = self.runtime.run(feeds)
+            except Exception as exc:
+                raise ValueError(f"calling the model at batch {n} failed: {type(exc).__name__}: {exc}") from exc
+            expected = [(t.output if hasattr(t, "output") else t.name, t) for t in [*m.outputs, *m.states]]
+            for name, spec in expected:
+                value = out[name]
+                shape = list(value.shape)
+                want = [n if i == spec.batch_axis else d for i, d in enumerate(spec.shape)]
+                dtype = str(value.dtype).removeprefix("torch.")
+                if (
+                    dtype != spec.dtype
+                    or len(shape) != len(want)
+                    or any(w not in (-1, g) for w, g in zip(want, shape, strict=True))
+                ):
+                    raise ValueError(
+                        f"output '{name}' at batch {n} is {dtype}{shape}, the manifest says {spec.dtype}"
+                        f"{['*' if d == -1 else d for d in want]}"
+                    )
+
     def start(self) -> None:
         self.batcher = Batcher(self, max_batch_size=self.max_batch_size, max_queue_delay_us=self.max_queue_delay_us)
         self.batcher.start()

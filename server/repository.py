@@ -94,6 +94,7 @@ class ModelRepository:
                 max_batch_size=self.max_batch_size,
                 max_queue_delay_us=self.max_queue_delay_us,
             )
+            model.self_check()
         except Exception as exc:
             error = _describe(exc)
             log.error("model %s:%s failed to load: %s", name, version, error)

@@ -24,8 +24,8 @@ class Runtime(ABC):
 
     def __init__(self, manifest: ModelManifest):
         self.manifest = manifest
-        self.input_names = [t.name for t in manifest.inputs] + [s.name for s in manifest.states]
-        self.output_names = [t.name for t in manifest.outputs] + [s.output for s in manifest.states]
+        self.input_names = manifest.input_names
+        self.output_names = manifest.output_names
 
     @abstractmethod
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...

@@ -21,31 +21,51 @@ class TorchScriptRuntime(Runtime):
             torch.set_num_threads(threads)
         self._torch_device = torch.device(device)
         self.module = torch.jit.load(str(artifact), map_location=self._torch_device).eval()
-        self._n_out = len(self.output_names)
-        self._n_data_out = len(manifest.outputs)
         self._on_device = self._torch_device.type == "cuda"
+        # The positional structure: flat by default, or nested as the manifest's `torchscript` says
+        # (e.g. forward(x, (h, c)) -> (y, (h2, c2))).
+        signature = manifest.torchscript
+        self._args: list = list(signature.inputs) if signature else list(self.input_names)
+        self._results: list = list(signature.outputs) if signature else list(self.output_names)
+        self._state_outputs = {s.output for s in manifest.states}
+
+    def _tensor(self, value) -> torch.Tensor:
+        if isinstance(value, torch.Tensor):
+            return value.to(self._torch_device)
+        return torch.from_numpy(np.ascontiguousarray(value)).to(self._torch_device)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        dev = self._torch_device
         args = [
-            v.to(dev) if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v)).to(dev)
-            for v in (feeds[n] for n in self.input_names)
+            tuple(self._tensor(feeds[n]) for n in a) if isinstance(a, list) else self._tensor(feeds[a])
+            for a in self._args
         ]
         with torch.inference_mode():
             result = self.module(*args)
-        if isinstance(result, torch.Tensor):
-            result = (result,)
-        if len(result) != self._n_out:
-            raise RuntimeError(
-                f"TorchScript module returned {len(result)} tensors, manifest declares {self._n_out} "
-                f"({self.output_names})"
-            )
+        flat: dict[str, torch.Tensor] = {}
+        _unpack(self._results if len(self._results) > 1 else self._results[0], result, flat, "result")
         out = {}
-        for i, (name, value) in enumerate(zip(self.output_names, result, strict=True)):
+        for name, value in flat.items():
             # On a GPU the next state stays there (the slab holds device tensors); data goes to the host.
-            out[name] = value if self._on_device and i >= self._n_data_out else value.detach().cpu().numpy()
+            out[name] = value if self._on_device and name in self._state_outputs else value.detach().cpu().numpy()
         return out
 
     @property
     def device(self) -> str:
         return self._torch_device.type
+
+
+def _unpack(structure, value, out: dict, where: str) -> None:
+    """Match a (nested) result against the declared structure of names, or say how they differ."""
+    if isinstance(structure, str):
+        if not isinstance(value, torch.Tensor):
+            raise RuntimeError(f"TorchScript {where} for '{structure}' is a {type(value).__name__}, not a tensor")
+        out[structure] = value
+        return
+    if not isinstance(value, tuple | list) or len(value) != len(structure):
+        got = f"{len(value)} values" if isinstance(value, tuple | list) else type(value).__name__
+        raise RuntimeError(
+            f"TorchScript {where} is {got}; the manifest declares {len(structure)}: {structure} "
+            "(set `torchscript.outputs` in the manifest to the module's result structure)"
+        )
+    for i, (s, v) in enumerate(zip(structure, value, strict=True)):
+        _unpack(s, v, out, f"{where}[{i}]")
