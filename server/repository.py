@@ -27,7 +27,8 @@ class FailedModel:
     error: str
 
 
-def _describe(exc: Exception) -> str:
+def describe_error(exc: Exception) -> str:
+    """A load failure in one line: pydantic errors by field, others by type and message."""
     if isinstance(exc, ValidationError):
         return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'manifest'}: {e['msg']}" for e in exc.errors())
     return f"{type(exc).__name__}: {exc}"
@@ -75,33 +76,42 @@ class ModelRepository:
 
     def load_version(self, name: str, version: int, version_dir: Path) -> LoadedModel | None:
         try:
-            if not (version_dir / MANIFEST_FILE).is_file():
-                raise FileNotFoundError(f"{MANIFEST_FILE} is missing from {version_dir}")
-            manifest = ModelManifest.read(version_dir)
-            if manifest.name != name or manifest.version != version:
-                raise ValueError(f"manifest says {manifest.name}:{manifest.version} but lives in {name}/{version}")
-            settings = manifest.runtime  # per-model settings win over the server's
-            runtime = load_runtime(
-                manifest,
-                version_dir,
-                device=settings.device or self.device,
-                threads=self.threads if settings.intra_op_threads is None else settings.intra_op_threads,
-            )
-            model = LoadedModel(
-                manifest,
-                version_dir,
-                runtime,
-                max_batch_size=self.max_batch_size,
-                max_queue_delay_us=self.max_queue_delay_us,
-            )
-            model.self_check()
+            model = self.build(name, version, version_dir)
         except Exception as exc:
-            error = _describe(exc)
+            error = describe_error(exc)
             log.error("model %s:%s failed to load: %s", name, version, error)
             self.failed[(name, version)] = FailedModel(name, version, error)
             return None
         self.models[(name, version)] = model
-        log.info("loaded %s (%s, %s)", model.key, manifest.format, runtime.device)
+        log.info("loaded %s (%s, %s)", model.key, model.manifest.format, model.runtime.device)
+        return model
+
+    def build(self, name: str, version: int, version_dir: Path) -> LoadedModel:
+        """Load and self-check one version folder; raise when it can't serve.
+
+        Touches none of the repository's tables, so it can run on a worker thread while the event loop
+        serves (a reload builds the new model completely before anything is swapped).
+        """
+        if not (version_dir / MANIFEST_FILE).is_file():
+            raise FileNotFoundError(f"{MANIFEST_FILE} is missing from {version_dir}")
+        manifest = ModelManifest.read(version_dir)
+        if manifest.name != name or manifest.version != version:
+            raise ValueError(f"manifest says {manifest.name}:{manifest.version} but lives in {name}/{version}")
+        settings = manifest.runtime  # per-model settings win over the server's
+        runtime = load_runtime(
+            manifest,
+            version_dir,
+            device=settings.device or self.device,
+            threads=self.threads if settings.intra_op_threads is None else settings.intra_op_threads,
+        )
+        model = LoadedModel(
+            manifest,
+            version_dir,
+            runtime,
+            max_batch_size=self.max_batch_size,
+            max_queue_delay_us=self.max_queue_delay_us,
+        )
+        model.self_check()
         return model
 
     def get(self, name: str, version: int = 0) -> LoadedModel:
