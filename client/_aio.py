@@ -99,11 +99,16 @@ class AsyncClient:
         model: str,
         version: int | None = None,
         initial_state: Mapping[str, ArrayLike] | None = None,
+        parameters: Mapping[str, ArrayLike] | None = None,
     ) -> AsyncSession:
-        """Open a session on ``model`` (newest ready version unless ``version``); close it when done."""
+        """Open a session on ``model`` (newest ready version unless ``version``); close it when done.
+
+        ``parameters`` gives the model's per-session parameters (see ``ModelInfo.parameters``)."""
         req = pb.OpenSessionRequest(model=model, version=version or 0)
-        if initial_state:
-            _convert.state_map(initial_state, await self.model(model, version), req.initial_state)
+        if initial_state or parameters:
+            info = await self.model(model, version)
+            _convert.state_map(initial_state, info, req.initial_state)
+            _convert.state_map(parameters, info, req.parameters, parameters=True)
         return AsyncSession(self, await self._call(self._stub.OpenSession, req))
 
     def session(
@@ -111,9 +116,10 @@ class AsyncClient:
         model: str,
         version: int | None = None,
         initial_state: Mapping[str, ArrayLike] | None = None,
+        parameters: Mapping[str, ArrayLike] | None = None,
     ) -> _SessionOpener:
         """``async with client.session("m") as s:`` (closes on exit), or ``s = await client.session("m")``."""
-        return _SessionOpener(self.open_session(model, version, initial_state))
+        return _SessionOpener(self.open_session(model, version, initial_state, parameters))
 
     async def restore(self, snapshot: bytes, model: str = "") -> AsyncSession:
         """Open a new session from a snapshot (``AsyncSession.snapshot()``, possibly from another replica)."""

@@ -60,6 +60,9 @@ def model_info(msg: pb.ModelInfo) -> ModelInfo:
         open_sessions=msg.open_sessions,
         source=msg.source,
         device=msg.device,
+        kind=msg.kind or "step",
+        parameters=tuple(tensor_spec(s) for s in msg.parameters),
+        constants=tuple(tensor_spec(s) for s in msg.constants),
     )
 
 
@@ -156,11 +159,15 @@ def step_request(
     return req
 
 
-def state_map(state: Mapping[str, ArrayLike] | None, model: ModelInfo | None, target: Any) -> None:
-    """Fill a ``map<string, Tensor>`` of recurrent state, casting to the declared state dtypes."""
+def state_map(
+    state: Mapping[str, ArrayLike] | None, model: ModelInfo | None, target: Any, *, parameters: bool = False
+) -> None:
+    """Fill a ``map<string, Tensor>`` of recurrent state (or of session parameters), casting to the declared
+    dtypes."""
     if not state:
         return
-    specs = {s.name: s for s in model.states} if model is not None else {}
+    declared = (model.parameters if parameters else model.states) if model is not None else ()
+    specs = {s.name: s for s in declared}
     encode_map({name: _cast(value, specs.get(name)) for name, value in state.items()}, target)
 
 

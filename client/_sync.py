@@ -108,12 +108,17 @@ class Client:
         model: str,
         version: int | None = None,
         initial_state: Mapping[str, ArrayLike] | None = None,
+        parameters: Mapping[str, ArrayLike] | None = None,
     ) -> Session:
-        """Open a session on ``model`` (newest ready version unless ``version``); close it when done."""
+        """Open a session on ``model`` (newest ready version unless ``version``); close it when done.
+
+        ``parameters`` gives the model's per-session parameters (see ``ModelInfo.parameters``)."""
         req = pb.OpenSessionRequest(model=model, version=version or 0)
-        if initial_state:
-            # Cast to the declared state dtypes, which needs the model's signature first.
-            _convert.state_map(initial_state, self.model(model, version), req.initial_state)
+        if initial_state or parameters:
+            # Cast to the declared dtypes, which needs the model's signature first.
+            info = self.model(model, version)
+            _convert.state_map(initial_state, info, req.initial_state)
+            _convert.state_map(parameters, info, req.parameters, parameters=True)
         return Session(self, self._call(self._stub.OpenSession, req))
 
     def session(
@@ -121,9 +126,10 @@ class Client:
         model: str,
         version: int | None = None,
         initial_state: Mapping[str, ArrayLike] | None = None,
+        parameters: Mapping[str, ArrayLike] | None = None,
     ) -> Session:
         """Same as open_session; reads best as ``with client.session("m") as s:``."""
-        return self.open_session(model, version, initial_state)
+        return self.open_session(model, version, initial_state, parameters)
 
     def restore(self, snapshot: bytes, model: str = "") -> Session:
         """Open a new session from a snapshot (``Session.snapshot()``, possibly from another replica)."""

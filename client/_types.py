@@ -45,6 +45,12 @@ class ModelInfo:
     open_sessions: int = 0
     source: str = ""
     device: str = ""
+    kind: str = "step"
+    """``step`` (sessions and Predict) or ``sequence`` (whole sequences, Predict only)."""
+    parameters: tuple[TensorSpec, ...] = ()
+    """Per-session parameters given at ``open_session(parameters=...)``."""
+    constants: tuple[TensorSpec, ...] = ()
+    """Inputs the server feeds from the model's config (never sent by clients)."""
 
     @property
     def ready(self) -> bool:
