@@ -1,12 +1,15 @@
 """The reference models of the tutorial notebooks, corrected, as exporter factories.
 
 ``EXAMPLES`` maps each model-repository name to its factory (no arguments, fixed seed, returns an
-``rnnserve.export.Exportable`` whose ``model`` is the notebook model). Needs torch.
+``rnnserve.export.Exportable`` whose ``model`` is the notebook model). ``SEQUENCE_EXAMPLES`` holds the
+whole-sequence models (served by Predict, not sessions), whose factories return a ``SequenceExportable``.
+Needs torch.
 """
 
 from collections.abc import Callable
 
 from rnnserve.examples.models import (
+    bilstm_classifier,
     elman_relu,
     elman_tanh,
     gru2,
@@ -15,6 +18,7 @@ from rnnserve.examples.models import (
     wuv_cell,
 )
 from rnnserve.export import Exportable
+from rnnserve.export.sequence import SequenceExportable
 
 EXAMPLES: dict[str, Callable[[], Exportable]] = {
     "elman_tanh": elman_tanh,
@@ -25,4 +29,8 @@ EXAMPLES: dict[str, Callable[[], Exportable]] = {
     "gru2": gru2,
 }
 
-__all__ = ["EXAMPLES"]
+SEQUENCE_EXAMPLES: dict[str, Callable[[], SequenceExportable]] = {
+    "bilstm_classifier": bilstm_classifier,
+}
+
+__all__ = ["EXAMPLES", "SEQUENCE_EXAMPLES"]

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from rnnserve.export import Exportable, adapt
+from rnnserve.export.sequence import SequenceExportable, adapt_sequence
 
 SEED = 0
 
@@ -140,6 +141,32 @@ class GRUTagger(nn.Module):
         return self.fc(out)
 
 
+class BiLSTMClassifier(nn.Module):
+    """Notebook 001's text classifier: embedding (``padding_idx=0``), a bidirectional LSTM over the packed
+    sequences, both directions' last hidden states concatenated, then Linear-ReLU-Linear-sigmoid.
+
+    ``forward(text (B, T) int64, lengths (B,) int64) -> (B, 1)`` probabilities. Fixed from the notebook:
+    ``self_relu``/``self_sigmoid`` were locals (``self.relu`` did not exist), ``lengths.cpu().numpy`` was
+    never called, and the sizes were undefined.
+    """
+
+    def __init__(self, vocab_size: int = 100, embed_dim: int = 16, rnn_hidden_size: int = 24, fc_hidden_size: int = 32):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
+        self.rnn = nn.LSTM(embed_dim, rnn_hidden_size, batch_first=True, bidirectional=True)
+        self.fc1 = nn.Linear(rnn_hidden_size * 2, fc_hidden_size)
+        self.relu = nn.ReLU()
+        self.fc2 = nn.Linear(fc_hidden_size, 1)
+        self.sigmoid = nn.Sigmoid()
+
+    def forward(self, text: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        out = self.embedding(text)
+        out = nn.utils.rnn.pack_padded_sequence(out, lengths.cpu(), enforce_sorted=False, batch_first=True)
+        _, (hidden, _cell) = self.rnn(out)
+        out = torch.cat((hidden[-2], hidden[-1]), dim=1)  # last layer: forward, backward
+        return self.sigmoid(self.fc2(self.relu(self.fc1(out))))
+
+
 def _with_model(ex: Exportable, model: nn.Module) -> Exportable:
     model.eval()
     return replace(ex, model=model)
@@ -185,3 +212,12 @@ def gru2() -> Exportable:
     torch.manual_seed(SEED)
     model = GRUTagger()
     return _with_model(adapt(model.gru, head=model.fc), model)
+
+
+def bilstm_classifier() -> SequenceExportable:
+    """Notebook 001's bidirectional LSTM text classifier (vocab 100, embed 16, hidden 24, fc 32): a whole-
+    sequence model ``(tokens, lengths) -> prob``, served by Predict."""
+    torch.manual_seed(SEED)
+    model = BiLSTMClassifier().eval()
+    head = nn.Sequential(model.fc1, model.relu, model.fc2, model.sigmoid)
+    return adapt_sequence(model, embedding=model.embedding, rnn=model.rnn, head=head)

@@ -12,6 +12,7 @@ Every export is verified against the eager reference before ``REPO/NAME/VERSION/
 from rnnserve.export.adapters import adapt
 from rnnserve.export.api import FORMATS, export, export_examples
 from rnnserve.export.errors import ExportError, ExportVerificationError
+from rnnserve.export.sequence import SequenceExportable, adapt_sequence
 from rnnserve.export.step import Exportable, Reference, StateInfo, TensorInfo
 
 __all__ = [
@@ -20,9 +21,11 @@ __all__ = [
     "ExportVerificationError",
     "Exportable",
     "Reference",
+    "SequenceExportable",
     "StateInfo",
     "TensorInfo",
     "adapt",
+    "adapt_sequence",
     "export",
     "export_examples",
 ]

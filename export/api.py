@@ -7,7 +7,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -21,6 +22,7 @@ from rnnserve.export.adapters import adapt
 from rnnserve.export.errors import ExportError
 from rnnserve.export.onnx import ARTIFACT as ONNX_ARTIFACT
 from rnnserve.export.onnx import load_onnx, write_onnx
+from rnnserve.export.sequence import SequenceExportable, export_sequence
 from rnnserve.export.step import Exportable, StateInfo, TensorInfo
 from rnnserve.export.torchscript import ARTIFACT as TS_ARTIFACT
 from rnnserve.export.torchscript import load_torchscript, write_torchscript
@@ -53,7 +55,7 @@ def _progress_fn(progress: Progress) -> Callable[[str], None]:
 
 
 def export(
-    model: nn.Module | Exportable,
+    model: nn.Module | Exportable | SequenceExportable,
     *,
     name: str,
     repository: str | Path,
@@ -74,8 +76,9 @@ def export(
     """Export ``model`` to ``repository/name/version/`` (artifact + manifest.json) and return that folder.
 
     ``model`` is anything :func:`rnnserve.export.adapt` accepts (``input_size``/``hidden_size`` are passed
-    on to it). The artifact is verified against the eager reference over ``steps`` random steps at each
-    batch size before the folder appears; on a larger error than ``tolerance`` nothing is written and
+    on to it), or a :class:`SequenceExportable` (a whole-sequence model, see :mod:`rnnserve.export.sequence`).
+    The artifact is verified against the eager reference over ``steps`` random steps at each batch size
+    before the folder appears; on a larger error than ``tolerance`` nothing is written and
     :class:`ExportVerificationError` is raised. ``version`` defaults to one past the highest existing one;
     an existing version is replaced only with ``overwrite=True``. ``progress`` is a callable taking one line,
     or a bool (stderr lines).
@@ -83,24 +86,28 @@ def export(
     say = _progress_fn(progress)
     if format not in FORMATS:
         raise ExportError(f"unknown format {format!r}: choose one of {sorted(FORMATS)}")
-    if not _NAME.match(name):
-        raise ExportError(f"model name {name!r}: use letters, digits, '_', '.', '-', starting with a letter or digit")
+    if isinstance(model, SequenceExportable):  # a whole-sequence model (kind "sequence", served by Predict)
+        return export_sequence(
+            model,
+            name=name,
+            repository=repository,
+            format=format,
+            version=version,
+            overwrite=overwrite,
+            batch_sizes=batch_sizes,
+            tolerance=tolerance,
+            source=source,
+            description=description,
+            max_batch_size=max_batch_size,
+            progress=say,
+        )
     started = time.perf_counter()
     if isinstance(model, Exportable):
         ex = model
     else:
         say(f"adapting {type(model).__name__}")
         ex = adapt(model, input_size=input_size, hidden_size=hidden_size)
-    model_dir = Path(repository) / name
-    version = _pick_version(model_dir, version, overwrite)
-    final = model_dir / str(version)
-    created_dir = not model_dir.exists()
-    model_dir.mkdir(parents=True, exist_ok=True)
-    # The temporary folder sits beside the final one (same filesystem, so the rename is atomic); its
-    # dot-name is not a version number, so a server scanning the repository skips it.
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the server may run as another user
-    try:
+    with staging(repository, name, version, overwrite) as (tmp, version):
         artifact, write, load = FORMATS[format]
         say(f"exporting {ex.kind} to {format}")
         how = write(ex, tmp / artifact)
@@ -134,14 +141,33 @@ def export(
             description=description or f"{ex.kind}; {how}",
         )
         manifest.write(tmp)
-        _publish(tmp, final, overwrite)
+    final = Path(repository) / name / str(version)
+    say(f"wrote {final} in {time.perf_counter() - started:.1f} s")
+    return final
+
+
+@contextmanager
+def staging(repository: str | Path, name: str, version: int | None, overwrite: bool) -> Iterator[tuple[Path, int]]:
+    """Yield a temporary folder and the version number; on success it becomes ``repository/name/version``
+    in one rename, on any error it is removed (with the model folder, if this call created it)."""
+    if not _NAME.match(name):
+        raise ExportError(f"model name {name!r}: use letters, digits, '_', '.', '-', starting with a letter or digit")
+    model_dir = Path(repository) / name
+    version = _pick_version(model_dir, version, overwrite)
+    created_dir = not model_dir.exists()
+    model_dir.mkdir(parents=True, exist_ok=True)
+    # The temporary folder sits beside the final one (same filesystem, so the rename is atomic); its
+    # dot-name is not a version number, so a server scanning the repository skips it.
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the server may run as another user
+    try:
+        yield tmp, version
+        _publish(tmp, model_dir / str(version), overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if created_dir and model_dir.is_dir() and not any(model_dir.iterdir()):
             model_dir.rmdir()
         raise
-    say(f"wrote {final} in {time.perf_counter() - started:.1f} s")
-    return final
 
 
 def _pick_version(model_dir: Path, version: int | None, overwrite: bool) -> int:
@@ -226,23 +252,24 @@ def export_examples(
     tolerance: float = 1e-5,
     progress: Progress = True,
 ) -> list[Path]:
-    """Export the built-in examples (``rnnserve.examples.EXAMPLES``) to ``repository``.
+    """Export the built-in examples (``rnnserve.examples.EXAMPLES`` and ``SEQUENCE_EXAMPLES``) to ``repository``.
 
     With one format, models are named as in ``EXAMPLES`` (``elman_tanh``, ...). With several, the first
     format keeps the plain names and the others get a suffix (``elman_tanh_torchscript``), so they can share
     one repository. ``version=1, overwrite=True`` makes a re-run idempotent.
     """
-    from rnnserve.examples import EXAMPLES
+    from rnnserve.examples import EXAMPLES, SEQUENCE_EXAMPLES
 
+    factories = {**EXAMPLES, **SEQUENCE_EXAMPLES}
     formats = list(formats)
-    chosen = list(EXAMPLES) if names is None else list(names)
-    unknown = sorted(set(chosen) - set(EXAMPLES))
+    chosen = list(factories) if names is None else list(names)
+    unknown = sorted(set(chosen) - set(factories))
     if unknown:
-        raise ExportError(f"unknown examples {unknown}; known: {sorted(EXAMPLES)}")
+        raise ExportError(f"unknown examples {unknown}; known: {sorted(factories)}")
     written = []
     for i, fmt in enumerate(formats):
         for example in chosen:
-            factory = EXAMPLES[example]
+            factory = factories[example]
             written.append(
                 export(
                     factory(),

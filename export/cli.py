@@ -12,6 +12,7 @@ from torch import nn
 
 from rnnserve.export.api import FORMATS, export, export_examples
 from rnnserve.export.errors import ExportError
+from rnnserve.export.sequence import SequenceExportable
 from rnnserve.export.step import Exportable
 
 EPILOG = """\
@@ -22,7 +23,8 @@ examples:
 
 FACTORY is a function (or class) called with no arguments, or a module-level object. It must give an
 nn.RNN/nn.LSTM/nn.GRU, an nn.RNNCell/LSTMCell/GRUCell, a cell (x, h) -> h or (y, h), an nn.ModuleList of
-cells, or an rnnserve.export.Exportable (e.g. adapt(model.rnn, head=model.fc)).
+cells, or an rnnserve.export.Exportable (e.g. adapt(model.rnn, head=model.fc)), or a whole-sequence model
+as an rnnserve.export.SequenceExportable (adapt_sequence(...); served by Predict).
 """
 
 
@@ -98,7 +100,7 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def load_target(target: str) -> tuple[nn.Module | Exportable, str]:
+def load_target(target: str) -> tuple[nn.Module | Exportable | SequenceExportable, str]:
     """Resolve ``MODULE_OR_FILE:FACTORY`` to the model it gives, and the factory's name."""
     where, sep, attr = target.rpartition(":")
     if not sep or not where or not attr:
@@ -108,12 +110,12 @@ def load_target(target: str) -> tuple[nn.Module | Exportable, str]:
         public = sorted(n for n in vars(module) if not n.startswith("_"))
         raise ExportError(f"{where} has no {attr!r}; it defines {public}")
     obj = getattr(module, attr)
-    if not isinstance(obj, nn.Module | Exportable) and callable(obj):
+    if not isinstance(obj, nn.Module | Exportable | SequenceExportable) and callable(obj):
         try:
             obj = obj()
         except TypeError as exc:
             raise ExportError(f"calling {target}() failed ({exc}): the factory must take no arguments") from exc
-    if not isinstance(obj, nn.Module | Exportable):
+    if not isinstance(obj, nn.Module | Exportable | SequenceExportable):
         raise ExportError(
             f"{target} gave a {type(obj).__name__}; it must give an nn.Module or an rnnserve.export.Exportable"
         )

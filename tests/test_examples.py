@@ -11,7 +11,7 @@ import torch
 from test_export_support import max_error, rnnserve_cli, run_artifact
 from torch import nn
 
-from rnnserve.examples import EXAMPLES
+from rnnserve.examples import EXAMPLES, SEQUENCE_EXAMPLES
 from rnnserve.export import export_examples
 from rnnserve.manifest import ModelManifest
 
@@ -76,6 +76,9 @@ def test_regressor_state_matches_nn_rnn_final_hidden() -> None:
 
 
 def _check_repository(repo: Path, fmt: str, suffix: str = "") -> None:
+    for name in SEQUENCE_EXAMPLES:  # whole-sequence models: Predict only (tests/test_predict.py runs them)
+        manifest = ModelManifest.read(repo / f"{name}{suffix}" / "1")
+        assert manifest.format == fmt and manifest.kind == "sequence", name
     for name, factory in EXAMPLES.items():
         folder = repo / f"{name}{suffix}" / "1"
         manifest = ModelManifest.read(folder)
@@ -93,14 +96,14 @@ def test_all_examples_onnx_via_cli(tmp_path: Path) -> None:
     repo = tmp_path / "onnx-repo"
     result = rnnserve_cli("export", "--all-examples", "--repository", str(repo), "--format", "onnx")
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in repo.iterdir()) == sorted(EXAMPLES)
+    assert sorted(p.name for p in repo.iterdir()) == sorted([*EXAMPLES, *SEQUENCE_EXAMPLES])
     _check_repository(repo, "onnx")
 
 
 def test_all_examples_torchscript_via_api(tmp_path: Path) -> None:
     repo = tmp_path / "ts-repo"
     paths = export_examples(repo, ["torchscript"], progress=False)
-    assert paths == [repo / name / "1" for name in EXAMPLES]
+    assert paths == [repo / name / "1" for name in [*EXAMPLES, *SEQUENCE_EXAMPLES]]
     _check_repository(repo, "torchscript")
 
 
