@@ -17,7 +17,7 @@ from rnnserve.client._aio import AsyncClient, AsyncMultiStream, AsyncSession
 from rnnserve.client._base import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_WINDOW
 from rnnserve.client._errors import RnnServeError
 from rnnserve.client._sync import Client, MultiStream, Session
-from rnnserve.client._types import BatchResult, ModelInfo, ModelStats, StateSpec, Stats, TensorSpec
+from rnnserve.client._types import BatchResult, ModelInfo, ModelStats, StateSpec, Stats, TensorSpec, UnloadResult
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -35,4 +35,5 @@ __all__ = [
     "StateSpec",
     "Stats",
     "TensorSpec",
+    "UnloadResult",
 ]

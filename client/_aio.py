@@ -14,7 +14,7 @@ from numpy.typing import ArrayLike
 
 from rnnserve.client import _base, _convert
 from rnnserve.client._errors import RnnServeError, from_rpc_error
-from rnnserve.client._types import BatchResult, ModelInfo, Stats
+from rnnserve.client._types import BatchResult, ModelInfo, Stats, UnloadResult
 from rnnserve.proto import rnnserve_pb2 as pb
 from rnnserve.proto import rnnserve_pb2_grpc as pb_grpc
 from rnnserve.tensors import decode_map
@@ -88,6 +88,20 @@ class AsyncClient:
     async def stats(self, model: str = "") -> Stats:
         """Server statistics, optionally for one model only."""
         return _convert.stats(await self._call(self._stub.GetStats, pb.StatsRequest(model=model)))
+
+    async def load_model(
+        self, name: str, version: int | None = None, timeout: float | None = _DEFAULT
+    ) -> list[ModelInfo]:
+        """Load (or reload) a version folder of the server's repository (see ``Client.load_model``)."""
+        req = pb.LoadModelRequest(name=name, version=version or 0)
+        return [_convert.model_info(m) for m in (await self._call(self._stub.LoadModel, req, timeout)).models]
+
+    async def unload_model(
+        self, name: str, version: int | None = None, force: bool = False, timeout: float | None = _DEFAULT
+    ) -> UnloadResult:
+        """Unload a version, or every version of ``name`` (see ``Client.unload_model``)."""
+        req = pb.UnloadModelRequest(name=name, version=version or 0, force=force)
+        return _convert.unload_result(await self._call(self._stub.UnloadModel, req, timeout))
 
     async def health(self, service: str = "", timeout: float | None = _DEFAULT) -> str:
         """The standard grpc health status of ``service`` ("" is the whole server), e.g. ``"SERVING"``."""

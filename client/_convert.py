@@ -12,7 +12,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from rnnserve.client._errors import RnnServeError, status_code
-from rnnserve.client._types import ModelInfo, ModelStats, StateSpec, Stats, TensorSpec
+from rnnserve.client._types import ModelInfo, ModelStats, StateSpec, Stats, TensorSpec, UnloadResult
 from rnnserve.proto import rnnserve_pb2 as pb
 from rnnserve.tensors import PB_TO_DTYPE, decode_map, encode_map
 
@@ -64,6 +64,10 @@ def model_info(msg: pb.ModelInfo) -> ModelInfo:
         parameters=tuple(tensor_spec(s) for s in msg.parameters),
         constants=tuple(tensor_spec(s) for s in msg.constants),
     )
+
+
+def unload_result(msg: pb.UnloadModelResponse) -> UnloadResult:
+    return UnloadResult([model_info(m) for m in msg.models], msg.closed_sessions)
 
 
 def stats(msg: pb.StatsResponse) -> Stats:

@@ -14,7 +14,7 @@ from numpy.typing import ArrayLike
 
 from rnnserve.client import _base, _convert
 from rnnserve.client._errors import RnnServeError, from_rpc_error
-from rnnserve.client._types import BatchResult, ModelInfo, Stats
+from rnnserve.client._types import BatchResult, ModelInfo, Stats, UnloadResult
 from rnnserve.proto import rnnserve_pb2 as pb
 from rnnserve.proto import rnnserve_pb2_grpc as pb_grpc
 from rnnserve.tensors import decode_map
@@ -92,6 +92,23 @@ class Client:
     def stats(self, model: str = "") -> Stats:
         """Server statistics, optionally for one model only."""
         return _convert.stats(self._call(self._stub.GetStats, pb.StatsRequest(model=model)))
+
+    def load_model(self, name: str, version: int | None = None, timeout: float | None = _DEFAULT) -> list[ModelInfo]:
+        """Load (or reload) a version folder of the server's repository; None: every version of ``name``.
+
+        Returns each version's outcome: READY, or FAILED with ``error`` (a version that was serving keeps
+        serving when its reload fails).
+        """
+        req = pb.LoadModelRequest(name=name, version=version or 0)
+        return [_convert.model_info(m) for m in self._call(self._stub.LoadModel, req, timeout).models]
+
+    def unload_model(
+        self, name: str, version: int | None = None, force: bool = False, timeout: float | None = _DEFAULT
+    ) -> UnloadResult:
+        """Unload a version (None: every version of ``name``). A version with open sessions is refused
+        (FAILED_PRECONDITION) unless ``force``, which ends those sessions."""
+        req = pb.UnloadModelRequest(name=name, version=version or 0, force=force)
+        return _convert.unload_result(self._call(self._stub.UnloadModel, req, timeout))
 
     def health(self, service: str = "", timeout: float | None = _DEFAULT) -> str:
         """The standard grpc health status of ``service`` ("" is the whole server): e.g. ``"SERVING"``.

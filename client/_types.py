@@ -113,3 +113,12 @@ class BatchResult:
     outputs: Any
     steps: list[int]
     errors: dict[int, Any]
+
+
+@dataclass(frozen=True)
+class UnloadResult:
+    """The answer to ``Client.unload_model``: the versions unloaded (state ``UNLOADED``) and how many open
+    sessions a forced unload ended."""
+
+    models: list[ModelInfo]
+    closed_sessions: int = 0

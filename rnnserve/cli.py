@@ -17,6 +17,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("rnnserve.demo", "export the built-in examples, serve them and stream a demo session"),
     "health": ("rnnserve.client.cli_health", "check a server's gRPC health (exit 0 when SERVING)"),
     "models": ("rnnserve.client.cli_models", "list a server's models and their signatures"),
+    "load": ("rnnserve.client.cli_load", "load or reload a model's version(s) on a running server"),
+    "unload": ("rnnserve.client.cli_unload", "unload a model's version(s) from a running server"),
     "bench": ("rnnserve.bench.cli", "measure rnnserve against ceilings measured in the same run"),
 }
 

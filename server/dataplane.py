@@ -9,10 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from rnnserve.server import snapshot as snapshots
+from rnnserve.server.admin import ModelAdmin, UnloadResult
 from rnnserve.server.batcher import ControlJob, JobGroup, StepJob
-from rnnserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
+from rnnserve.server.errors import InvalidArgument, NotFound, ResourceExhausted, SessionEnded
 from rnnserve.server.model import LoadedModel
-from rnnserve.server.repository import ModelRepository
+from rnnserve.server.repository import FailedModel, ModelRepository
 from rnnserve.server.sessions import Session, SessionManager
 
 
@@ -37,6 +38,7 @@ class DataPlane:
         self.repository = repository
         self.sessions = sessions
         self.max_pending_steps = max_pending_steps
+        self.admin = ModelAdmin(repository, sessions)
 
     # ---- models -----------------------------------------------------------------------------------------
     def models(self, name: str = "") -> list[LoadedModel]:
@@ -44,6 +46,12 @@ class DataPlane:
 
     def model(self, name: str, version: int = 0) -> LoadedModel:
         return self.repository.get(name, version)
+
+    async def load_model(self, name: str, version: int = 0) -> list[LoadedModel | FailedModel]:
+        return await self.admin.load(name, version)
+
+    async def unload_model(self, name: str, version: int = 0, *, force: bool = False) -> UnloadResult:
+        return await self.admin.unload(name, version, force=force)
 
     # ---- sessions ---------------------------------------------------------------------------------------
     def open_session(
@@ -173,7 +181,7 @@ class DataPlane:
         for i, sid in enumerate(session_ids):
             try:
                 session = self.sessions.get(sid)
-            except NotFound as exc:
+            except (NotFound, SessionEnded) as exc:
                 errors[i] = exc
                 continue
             if model is None:
@@ -239,3 +247,4 @@ class DataPlane:
         await self.sessions.stop()
         for model in self.repository.models.values():
             await model.stop()
+        await self.admin.stop()

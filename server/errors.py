@@ -42,6 +42,10 @@ class FailedPrecondition(RnnServeError):
     status = "FAILED_PRECONDITION"
 
 
+class SessionEnded(FailedPrecondition):
+    """A call on a session the server ended itself (its model was unloaded by force), not a closed one."""
+
+
 class Unavailable(RnnServeError):
     status = "UNAVAILABLE"
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,6 +60,8 @@ class LoadedModel:
         self.max_queue_delay_us = manifest.max_queue_delay_us if max_queue_delay_us is None else max_queue_delay_us
         self.batcher: Batcher | None = None  # created on the event loop by start()
         self.open_sessions = 0
+        # Set when a reload or unload retires this object: called once its last session is gone, to stop it.
+        self.on_idle: Callable[[LoadedModel], None] | None = None
         self._info_pb = None  # the transport's ModelInfo message for this model, built once
         self._input_checks = [(t.name, np.dtype(t.dtype), t.session_shape) for t in manifest.inputs]
         self._state_checks = [(s.name, np.dtype(s.dtype), s.session_shape) for s in manifest.states]
@@ -128,6 +130,8 @@ class LoadedModel:
             self.slab.release(session.slot)
             session.slot = -1
             self.open_sessions -= 1
+            if self.open_sessions == 0 and self.on_idle is not None:
+                self.on_idle(self)
 
     # ---- request checks ---------------------------------------------------------------------------------
     def check_inputs(

@@ -8,7 +8,7 @@ import secrets
 import time
 from collections import OrderedDict, deque
 
-from rnnserve.server.errors import ResourceExhausted, SessionNotFound
+from rnnserve.server.errors import ResourceExhausted, SessionEnded, SessionNotFound
 from rnnserve.server.model import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,9 @@ class SessionManager:
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self.expired = 0
         self._reaper: asyncio.Task | None = None
+        # Sessions the server ended itself (forced unload) -> (when, why): a call on one says why instead of
+        # NOT_FOUND, for one TTL.
+        self._ended: OrderedDict[str, tuple[float, str]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -58,6 +61,9 @@ class SessionManager:
     def get(self, session_id: str) -> Session:
         session = self._sessions.get(session_id)
         if session is None:
+            ended = self._ended.get(session_id)
+            if ended is not None:
+                raise SessionEnded(f"session '{session_id}' has ended: {ended[1]}")
             raise SessionNotFound(session_id)
         session.last_used = time.monotonic()
         self._sessions.move_to_end(session_id)
@@ -66,6 +72,8 @@ class SessionManager:
     def close(self, session_id: str) -> None:
         session = self._sessions.pop(session_id, None)
         if session is None:
+            if self._ended.pop(session_id, None) is not None:
+                return  # the client acknowledges a session the server ended: nothing left to free
             raise SessionNotFound(session_id)
         self._end(session)
 
@@ -78,6 +86,8 @@ class SessionManager:
     def expire(self) -> int:
         """Close sessions idle longer than the TTL; return how many."""
         cutoff = time.monotonic() - self.ttl
+        while self._ended and next(iter(self._ended.values()))[0] <= cutoff:
+            self._ended.popitem(last=False)
         count = 0
         while self._sessions:
             session = next(iter(self._sessions.values()))
@@ -98,6 +108,17 @@ class SessionManager:
         doomed = [s for s in self._sessions.values() if s.model is model]
         for s in doomed:
             del self._sessions[s.id]
+            self._end(s)
+        return len(doomed)
+
+    def end_model_sessions(self, model: LoadedModel, reason: str) -> int:
+        """End every session of ``model`` (a forced unload); a later call on one gets FAILED_PRECONDITION
+        with ``reason``. Steps already queued fail; a batch computing finishes first (the batcher frees those)."""
+        doomed = [s for s in self._sessions.values() if s.model is model]
+        now = time.monotonic()
+        for s in doomed:
+            del self._sessions[s.id]
+            self._ended[s.id] = (now, reason)
             self._end(s)
         return len(doomed)
 

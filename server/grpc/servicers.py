@@ -13,9 +13,17 @@ from rnnserve.server.dataplane import DataPlane
 from rnnserve.server.errors import InvalidArgument
 from rnnserve.server.grpc import converters
 from rnnserve.server.grpc.utils import parse, to_status
+from rnnserve.server.model import LoadedModel
+from rnnserve.server.repository import FailedModel
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "rnnserve.v1.RnnServe"
+
+
+def _outcome(model: LoadedModel | FailedModel) -> pb.ModelInfo:
+    if isinstance(model, FailedModel):
+        return converters.failed_model_info(model)
+    return converters.model_info(model)
 
 
 def _check_wanted(model, wanted) -> list[str]:
@@ -34,7 +42,7 @@ class RnnServeServicer:
 
     # ---- models -----------------------------------------------------------------------------------------
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
-        models = [converters.model_info(m) for m in self.dp.models(request.name)]
+        models = [self._info(m) for m in self.dp.models(request.name)]
         failed = [
             converters.failed_model_info(f)
             for key, f in sorted(self.dp.repository.failed.items())
@@ -43,7 +51,26 @@ class RnnServeServicer:
         return pb.ListModelsResponse(models=models + failed)
 
     async def GetModel(self, request: pb.GetModelRequest, context) -> pb.ModelInfo:
-        return converters.model_info(self.dp.model(request.name, request.version))
+        return self._info(self.dp.model(request.name, request.version))
+
+    def _info(self, model: LoadedModel) -> pb.ModelInfo:
+        """A serving model's description; READY with an error when its last reload failed."""
+        info = converters.model_info(model)
+        error = self.dp.admin.reload_errors.get((model.name, model.version))
+        if error:
+            info.error = f"reload failed, still serving the previous load: {error}"
+        return info
+
+    async def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.LoadModelResponse:
+        loaded = await self.dp.load_model(request.name, request.version)
+        return pb.LoadModelResponse(models=[_outcome(m) for m in loaded])
+
+    async def UnloadModel(self, request: pb.UnloadModelRequest, context) -> pb.UnloadModelResponse:
+        result = await self.dp.unload_model(request.name, request.version, force=request.force)
+        models = [_outcome(m) for m in result.unloaded]
+        for info in models:
+            info.state = "UNLOADED"
+        return pb.UnloadModelResponse(models=models, closed_sessions=result.closed_sessions)
 
     # ---- sessions ---------------------------------------------------------------------------------------
     async def OpenSession(self, request: pb.OpenSessionRequest, context) -> pb.OpenSessionResponse:
@@ -104,6 +131,19 @@ class RnnServeServicer:
         response = pb.StepResponse(session_id=request.session_id, steps=result.steps, request_id=request.request_id)
         converters.fill_outputs(response.outputs, result.outputs, wanted)
         return response
+
+    async def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
+        model = self.dp.model(request.model, request.version)
+        wanted = _check_wanted(model, request.outputs)
+        result = await self.dp.predict(
+            request.model,
+            request.version,
+            converters.tensors(request.inputs),
+            converters.tensor(request.lengths, "lengths") if request.HasField("lengths") else None,
+            converters.tensors(request.initial_state),
+            converters.tensors(request.parameters),
+        )
+        return converters.predict_response(request, model, result, wanted)
 
     async def StreamStep(self, request_iterator: AsyncIterator[bytes], context) -> AsyncIterator[pb.StreamStepResponse]:
         # The reader queues every step of a message as soon as it arrives (so sessions in different messages
@@ -184,12 +224,15 @@ class RnnServeServicer:
 METHODS: dict[str, tuple[type, type, bool]] = {
     "ListModels": (pb.ListModelsRequest, pb.ListModelsResponse, False),
     "GetModel": (pb.GetModelRequest, pb.ModelInfo, False),
+    "LoadModel": (pb.LoadModelRequest, pb.LoadModelResponse, False),
+    "UnloadModel": (pb.UnloadModelRequest, pb.UnloadModelResponse, False),
     "OpenSession": (pb.OpenSessionRequest, pb.OpenSessionResponse, False),
     "CloseSession": (pb.SessionRequest, pb.CloseSessionResponse, False),
     "ResetSession": (pb.ResetSessionRequest, pb.ResetSessionResponse, False),
     "GetState": (pb.SessionRequest, pb.SessionState, False),
     "SetState": (pb.SetStateRequest, pb.SetStateResponse, False),
     "Step": (pb.StepRequest, pb.StepResponse, False),
+    "Predict": (pb.PredictRequest, pb.PredictResponse, False),
     "GetStats": (pb.StatsRequest, pb.StatsResponse, False),
     "StreamStep": (pb.StreamStepRequest, pb.StreamStepResponse, True),
 }
