@@ -12,8 +12,9 @@ import grpc.aio
 import numpy as np
 from numpy.typing import ArrayLike
 
-from rnnserve.client import _base, _convert
+from rnnserve.client import _base, _convert, _predict
 from rnnserve.client._errors import RnnServeError, from_rpc_error
+from rnnserve.client._predict import PredictResult
 from rnnserve.client._types import BatchResult, ModelInfo, Stats, UnloadResult
 from rnnserve.proto import rnnserve_pb2 as pb
 from rnnserve.proto import rnnserve_pb2_grpc as pb_grpc
@@ -143,6 +144,33 @@ class AsyncClient:
     def multi_stream(self) -> AsyncMultiStream:
         """A stream carrying steps of many sessions per message (``async with``)."""
         return AsyncMultiStream(self)
+
+    # -- whole sequences -----------------------------------------------------------------------------
+
+    async def predict(
+        self,
+        model: str,
+        inputs: _convert.Inputs,
+        lengths: ArrayLike,
+        *,
+        version: int | None = None,
+        initial_state: Mapping[str, ArrayLike] | None = None,
+        parameters: Mapping[str, ArrayLike] | None = None,
+        outputs: Sequence[str] | None = None,
+    ) -> PredictResult:
+        """Run a batch of whole sequences with their lengths (no session): see ``Client.predict``."""
+        info = await self.model(model, version)
+        request = _predict.predict_request(
+            model,
+            info,
+            inputs,
+            lengths,
+            version=info.version,
+            initial_state=initial_state,
+            parameters=parameters,
+            outputs=outputs,
+        )
+        return _predict.predict_result(await self._call(self._stub.Predict, request))
 
 
 class _SessionOpener:

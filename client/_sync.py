@@ -12,8 +12,9 @@ import grpc
 import numpy as np
 from numpy.typing import ArrayLike
 
-from rnnserve.client import _base, _convert
+from rnnserve.client import _base, _convert, _predict
 from rnnserve.client._errors import RnnServeError, from_rpc_error
+from rnnserve.client._predict import PredictResult
 from rnnserve.client._types import BatchResult, ModelInfo, Stats, UnloadResult
 from rnnserve.proto import rnnserve_pb2 as pb
 from rnnserve.proto import rnnserve_pb2_grpc as pb_grpc
@@ -156,6 +157,39 @@ class Client:
     def multi_stream(self) -> MultiStream:
         """A stream carrying steps of many sessions per message (see MultiStream)."""
         return MultiStream(self)
+
+    # -- whole sequences -----------------------------------------------------------------------------
+
+    def predict(
+        self,
+        model: str,
+        inputs: _convert.Inputs,
+        lengths: ArrayLike,
+        *,
+        version: int | None = None,
+        initial_state: Mapping[str, ArrayLike] | None = None,
+        parameters: Mapping[str, ArrayLike] | None = None,
+        outputs: Sequence[str] | None = None,
+    ) -> PredictResult:
+        """Run a batch of whole sequences, padded batch first, with each one's length (no session).
+
+        ``inputs`` is an array for a single-input model, else ``{name: array}``. A sequence model takes
+        e.g. token ids ``(batch, max_length)``; a step model ``(batch, max_length, *input shape)``, run from
+        its initial state or from ``initial_state`` (one per sequence, stacked on a leading axis), with
+        ``parameters`` likewise. One GetModel call first (it pins the version and gives the dtypes to cast to).
+        """
+        info = self.model(model, version)
+        request = _predict.predict_request(
+            model,
+            info,
+            inputs,
+            lengths,
+            version=info.version,
+            initial_state=initial_state,
+            parameters=parameters,
+            outputs=outputs,
+        )
+        return _predict.predict_result(self._call(self._stub.Predict, request))
 
 
 class Session(_base.SessionBase):

@@ -13,6 +13,7 @@ from rnnserve.server.admin import ModelAdmin, UnloadResult
 from rnnserve.server.batcher import ControlJob, JobGroup, StepJob
 from rnnserve.server.errors import InvalidArgument, NotFound, ResourceExhausted, SessionEnded
 from rnnserve.server.model import LoadedModel
+from rnnserve.server.predict import Predictor, PredictResult, refuse_sessions
 from rnnserve.server.repository import FailedModel, ModelRepository
 from rnnserve.server.sessions import Session, SessionManager
 
@@ -39,6 +40,7 @@ class DataPlane:
         self.sessions = sessions
         self.max_pending_steps = max_pending_steps
         self.admin = ModelAdmin(repository, sessions)
+        self.predictor = Predictor()
 
     # ---- models -----------------------------------------------------------------------------------------
     def models(self, name: str = "") -> list[LoadedModel]:
@@ -68,12 +70,14 @@ class DataPlane:
                 raise InvalidArgument("a snapshot carries the state and parameters: give it alone")
             snap = snapshots.decode(snapshot)
             model = self.repository.get(model_name or snap.model, version or (0 if model_name else snap.version))
+            refuse_sessions(model)
             # A snapshot holds the session's parameters beside its state, under their own names.
             param_names = {p.name for p in model.manifest.parameters}
             state = model.check_state({k: v for k, v in snap.state.items() if k not in param_names}, partial=False)
             params = model.check_parameters({k: v for k, v in snap.state.items() if k in param_names})
             return self.sessions.open(model, state, snap.steps, params)
         model = self.repository.get(model_name, version)
+        refuse_sessions(model)
         state = model.check_state(initial_state, partial=True) if initial_state else None
         return self.sessions.open(model, state, 0, model.check_parameters(parameters))
 
@@ -237,6 +241,20 @@ class DataPlane:
         model, future = self.submit_step(session_id, inputs, num_steps)
         return self.step_result(model, await future, num_steps)
 
+    # ---- whole sequences --------------------------------------------------------------------------------
+    async def predict(
+        self,
+        model_name: str,
+        version: int,
+        inputs: Mapping[str, np.ndarray],
+        lengths: np.ndarray | None,
+        initial_state: Mapping[str, np.ndarray],
+        parameters: Mapping[str, np.ndarray],
+    ) -> PredictResult:
+        """Run a batch of padded sequences through the model (see server/predict.py); no session involved."""
+        model = self.repository.get(model_name, version)
+        return await self.predictor.predict(model, inputs, lengths, initial_state, parameters)
+
     # ---- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> None:
         for model in self.repository.models.values():
@@ -248,3 +266,4 @@ class DataPlane:
         for model in self.repository.models.values():
             await model.stop()
         await self.admin.stop()
+        self.predictor.close()

@@ -10,8 +10,9 @@ from rnnserve.manifest import StateSpec, TensorSpec
 from rnnserve.proto import rnnserve_pb2 as pb
 from rnnserve.server.dataplane import SessionStateView
 from rnnserve.server.model import LoadedModel
+from rnnserve.server.predict import PredictResult
 from rnnserve.server.repository import FailedModel
-from rnnserve.tensors import DTYPE_TO_PB, decode_map, encode_map, to_proto
+from rnnserve.tensors import DTYPE_TO_PB, decode_map, encode_map, from_proto, to_proto
 
 
 def tensor_spec(spec: TensorSpec) -> pb.TensorSpec:
@@ -47,7 +48,7 @@ def _static_model_info(model: LoadedModel) -> pb.ModelInfo:
         version=m.version,
         format=m.format,
         state="READY",
-        inputs=[tensor_spec(t) for t in m.inputs],
+        inputs=[tensor_spec(t) for t in m.inputs if t.name != m.lengths_input],  # lengths go in their own field
         outputs=[tensor_spec(t) for t in m.outputs],
         states=[state_spec(s) for s in m.states],
         state_bytes=m.state_bytes,
@@ -67,6 +68,19 @@ def failed_model_info(failed: FailedModel) -> pb.ModelInfo:
 
 def tensors(field: Mapping[str, pb.Tensor]) -> dict[str, np.ndarray]:
     return decode_map(field)
+
+
+def tensor(msg: pb.Tensor, name: str) -> np.ndarray:
+    return from_proto(msg, name)
+
+
+def predict_response(
+    request: pb.PredictRequest, model: LoadedModel, result: PredictResult, wanted: list[str]
+) -> pb.PredictResponse:
+    response = pb.PredictResponse(model=model.name, version=model.version, request_id=request.request_id)
+    fill_outputs(response.outputs, result.outputs, wanted)
+    encode_map(result.final_state, response.final_state)
+    return response
 
 
 def session_state(view: SessionStateView) -> pb.SessionState:

@@ -1,0 +1,302 @@
+"""Predict: a batch of whole, variable-length sequences (padded, plus each one's length) in one call.
+
+* A ``kind: sequence`` model (e.g. a bidirectional LSTM classifier) takes the padded batch and the lengths
+  directly: one runtime call per chunk of at most ``max_batch_size`` sequences.
+* A step model runs the sequences' steps from their initial state (the model's, or one given per sequence).
+  Sequences are sorted by length, longest first, so at step ``t`` the ones still running are a prefix of the
+  batch and each call takes just that prefix: a finished sequence's state is simply no longer fed, which
+  keeps it frozen at its last real step, and its outputs past its length stay zero.
+
+Neither touches sessions or the state slab, and the model calls run on this module's own worker threads (the
+event loop only validates), beside the batcher's, so a long Predict does not hold up streaming steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+import numpy as np
+
+from rnnserve.manifest import TensorSpec
+from rnnserve.server.errors import FailedPrecondition, Internal, InvalidArgument, RnnServeError
+from rnnserve.server.model import LoadedModel
+
+log = logging.getLogger(__name__)
+WORKERS = 2
+
+
+class PredictResult(NamedTuple):
+    outputs: dict[str, np.ndarray]
+    """Sequence models: (batch, ...); step models: (batch, max_length, ...), zeros past each length."""
+    final_state: dict[str, np.ndarray]
+    """Step models: each sequence's state after its last step, (batch, *per-session shape)."""
+
+
+def refuse_sessions(model: LoadedModel) -> None:
+    """Sessions step a model one timestep at a time; a sequence model only takes whole sequences."""
+    if model.manifest.kind == "sequence":
+        raise FailedPrecondition(f"model {model.key} takes whole sequences: use Predict")
+
+
+class Predictor:
+    """Validates Predict requests on the event loop and runs them on a small thread pool."""
+
+    def __init__(self, workers: int = WORKERS) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="predict")
+
+    async def predict(
+        self,
+        model: LoadedModel,
+        inputs: Mapping[str, np.ndarray],
+        lengths: np.ndarray | None,
+        initial_state: Mapping[str, np.ndarray],
+        parameters: Mapping[str, np.ndarray],
+    ) -> PredictResult:
+        job_type = _SequenceJob if model.manifest.kind == "sequence" else _StepsJob
+        job = job_type(model, inputs, lengths, initial_state, parameters)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, job.run)
+        except RnnServeError:
+            raise
+        except Exception as exc:
+            log.exception("model %s failed on a Predict of %d sequences", model.key, len(job.lengths))
+            raise Internal(f"model {model.key} failed: {exc}") from exc
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+# --- validation -------------------------------------------------------------------------------------------
+
+
+def _check_lengths(model: LoadedModel, lengths: np.ndarray | None) -> np.ndarray:
+    if lengths is None or lengths.dtype != np.int64 or lengths.ndim != 1 or len(lengths) == 0:
+        got = "nothing" if lengths is None else f"{lengths.dtype.name}{list(lengths.shape)}"
+        raise InvalidArgument(
+            f"Predict on model {model.key} needs 'lengths': int64[batch] with one length per sequence, got {got}"
+        )
+    return lengths
+
+
+def _check_range(model: LoadedModel, lengths: np.ndarray, max_length: int) -> None:
+    bad = np.flatnonzero((lengths < 1) | (lengths > max_length))
+    if bad.size:
+        i = int(bad[0])
+        raise InvalidArgument(
+            f"lengths[{i}] = {int(lengths[i])} of model {model.key}: each length must be within [1, {max_length}] "
+            "(the padded time axis)"
+        )
+
+
+def _per_sequence(
+    model: LoadedModel,
+    kind: str,
+    given: Mapping[str, np.ndarray],
+    specs: list,
+    defaults: list[np.ndarray | None],
+    batch: int,
+) -> list[np.ndarray]:
+    """Per-sequence states or parameters stacked on a leading batch axis; missing ones take their default."""
+    unknown = sorted(set(given) - {s.name for s in specs})
+    if unknown:
+        raise InvalidArgument(f"model {model.key} has no {kind} named {unknown}; it has {[s.name for s in specs]}")
+    values = []
+    for spec, default in zip(specs, defaults, strict=True):
+        if spec.name in given:
+            arr = given[spec.name]
+            model._check_tensor(kind, spec.name, arr, np.dtype(spec.dtype), (batch, *spec.session_shape), lead="batch")
+            values.append(arr)
+        elif default is None:
+            raise InvalidArgument(f"model {model.key} needs {kind} '{spec.name}' ({spec.dtype}, one per sequence)")
+        else:
+            values.append(np.broadcast_to(default, (batch, *default.shape)))
+    return values
+
+
+class _Job:
+    """One validated Predict request; ``run`` computes it on a worker thread."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        inputs: Mapping[str, np.ndarray],
+        lengths: np.ndarray | None,
+        initial_state: Mapping[str, np.ndarray],
+        parameters: Mapping[str, np.ndarray],
+    ) -> None:
+        self.model = model
+        self.lengths = _check_lengths(model, lengths)
+        self._check(inputs, initial_state, parameters)
+
+    def _check(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        initial_state: Mapping[str, np.ndarray],
+        parameters: Mapping[str, np.ndarray],
+    ) -> None:
+        raise NotImplementedError
+
+    def run(self) -> PredictResult:
+        raise NotImplementedError
+
+
+class _SequenceJob(_Job):
+    """A kind-sequence model: the padded inputs and the lengths go to the model as they are."""
+
+    def _check(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        initial_state: Mapping[str, np.ndarray],
+        parameters: Mapping[str, np.ndarray],
+    ) -> None:
+        model = self.model
+        if initial_state or parameters:
+            raise InvalidArgument(f"model {model.key} takes whole sequences: it has no state or parameters to give")
+        m = model.manifest
+        self.specs = [t for t in m.inputs if t.name != m.lengths_input]
+        if set(inputs) != {t.name for t in self.specs}:
+            expected = ", ".join(f"'{t.name}' {t.dtype}{_model_shape(t)}" for t in self.specs)
+            raise InvalidArgument(
+                f"model {model.key} takes input tensor(s) {expected} and the lengths; got {sorted(inputs)}"
+            )
+        batch = len(self.lengths)
+        max_length = 0
+        for spec in self.specs:
+            arr = inputs[spec.name]
+            shape = tuple(batch if i == spec.batch_axis else d for i, d in enumerate(spec.shape))
+            model._check_tensor("input", spec.name, arr, np.dtype(spec.dtype), shape, lead="batch")
+            if arr.ndim > spec.batch_axis + 1:  # the padded time axis follows the batch axis
+                max_length = max(max_length, arr.shape[spec.batch_axis + 1])
+        _check_range(model, self.lengths, max_length or int(self.lengths.max()))
+        self.inputs = {t.name: inputs[t.name] for t in self.specs}
+
+    def run(self) -> PredictResult:
+        model = self.model
+        m = model.manifest
+        parts: dict[str, list[np.ndarray]] = {t.name: [] for t in m.outputs}
+        for rows in _chunks(np.arange(len(self.lengths)), model.max_batch_size):
+            feeds = {t.name: np.take(self.inputs[t.name], rows, axis=t.batch_axis) for t in self.specs}
+            feeds[str(m.lengths_input)] = self.lengths[rows]
+            feeds.update(model.constants)
+            out = model.runtime.run(feeds)
+            for spec in m.outputs:
+                parts[spec.name].append(_batch_first(model, spec, out[spec.name], len(rows)))
+        return PredictResult({k: np.concatenate(v) for k, v in parts.items()}, {})
+
+
+class _StepsJob(_Job):
+    """A step model: each sequence's steps from its initial state, state frozen past its length."""
+
+    def _check(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        initial_state: Mapping[str, np.ndarray],
+        parameters: Mapping[str, np.ndarray],
+    ) -> None:
+        model = self.model
+        m = model.manifest
+        batch = len(self.lengths)
+        names = {t.name for t in m.inputs}
+        if set(inputs) != names:
+            expected = ", ".join(f"'{t.name}' {t.dtype}{_steps_shape(t)}" for t in m.inputs)
+            raise InvalidArgument(f"model {model.key} takes input tensor(s) {expected}; got {sorted(inputs)}")
+        max_length = 0
+        for spec in m.inputs:
+            arr = inputs[spec.name]
+            want = (batch, max_length or -1, *spec.session_shape)
+            model._check_tensor("input", spec.name, arr, np.dtype(spec.dtype), want, lead="batch, time")
+            max_length = arr.shape[1]
+        _check_range(model, self.lengths, max_length)
+        self.max_length = max_length
+        self.inputs = {t.name: inputs[t.name] for t in m.inputs}
+        self.states = _per_sequence(model, "state", initial_state, m.states, list(model.initial_state), batch)
+        defaults = list(model.parameter_defaults)
+        self.parameters = _per_sequence(model, "parameter", parameters, m.parameters, defaults, batch)
+
+    def run(self) -> PredictResult:
+        model = self.model
+        m = model.manifest
+        batch = len(self.lengths)
+        outputs: dict[str, np.ndarray] = {}
+        final = [np.empty((batch, *s.session_shape), s.dtype) for s in m.states]
+        # Longest first: the sequences still running at any step are a prefix of the (sorted) chunk.
+        order = np.argsort(-self.lengths, kind="stable")
+        for rows in _chunks(order, model.max_batch_size):
+            lengths = self.lengths[rows]
+            # Model layout (batch axis where the manifest puts it), one row per sequence of the chunk.
+            states = [np.moveaxis(v[rows], 0, s.batch_axis) for s, v in zip(m.states, self.states, strict=True)]
+            params = [np.moveaxis(v[rows], 0, p.batch_axis) for p, v in zip(m.parameters, self.parameters, strict=True)]
+            for t in range(int(lengths[0])):
+                live = int(np.count_nonzero(lengths > t))
+                feeds = {s.name: _layout(self.inputs[s.name][rows[:live], t], s) for s in m.inputs}
+                slab_feeds = {s.name: _rows(v, s, live) for s, v in zip(m.states, states, strict=True)}
+                slab_feeds |= {p.name: _rows(v, p, live) for p, v in zip(m.parameters, params, strict=True)}
+                feeds |= _to_device(model, slab_feeds)
+                feeds.update(model.constants)
+                out = model.runtime.run(feeds)
+                for spec, state in zip(m.states, states, strict=True):
+                    new = _host(out[spec.output])
+                    if new.shape[spec.batch_axis] != live or new.dtype != state.dtype:
+                        raise Internal(
+                            f"model {model.key} returned state '{spec.output}' of shape {list(new.shape)} "
+                            f"{new.dtype} for a batch of {live}; the manifest declares {spec.shape} {spec.dtype}"
+                        )
+                    state[(slice(None),) * spec.batch_axis + (slice(0, live),)] = new
+                for spec in m.outputs:
+                    y = _batch_first(model, spec, out[spec.name], live)
+                    if spec.name not in outputs:
+                        outputs[spec.name] = np.zeros((batch, self.max_length, *y.shape[1:]), y.dtype)
+                    outputs[spec.name][rows[:live], t] = y
+            for spec, state, dest in zip(m.states, states, final, strict=True):
+                dest[rows] = np.moveaxis(state, spec.batch_axis, 0)
+        return PredictResult(outputs, {s.name: v for s, v in zip(m.states, final, strict=True)})
+
+
+# --- helpers ------------------------------------------------------------------------------------------------
+
+
+def _chunks(rows: np.ndarray, size: int) -> list[np.ndarray]:
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+
+def _rows(value: np.ndarray, spec: TensorSpec, n: int) -> np.ndarray:
+    """The first ``n`` rows along the spec's batch axis (contiguous: onnxruntime wants C order)."""
+    return np.ascontiguousarray(value[(slice(None),) * spec.batch_axis + (slice(0, n),)])
+
+
+def _layout(batch_first: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """Rows stacked on axis 0, moved to the spec's batch axis."""
+    return np.ascontiguousarray(np.moveaxis(batch_first, 0, spec.batch_axis))
+
+
+def _batch_first(model: LoadedModel, spec: TensorSpec, value: np.ndarray, n: int) -> np.ndarray:
+    value = np.asarray(value)
+    if value.ndim <= spec.batch_axis or value.shape[spec.batch_axis] != n:
+        raise Internal(f"model {model.key} returned output '{spec.name}' of shape {list(value.shape)} for {n} rows")
+    return np.moveaxis(value, spec.batch_axis, 0) if spec.batch_axis else value
+
+
+def _to_device(model: LoadedModel, feeds: dict[str, np.ndarray]) -> dict:
+    # On a GPU the runtimes take states (and parameters) as CUDA tensors, as the batcher feeds them from its slab.
+    if model.runtime.device != "cuda" or not feeds:
+        return feeds
+    import torch
+
+    return {k: torch.as_tensor(np.ascontiguousarray(v), device="cuda") for k, v in feeds.items()}
+
+
+def _host(value) -> np.ndarray:
+    return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+
+
+def _model_shape(spec: TensorSpec) -> str:
+    dims = ("batch" if i == spec.batch_axis else ("*" if d == -1 else str(d)) for i, d in enumerate(spec.shape))
+    return "[" + ", ".join(dims) + "]"
+
+
+def _steps_shape(spec: TensorSpec) -> str:
+    return "[" + ", ".join(["batch", "time", *("*" if d == -1 else str(d) for d in spec.session_shape)]) + "]"
