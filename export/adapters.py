@@ -95,7 +95,8 @@ def _adapt_recurrent(module: nn.RNNBase, head: nn.Module | None) -> Exportable:
     if module.bidirectional:
         raise ExportError(
             f"{name} is bidirectional: its backward direction needs the whole sequence, so it cannot be streamed "
-            "one step at a time. Export a unidirectional model (whole-sequence Predict is a planned feature)."
+            "one step at a time. Export it as a whole-sequence model for Predict instead: "
+            "rnnserve.export.adapt_sequence(model, embedding=..., rnn=..., head=...)."
         )
     if module.mode not in ("RNN_TANH", "RNN_RELU", "LSTM", "GRU"):
         raise ExportError(f"{name}: unsupported recurrent mode {module.mode!r}")

@@ -39,7 +39,7 @@ def examples_server(tmp_path_factory):
     from rnnserve.export import export_examples
 
     repo = tmp_path_factory.mktemp("readme-repo")
-    export_examples(repo, ["onnx"], names=["gru2"], steps=5, progress=False)
+    export_examples(repo, ["onnx"], names=["gru2", "bilstm_classifier"], steps=5, progress=False)
     handle = ServerHandle(repo)
     yield handle
     handle.stop()
@@ -60,3 +60,13 @@ def test_client_examples_run_as_written(examples_server):
     )
     body = "".join(f"    {line}\n" for line in aio.splitlines())
     exec(compile(prelude + body + "asyncio.run(main())\n", "README-async", "exec"), {})
+
+
+def test_predict_example_runs_as_written(examples_server):
+    script = _block("import numpy as np\nfrom rnnserve.client import Client\n\ntokens").replace(
+        "localhost:50051", examples_server.address
+    )
+    scope: dict = {}
+    exec(compile(script, "README-predict", "exec"), scope)
+    assert scope["probs"].shape == (3, 1) and scope["r"].outputs.shape == (2, 20, 4)
+    assert scope["r"].final_state["h"].shape == (2, 2, 32) and not scope["r"].outputs[1, 7:].any()
