@@ -104,6 +104,42 @@ def test_step_example_matches_its_eager_reference(client: Client) -> None:
         assert np.abs(result.final_state["h"][b] - ref.states[0][:, 0].detach().numpy()).max() <= 1e-5
 
 
+@pytest.fixture(scope="module")
+def vendor_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The model-config tests' hand-written ONNX graph: a per-session parameter (with a default), a constant,
+    a file initial state with its batch on axis 1; at a dynamic batch and at a batch fixed at 1."""
+    from test_model_config import H0, vendor_config, vendor_onnx, write_model
+
+    root = tmp_path_factory.mktemp("vendor-predict")
+    for name, batch in (("vendor", "batch"), ("vendor_b1", 1)):
+        files = {"vendor.onnx": lambda p, b=batch: vendor_onnx(p, b), "h0.npy": lambda p: np.save(p, H0)}
+        write_model(root, vendor_config(name, fixed=batch == 1), files)
+    handle = ServerHandle(root)
+    yield handle.address
+    handle.stop()
+
+
+@pytest.mark.parametrize("name", ["vendor", "vendor_b1"])
+def test_step_model_with_parameters_constants_and_a_file_initial_state(vendor_address: str, name: str) -> None:
+    from test_model_config import H0, vendor_step
+
+    rng = np.random.default_rng(5)
+    lengths = [3, 1, 4]
+    xs = rng.standard_normal((3, 4, 4)).astype(np.float32)
+    speakers = rng.standard_normal((3, 2)).astype(np.float32)
+    with Client(vendor_address, timeout=60) as client:
+        given = client.predict(name, xs, lengths, parameters={"speaker": speakers})
+        default = client.predict(name, xs, lengths)  # the parameter's default, [0.5, -0.5]
+    for result, per_sequence in ((given, speakers), (default, np.array([[0.5, -0.5]] * 3, np.float32))):
+        for b, n in enumerate(lengths):
+            h = H0
+            for t in range(n):
+                y, h = vendor_step(xs[b, t], h, per_sequence[b])
+                assert np.abs(result.outputs[b, t] - y).max() <= 1e-5
+            assert not result.outputs[b, n:].any()
+            assert np.abs(result.final_state["hidden_state"][b] - h).max() <= 1e-5
+
+
 def _status(call) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(RnnServeError) as err:
         call()
