@@ -53,6 +53,10 @@ class ServerSettings(BaseSettings):
     max_queue_delay_us: int | None = Field(default=None, ge=0)
     """Override every model's max_queue_delay_us."""
 
+    watch_interval: float = Field(default=0.0, ge=0)
+    """Poll the repository every this many seconds: load new versions, reload changed ones, unload removed ones
+    without open sessions (0: off)."""
+
     grace: float = Field(default=5.0, ge=0)
     """Seconds in-flight calls get to finish on SIGTERM/SIGINT."""
 

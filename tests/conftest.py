@@ -65,12 +65,12 @@ def tiny_reference(seed: int = 0):
     return torch.nn.GRUCell(TINY_INPUT, TINY_HIDDEN), torch.nn.Linear(TINY_HIDDEN, TINY_OUTPUT)
 
 
-def tiny_expected(xs, h0=None):
+def tiny_expected(xs, h0=None, seed: int = 0):
     """Eager outputs (T, OUT) and final hidden state for one session's inputs xs (T, IN)."""
     import numpy as np
     import torch
 
-    cell, head = tiny_reference()
+    cell, head = tiny_reference(seed)
     h = torch.zeros(1, TINY_HIDDEN) if h0 is None else torch.as_tensor(h0).reshape(1, TINY_HIDDEN)
     ys = []
     with torch.no_grad():
@@ -78,6 +78,24 @@ def tiny_expected(xs, h0=None):
             h = cell(torch.as_tensor(np.asarray(x))[None], h)
             ys.append(head(h)[0].numpy())
     return np.stack(ys), h[0].numpy()
+
+
+def tiny_step(seed: int = 0):
+    """The tiny model as a step module ``(x, h) -> (y, h')`` with the weights of ``seed``."""
+    import torch
+
+    cell, head = tiny_reference(seed)
+
+    class Step(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell, self.head = cell, head
+
+        def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h2 = self.cell(x, h[0])
+            return self.head(h2), h2.unsqueeze(0)
+
+    return Step().eval()
 
 
 def build_tiny_repository(root: Path) -> Path:
@@ -89,18 +107,7 @@ def build_tiny_repository(root: Path) -> Path:
 
     from rnnserve.manifest import ModelManifest
 
-    cell, head = tiny_reference()
-
-    class Step(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.cell, self.head = cell, head
-
-        def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            h2 = self.cell(x, h[0])
-            return self.head(h2), h2.unsqueeze(0)
-
-    step = Step().eval()
+    step = tiny_step()
     spec = {
         "inputs": [{"name": "x", "shape": [-1, TINY_INPUT]}],
         "outputs": [{"name": "y", "shape": [-1, TINY_OUTPUT]}],

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import TINY_HIDDEN, TINY_INPUT, TINY_OUTPUT, ServerHandle, tiny_reference
+from conftest import TINY_HIDDEN, TINY_INPUT, TINY_OUTPUT, ServerHandle, tiny_expected, tiny_step
 
 from rnnserve.client import AsyncClient, Client, RnnServeError
 
@@ -24,46 +24,18 @@ def write_ts_version(repo: Path, name: str, version: int, seed: int) -> Path:
     """A TorchScript version of the tiny GRU model with the weights of ``seed`` (replaces what is there)."""
     import torch
 
-    from rnnserve.manifest import ModelManifest
-
-    cell, head = tiny_reference(seed)
-
-    class Step(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.cell, self.head = cell, head
-
-        def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            h2 = self.cell(x, h[0])
-            return self.head(h2), h2.unsqueeze(0)
-
     folder = repo / name / str(version)
     folder.mkdir(parents=True, exist_ok=True)
-    torch.jit.script(Step().eval()).save(str(folder / "model.pt"))
-    ModelManifest(
-        name=name,
-        version=version,
-        format="torchscript",
-        artifact="model.pt",
-        inputs=[{"name": "x", "shape": [-1, TINY_INPUT]}],
-        outputs=[{"name": "y", "shape": [-1, TINY_OUTPUT]}],
-        states=[{"name": "h", "output": "h_out", "shape": [1, -1, TINY_HIDDEN], "batch_axis": 1}],
-    ).write(folder)
+    torch.jit.script(tiny_step(seed)).save(str(folder / "model.pt"))
+    if folder != repo / "gru_ts" / "1":
+        shutil.copy(repo / "gru_ts" / "1" / "manifest.json", folder)
+    edit_manifest(folder, name=name, version=version)
     return folder
 
 
 def expected(xs: np.ndarray, seed: int = 0) -> np.ndarray:
     """Eager outputs of the tiny model with the weights of ``seed`` for one session's inputs (T, IN)."""
-    import torch
-
-    cell, head = tiny_reference(seed)
-    h = torch.zeros(1, TINY_HIDDEN)
-    ys = []
-    with torch.no_grad():
-        for x in xs:
-            h = cell(torch.as_tensor(x)[None], h)
-            ys.append(head(h)[0].numpy())
-    return np.stack(ys)
+    return tiny_expected(xs, seed=seed)[0]
 
 
 def xs_for(seed: int, steps: int = 8) -> np.ndarray:
@@ -338,3 +310,38 @@ def test_async_client_load_and_unload(server: ServerHandle, repo: Path):
             assert [m.name for m in await client.list_models()] == ["gru"]
 
     asyncio.run(main())
+
+
+# ---- --watch ------------------------------------------------------------------------------------------------
+def test_watch_loads_new_reloads_changed_and_unloads_removed_versions(server_factory, repo: Path):
+    server = server_factory(repo, watch_interval=0.05)
+    xs = xs_for(7)
+    with Client(server.address, timeout=60) as client:
+
+        def state_of(key: str) -> str:
+            m = listing(client).get(key)
+            return m.state if m else "absent"
+
+        write_ts_version(repo, "gru_ts", 2, seed=1)
+        wait_for(lambda: state_of("gru_ts:2") == "READY", "the watcher to load a new version")
+        session = client.open_session("gru_ts", version=2)
+        np.testing.assert_allclose(session.step(xs[0]), expected(xs[:1], seed=1)[0], rtol=1e-5, atol=1e-6)
+
+        write_ts_version(repo, "gru_ts", 2, seed=2)  # changed in place: reloaded; the session stays on its load
+        wait_for(lambda: listing(client)["gru_ts:2"].open_sessions == 0, "the watcher to reload a changed version")
+        with client.session("gru_ts", version=2) as fresh:
+            np.testing.assert_allclose(fresh.step(xs[0]), expected(xs[:1], seed=2)[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(session.step(xs[1]), expected(xs[:2], seed=1)[1], rtol=1e-5, atol=1e-6)
+
+        shutil.rmtree(repo / "gru_ts" / "2")  # removed with a session open: not forced...
+        watcher = server.server.watcher
+        wait_for(lambda: ("gru_ts", 2) in watcher._blocked, "the watcher to find the session in the way")
+        assert state_of("gru_ts:2") == "READY"
+        session.close()  # ...unloaded once it closes
+        wait_for(lambda: state_of("gru_ts:2") == "absent", "the watcher to unload a removed version")
+
+        (repo / "gru" / "1" / "model.onnx").write_bytes(b"broken")  # a bad push keeps the loaded one serving
+        wait_for(lambda: "reload failed" in listing(client)["gru:1"].error, "the watcher to try the broken push")
+        assert state_of("gru:1") == "READY"
+        with client.session("gru") as s:
+            np.testing.assert_allclose(s.step(xs[0]), expected(xs[:1])[0], rtol=1e-5, atol=1e-6)

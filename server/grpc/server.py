@@ -15,6 +15,7 @@ from rnnserve.server.grpc.servicers import SERVICE_NAME, RnnServeServicer, gener
 from rnnserve.server.repository import ModelRepository
 from rnnserve.server.sessions import SessionManager
 from rnnserve.server.settings import ServerSettings
+from rnnserve.server.watch import RepositoryWatcher
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +35,19 @@ class RnnServer:
         self.sessions = SessionManager(max_sessions=settings.max_sessions, ttl=settings.session_ttl)
         self.dataplane = DataPlane(self.repository, self.sessions, max_pending_steps=settings.max_pending_steps)
         self.health = health.aio.HealthServicer()
+        self.watcher = (
+            RepositoryWatcher(self.dataplane.admin, settings.repository, settings.watch_interval)
+            if settings.watch_interval
+            else None
+        )
         self._server: grpc.aio.Server | None = None
         self.port = 0
 
     async def start(self) -> int:
         self.repository.load_all()
         self.dataplane.start()
+        if self.watcher is not None:
+            self.watcher.start()
         # Loaded models and modules are long-lived: move them out of the collector's way, and collect young
         # objects less often. The step path allocates many short-lived objects; at the default threshold the
         # collector took ~10% of the event loop's time under load (rnnserve bench, py-spy).
@@ -83,6 +91,8 @@ class RnnServer:
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
+        if self.watcher is not None:
+            await self.watcher.stop()
         await self.dataplane.stop()
         log.info("rnnserve stopped")
 
