@@ -18,7 +18,8 @@ class OnnxRuntime(Runtime):
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
+        # One graph runs at a time per model, so parallel branches rarely pay: 1 unless the config says more.
+        options.inter_op_num_threads = manifest.runtime.inter_op_threads or 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
