@@ -255,7 +255,7 @@ class SetStateResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "inputs", "num_steps", "request_id", "outputs")
+    __slots__ = ("session_id", "inputs", "num_steps", "request_id", "outputs", "step_index")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -268,12 +268,14 @@ class StepRequest(_message.Message):
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    STEP_INDEX_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     inputs: _containers.MessageMap[str, Tensor]
     num_steps: int
     request_id: str
     outputs: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, session_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., num_steps: _Optional[int] = ..., request_id: _Optional[str] = ..., outputs: _Optional[_Iterable[str]] = ...) -> None: ...
+    step_index: int
+    def __init__(self, session_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., num_steps: _Optional[int] = ..., request_id: _Optional[str] = ..., outputs: _Optional[_Iterable[str]] = ..., step_index: _Optional[int] = ...) -> None: ...
 
 class StepResponse(_message.Message):
     __slots__ = ("session_id", "outputs", "steps", "request_id")
@@ -318,7 +320,7 @@ class StepResult(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., outputs: _Optional[_Mapping[str, Tensor]] = ..., steps: _Optional[int] = ..., request_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class StepBatch(_message.Message):
-    __slots__ = ("session_ids", "inputs", "request_id", "outputs")
+    __slots__ = ("session_ids", "inputs", "request_id", "outputs", "step_indices")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -330,11 +332,13 @@ class StepBatch(_message.Message):
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    STEP_INDICES_FIELD_NUMBER: _ClassVar[int]
     session_ids: _containers.RepeatedScalarFieldContainer[str]
     inputs: _containers.MessageMap[str, Tensor]
     request_id: str
     outputs: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, session_ids: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., request_id: _Optional[str] = ..., outputs: _Optional[_Iterable[str]] = ...) -> None: ...
+    step_indices: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_ids: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., request_id: _Optional[str] = ..., outputs: _Optional[_Iterable[str]] = ..., step_indices: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepBatchResult(_message.Message):
     __slots__ = ("session_ids", "outputs", "steps", "codes", "messages", "request_id")

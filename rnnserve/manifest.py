@@ -207,6 +207,23 @@ def _inside(version_dir: Path, relative: str, what: str) -> Path:
     return path
 
 
+class Durability(_Strict):
+    """How a model's session state is written to the session store (``rnnserve serve --session-store``)."""
+
+    mode: Literal["none", "periodic", "every-step"] = "none"
+    """``none``: the store holds sessions only on shutdown/snapshot; ``periodic``: every ``every_steps`` steps
+    or ``every_ms`` milliseconds, whichever comes first; ``every-step``: a batch's new states are written
+    (one pipelined round trip per batch) before its responses are released."""
+    every_steps: int | None = Field(default=None, ge=1)
+    every_ms: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _periodic_needs_a_period(self) -> Durability:
+        if self.mode == "periodic" and self.every_steps is None and self.every_ms is None:
+            raise ValueError("durability periodic needs every_steps or every_ms")
+        return self
+
+
 class Verification(_Strict):
     steps: int
     batch_sizes: list[int]
@@ -236,6 +253,8 @@ class ModelManifest(_Strict):
     """TorchScript argument/result structure when it is not the flat default."""
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     """Per-model device and thread settings."""
+    durability: Durability = Field(default_factory=Durability)
+    """When session state is written to the session store."""
     allow_nonfinite: bool = False
     """Accept NaN/Inf in float inputs (rejected with INVALID_ARGUMENT otherwise)."""
     max_batch_size: int = Field(default=256, ge=1)
