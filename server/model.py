@@ -15,6 +15,7 @@ from rnnserve.server.runtime import Runtime
 from rnnserve.server.slab import DeviceStateSlab, StateSlab
 
 if TYPE_CHECKING:
+    from rnnserve.server.durability import Persistence
     from rnnserve.server.sessions import Session
 
 
@@ -59,6 +60,8 @@ class LoadedModel:
             self.max_batch_size = 1
         self.max_queue_delay_us = manifest.max_queue_delay_us if max_queue_delay_us is None else max_queue_delay_us
         self.batcher: Batcher | None = None  # created on the event loop by start()
+        # The server's session store policy (server/durability.py); None: sessions are never written.
+        self.persistence: Persistence | None = None
         self.open_sessions = 0
         # Set when a reload or unload retires this object: called once its last session is gone, to stop it.
         self.on_idle: Callable[[LoadedModel], None] | None = None
@@ -127,6 +130,9 @@ class LoadedModel:
 
     def release(self, session: Session) -> None:
         if session.slot >= 0:
+            if self.persistence is not None:
+                # Closed or expired: the store forgets it too (after any write of it already submitted).
+                self.persistence.forget(session)
             self.slab.release(session.slot)
             session.slot = -1
             self.open_sessions -= 1

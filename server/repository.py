@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -16,6 +17,9 @@ from rnnserve.manifest import MANIFEST_FILE, ModelManifest
 from rnnserve.server.errors import ModelNotFound
 from rnnserve.server.model import LoadedModel
 from rnnserve.server.runtime import load_runtime
+
+if TYPE_CHECKING:
+    from rnnserve.server.durability import Persistence
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,7 @@ class ModelRepository:
         self.max_queue_delay_us = max_queue_delay_us
         self.models: dict[tuple[str, int], LoadedModel] = {}
         self.failed: dict[tuple[str, int], FailedModel] = {}
+        self.persistence: Persistence | None = None  # given to every model built (server/durability.py)
 
     def load_all(self) -> None:
         if not self.root.is_dir():
@@ -112,6 +117,8 @@ class ModelRepository:
             max_queue_delay_us=self.max_queue_delay_us,
         )
         model.self_check()
+        if self.persistence is not None:
+            self.persistence.attach(model)
         return model
 
     def get(self, name: str, version: int = 0) -> LoadedModel:

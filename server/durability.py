@@ -1,0 +1,378 @@
+"""Durable sessions: when a model's sessions are written to the session store, and how a session that only
+the store holds comes back.
+
+Per model (``ModelManifest.durability``):
+
+- ``every-step``: a batch's new states are written, one pipelined round trip for the whole batch, after the
+  model call and *before* the slab is updated and any response is released. A failed write fails the batch's
+  steps with UNAVAILABLE and leaves their states and step counts as they were. A chunk is written once, at
+  its last step (its response is released only then). So every acknowledged step is in the store; the store
+  may be ahead of the client by the steps whose responses were lost with the server.
+- ``periodic``: a session is written at the end of a step that brings it ``every_steps`` past its last
+  write, or ``every_ms`` after it; a session left idle with unwritten steps is written by a background task
+  once ``every_ms`` passed. Writes do not hold responses back and a failed one is logged, not returned:
+  steps after a session's last write are lost in a crash.
+- ``none``: never written while serving.
+
+All modes: OpenSession, ResetSession and SetState of a durable model write the session before answering;
+a graceful shutdown writes every open session (a clean restart keeps them all, ``none`` included); closing
+or expiry deletes the record. A request naming a session this server does not hold looks it up in the store
+and, when found, restores it (same id, state, parameters and step count) before going on: that is how a
+restarted server picks its sessions up. A ``none`` session's record is deleted once restored, so it is
+never resurrected at a stale step.
+
+Ordering: every write and delete goes through one FIFO thread (an inline store is called directly), and a
+session's writes are submitted in the order its state changed, so an older state never overwrites a newer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from rnnserve.manifest import Durability
+from rnnserve.server import snapshot as snapshots
+from rnnserve.server.store import SessionRecord, SessionStore, StoreUnavailable
+
+if TYPE_CHECKING:
+    from rnnserve.server.batcher import StepJob
+    from rnnserve.server.dataplane import DataPlane
+    from rnnserve.server.model import LoadedModel
+    from rnnserve.server.sessions import Session
+
+# An exactly-once replay entry (server/exactly_once.py): (first step index, num_steps, inputs fingerprint,
+# per-step outputs in manifest order).
+ReplayEntry = tuple[int, int, int, list[list[np.ndarray]]]
+
+log = logging.getLogger(__name__)
+
+FLUSH_CHUNK = 1024  # records per round trip when writing every session at shutdown
+_TICK = 0.01  # how often the periodic task looks for idle sessions due by time
+
+
+def _warn_on_failure(what: str) -> Callable[[concurrent.futures.Future], None]:
+    def done(future: concurrent.futures.Future) -> None:
+        exc = future.exception()
+        if exc is not None:
+            log.warning("%s failed: %s", what, exc)
+
+    return done
+
+
+def _host(value: Any) -> np.ndarray:
+    """A batch tensor as a host array (the slab may be CUDA tensors)."""
+    return value if isinstance(value, np.ndarray) else value.detach().cpu().numpy()
+
+
+def encode_replay(entries: Sequence[ReplayEntry]) -> bytes:
+    """A session's exactly-once replay cache as the record's ``replay`` field (empty: none), in the snapshot
+    encoding: a restored session answers a retry of a step whose response was lost with the server."""
+    if not entries:
+        return b""
+    # Every step of every entry has the model's outputs, same shapes: one stacked tensor per output keeps
+    # this a few tensors whatever the window (it is encoded with every write of the session).
+    meta = np.array([(i, n, fp) for i, n, fp, _ in entries], dtype=np.int64)
+    steps = [step for _, _, _, outs in entries for step in outs]
+    arrays = {"meta": meta, **{str(o): np.stack([s[o] for s in steps]) for o in range(len(steps[0]))}}
+    return snapshots.encode(snapshots.Snapshot("replay", 1, len(entries), arrays))
+
+
+def decode_replay(data: bytes) -> list[ReplayEntry]:
+    if not data:
+        return []
+    arrays = snapshots.decode(data).state
+    outputs = [arrays[str(o)] for o in range(len(arrays) - 1)]
+    entries: list[ReplayEntry] = []
+    row = 0
+    for index, num_steps, print_ in arrays["meta"].tolist():
+        count = num_steps or 1
+        entries.append((index, num_steps, print_, [[o[row + t] for o in outputs] for t in range(count)]))
+        row += count
+    return entries
+
+
+class Persistence:
+    def __init__(self, store: SessionStore):
+        self.store = store
+        # One thread, so store operations apply in submission order.
+        self._io = None if store.inline else concurrent.futures.ThreadPoolExecutor(1, "session-store")
+        self._restoring: dict[str, asyncio.Future[BaseException | None]] = {}
+        # Sessions of time-periodic models with unwritten steps: a heap of (due time, seq, session).
+        self._lock = threading.Lock()
+        self._due: list[tuple[float, int, Session]] = []
+        self._dirty: set[str] = set()
+        self._seq = itertools.count()
+        self._task: asyncio.Task | None = None
+        self.writes = 0
+        self.failed_writes = 0
+
+    def attach(self, model: LoadedModel) -> None:
+        """A model version built to serve: its sessions follow its durability through this store."""
+        model.persistence = self
+        if model.manifest.durability.mode != "none" and not self.store.durable:
+            log.warning(
+                "model %s is %s durable, but the session store is %s: its sessions do not outlive this process "
+                "(serve with --session-store redis://HOST:PORT/DB)",
+                model.key,
+                model.manifest.durability.mode,
+                self.store.url,
+            )
+
+    # ---- plumbing ---------------------------------------------------------------------------------------
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+        if self._io is not None:
+            return self._io.submit(fn, *args)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.wrap_future(self._submit(fn, *args))
+
+    def _write_later(self, records: list[SessionRecord], why: str) -> None:
+        """Fire and forget (periodic writes, deletes): a failure is logged."""
+
+        def done(future: concurrent.futures.Future) -> None:
+            exc = future.exception()
+            if exc is not None:
+                self.failed_writes += 1
+                log.warning("%s failed: %s", why, exc)
+
+        self.writes += 1
+        self._submit(self.store.put_many, records).add_done_callback(done)
+
+    @staticmethod
+    def record(session: Session) -> SessionRecord:
+        """The session as it is now (event loop, session not in a batch)."""
+        model = session.model
+        row = model.slab.read(session.slot)
+        state = {**model.state_dict(row), **model.parameter_dict(row)}
+        replay = encode_replay(session.replay or ())
+        return SessionRecord(session.id, model.name, model.version, session.steps, state, session.owner or "", replay)
+
+    @staticmethod
+    def _mark_written(session: Session, steps: int, now: float) -> None:
+        session.stored_steps = steps
+        session.stored_at = now
+
+    # ---- the batch path (the batch's worker thread, between the model call and the scatter) --------------
+    def after_batch(
+        self,
+        model: LoadedModel,
+        jobs: Sequence[StepJob],
+        feeds: dict[str, Any],
+        new_states: Sequence[Any],
+        outputs: Sequence[Any],
+    ) -> None:
+        """Write the sessions of this batch that are due. every-step: blocks, and raises StoreUnavailable
+        (the caller then leaves the slab as it was); periodic: submits and returns."""
+        d = model.manifest.durability
+        now = time.monotonic()
+        due: list[int] = []
+        for i, job in enumerate(jobs):
+            if job.done + 1 < job.total:
+                continue  # mid-chunk: the store keeps the chunk's start until its last step
+            session = job.session
+            if d.mode == "every-step" or self._periodic_due(d, session, session.steps + 1, now):
+                due.append(i)
+            elif d.every_ms is not None:
+                self._mark_dirty(session, session.stored_at + d.every_ms / 1000)
+        if not due:
+            return
+        states = [_host(v) for v in new_states]
+        params = [_host(feeds[p.name]) for p in model.manifest.parameters]
+        records = []
+        for i in due:
+            job = jobs[i]
+            session = job.session
+            state = {}
+            for spec, a in zip([*model.manifest.states, *model.manifest.parameters], [*states, *params], strict=True):
+                state[spec.name] = np.take(a, i, axis=spec.batch_axis)
+            replay = list(session.replay or ())
+            if job.step_index and session.replay is not None:
+                # The entry the batcher adds once this batch completes: a retry after a crash is answered.
+                step_outputs = [*job.outputs, [_host(o)[i] for o in outputs]]
+                replay = [*replay, (job.step_index, job.num_steps, job.fingerprint, step_outputs)]
+                replay = replay[-(session.replay.maxlen or len(replay)) :]
+            records.append(
+                SessionRecord(
+                    session.id,
+                    model.name,
+                    model.version,
+                    session.steps + 1,
+                    state,
+                    session.owner or "",
+                    encode_replay(replay),
+                )
+            )
+        if d.mode == "every-step":
+            self.writes += 1
+            try:
+                self._submit(self.store.put_many, records).result()
+            except StoreUnavailable as exc:
+                self.failed_writes += 1
+                raise StoreUnavailable(
+                    f"{exc.message}; model {model.key} is every-step durable, so this batch's {len(jobs)} step(s) "
+                    "were not applied (state and step count unchanged): retry them"
+                ) from exc
+        else:
+            self._write_later(records, f"periodic write of {len(records)} session(s) of {model.key}")
+        for i in due:
+            session = jobs[i].session
+            self._mark_written(session, session.steps + 1, now)
+
+    @staticmethod
+    def _periodic_due(d: Durability, session: Session, steps: int, now: float) -> bool:
+        if d.mode != "periodic":
+            return False
+        if d.every_steps is not None and steps - session.stored_steps >= d.every_steps:
+            return True
+        return d.every_ms is not None and (now - session.stored_at) * 1000 >= d.every_ms
+
+    def _mark_dirty(self, session: Session, due_at: float) -> None:
+        with self._lock:
+            if session.id not in self._dirty:
+                self._dirty.add(session.id)
+                heapq.heappush(self._due, (due_at, next(self._seq), session))
+
+    async def _write_due(self) -> None:
+        """Periodic models' idle sessions whose unwritten steps are ``every_ms`` old (busy ones are written
+        by their next batch)."""
+        while True:
+            await asyncio.sleep(_TICK)
+            now = time.monotonic()
+            popped = []
+            with self._lock:
+                while self._due and self._due[0][0] <= now:
+                    session = heapq.heappop(self._due)[2]
+                    self._dirty.discard(session.id)
+                    popped.append(session)
+            ready = [s for s in popped if not s.closed and not s.scheduled and s.steps != s.stored_steps]
+            if ready:
+                records = [self.record(s) for s in ready]
+                for s in ready:
+                    self._mark_written(s, s.steps, now)
+                self._write_later(records, f"periodic write of {len(records)} idle session(s)")
+
+    # ---- session lifecycle (event loop) -----------------------------------------------------------------
+    @staticmethod
+    def durable(session: Session) -> bool:
+        return session.model.manifest.durability.mode != "none"
+
+    async def opened(self, session: Session) -> None:
+        """Write a new session of a durable model before OpenSession answers (raises StoreUnavailable)."""
+        if self.durable(session):
+            await self.write_now(session)
+
+    def write_now(self, session: Session) -> asyncio.Future:
+        """Write the session as it is now, in order with its other writes; the future fails with
+        StoreUnavailable. Call between the session's steps (a control job, or before any step)."""
+        record = self.record(session)
+        self._mark_written(session, session.steps, time.monotonic())
+        self.writes += 1
+        return asyncio.wrap_future(self._submit(self.store.put_many, [record]))
+
+    def forget(self, session: Session) -> None:
+        """A durable session closed or expired: delete its record (after any write already submitted)."""
+        if self.durable(session):
+            self._submit(self.store.delete, session.id).add_done_callback(
+                _warn_on_failure(f"deleting session {session.id} from the session store")
+            )
+
+    async def restore(self, session_ids: Iterable[str], dataplane: DataPlane) -> None:
+        """Bring the sessions the store holds among ``session_ids`` (none of them here) into this server.
+        Ids the store does not know stay unknown (the caller's lookup answers NOT_FOUND); a store failure
+        raises StoreUnavailable."""
+        loop = asyncio.get_running_loop()
+        sessions = dataplane.sessions
+        waiting = {self._restoring[sid] for sid in session_ids if sid in self._restoring}
+        fresh = [sid for sid in dict.fromkeys(session_ids) if sid not in self._restoring and not sessions.known(sid)]
+        if fresh:
+            done: asyncio.Future[BaseException | None] = loop.create_future()
+            for sid in fresh:
+                self._restoring[sid] = done
+            error: BaseException | None = None
+            try:
+                records = await self._run(self.store.get_many, fresh)
+                for record in records:
+                    if record is not None and not sessions.known(record.session_id):
+                        self._adopt(record, dataplane)
+            except StoreUnavailable as exc:
+                error = exc
+            finally:
+                for sid in fresh:
+                    self._restoring.pop(sid, None)
+                done.set_result(error)
+            if error is not None:
+                raise error
+        for future in waiting:
+            error = await future
+            if error is not None:
+                raise error
+
+    def _adopt(self, record: SessionRecord, dataplane: DataPlane) -> None:
+        try:
+            model = dataplane.repository.get(record.model, record.version)
+            names = {p.name for p in model.manifest.parameters}
+            state = model.check_state({k: v for k, v in record.state.items() if k not in names}, partial=False)
+            params = model.check_parameters({k: v for k, v in record.state.items() if k in names})
+            replay = decode_replay(record.replay)
+        except Exception as exc:
+            # Left unknown: the caller answers NOT_FOUND. Its model may load later; the record stays until then.
+            log.warning("session %s is in the session store but cannot be restored here: %s", record.session_id, exc)
+            return
+        session = dataplane.sessions.open(
+            model, state, record.steps, params, record.owner or None, session_id=record.session_id
+        )
+        if replay and dataplane.replay_window:
+            session.replay = deque(replay, maxlen=dataplane.replay_window)
+        self._mark_written(session, record.steps, time.monotonic())
+        if not self.durable(session):
+            # Consumed: a crash must not bring a `none` session back at a stale step.
+            self._submit(self.store.delete, record.session_id).add_done_callback(
+                _warn_on_failure(f"deleting restored session {record.session_id} from the session store")
+            )
+        log.debug("restored session %s of %s at step %d", session.id, model.key, session.steps)
+
+    # ---- lifecycle --------------------------------------------------------------------------------------
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._write_due(), name="session-store-periodic")
+        log.info("session store: %s%s", self.store.url, "" if self.store.durable else " (this process only)")
+        if self.store.durable:
+            # Serve even while the store is down (requests that need it get UNAVAILABLE), but say so at once.
+            self._submit(self.store.ping).add_done_callback(_warn_on_failure("reaching the session store"))
+
+    async def stop(self, sessions: Iterable[Session]) -> None:
+        """Write every open session (a durable store only), then close the store."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self.store.durable:
+            live = [s for s in sessions if not s.closed and s.slot >= 0]
+            written = 0
+            for start in range(0, len(live), FLUSH_CHUNK):
+                chunk = [self.record(s) for s in live[start : start + FLUSH_CHUNK]]
+                try:
+                    await self._run(self.store.put_many, chunk)
+                    written += len(chunk)
+                except StoreUnavailable as exc:
+                    log.error("shutdown: %d session(s) not written to the session store: %s", len(chunk), exc)
+            if live:
+                log.info("shutdown: wrote %d of %d open session(s) to %s", written, len(live), self.store.url)
+        if self._io is not None:
+            self._io.shutdown(wait=True)
+        self.store.close()

@@ -1,0 +1,127 @@
+"""The session store: where sessions' state lives beyond one server process (``--session-store``).
+
+A :class:`SessionStore` maps a session id to a :class:`SessionRecord`: the session's model, version, step
+count, state and per-session parameters, its owner (the principal that opened it) and its exactly-once
+replay cache. Two backends: :class:`~rnnserve.server.store.memory.MemoryStore` (embedded, the default; it
+lives and dies with the process) and :class:`~rnnserve.server.store.redis.RedisStore` (a Redis server;
+sessions survive a crash or restart of rnnserve), which keeps each record as byte fields (``encode_record``:
+the body is a snapshot, server/snapshot.py). Methods block: the server calls them off the event loop (see
+server/durability.py), except an ``inline`` store's, which never wait on I/O.
+
+Records are written with a time to live equal to the session TTL, so the store forgets abandoned sessions
+the way the server does.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rnnserve.server import snapshot as snapshots
+from rnnserve.server.errors import Internal, InvalidArgument, Unavailable
+
+
+class StoreUnavailable(Unavailable):
+    """The session store could not be reached or refused a command."""
+
+
+@dataclass
+class SessionRecord:
+    session_id: str
+    model: str
+    version: int
+    steps: int
+    state: dict[str, np.ndarray]
+    """The session's states and per-session parameters by name, as in a snapshot."""
+    owner: str = ""
+    """``Session.owner``: the principal that opened the session ("" for none)."""
+    replay: bytes = b""
+    """The exactly-once replay cache (server/durability.py ``encode_replay``), opaque to the store."""
+    extra: dict[str, bytes] = field(default_factory=dict)
+    """Further fields a layer may add; kept as they are."""
+
+
+# The record body is a snapshot (server/snapshot.py): self-describing and checksummed, one encoding for both.
+_SNAPSHOT, _OWNER, _REPLAY = "snapshot", "owner", "replay"
+
+
+def encode_record(record: SessionRecord) -> dict[str, bytes]:
+    """A record as named byte fields (a Redis hash)."""
+    snap = snapshots.Snapshot(record.model, record.version, record.steps, record.state)
+    return {
+        **record.extra,
+        _SNAPSHOT: snapshots.encode(snap),
+        _OWNER: record.owner.encode(),
+        _REPLAY: record.replay,
+    }
+
+
+def decode_record(session_id: str, fields: Mapping[str | bytes, bytes]) -> SessionRecord:
+    named = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
+    body = named.pop(_SNAPSHOT, None)
+    if body is None:
+        raise Internal(f"session '{session_id}' in the session store has no snapshot field (written by what?)")
+    try:
+        snap = snapshots.decode(body)
+    except InvalidArgument as exc:
+        raise Internal(f"session '{session_id}' in the session store is corrupt: {exc.message}") from exc
+    owner = named.pop(_OWNER, b"").decode()
+    replay = named.pop(_REPLAY, b"")
+    return SessionRecord(session_id, snap.model, snap.version, snap.steps, snap.state, owner, replay, named)
+
+
+class SessionStore(ABC):
+    """Blocking session store. ``put_many`` and ``get_many`` are one round trip however many records."""
+
+    url: str = ""
+    durable: bool = False
+    """Whether records outlive this process (worth writing on shutdown)."""
+    inline: bool = False
+    """Whether calls never wait on I/O, so the event loop may make them itself."""
+
+    def __init__(self, ttl: float):
+        self.ttl = ttl
+
+    @abstractmethod
+    def put_many(self, records: Sequence[SessionRecord]) -> None:
+        """Write (replace) every record and give each the TTL."""
+
+    @abstractmethod
+    def get_many(self, session_ids: Sequence[str]) -> list[SessionRecord | None]:
+        """The records of ``session_ids`` in order; None where there is none (or it expired)."""
+
+    @abstractmethod
+    def delete_many(self, session_ids: Sequence[str]) -> None:
+        """Forget these sessions (missing ones are fine)."""
+
+    @abstractmethod
+    def keys(self) -> list[str]:
+        """The session ids held (for tests and tools: it walks the whole store)."""
+
+    def get(self, session_id: str) -> SessionRecord | None:
+        return self.get_many([session_id])[0]
+
+    def delete(self, session_id: str) -> None:
+        self.delete_many([session_id])
+
+    def ping(self) -> None:  # noqa: B027 - an embedded store is always there
+        """Raise StoreUnavailable when the store cannot be reached."""
+
+    def close(self) -> None:  # noqa: B027 - nothing to release unless a backend says so
+        """Release connections."""
+
+
+def open_store(url: str, *, ttl: float) -> SessionStore:
+    """``memory`` or ``redis://HOST:PORT/DB`` (``rediss://`` for TLS, ``unix://PATH?db=N`` for a socket)."""
+    if url == "memory":
+        from rnnserve.server.store.memory import MemoryStore
+
+        return MemoryStore(ttl=ttl)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from rnnserve.server.store.redis import RedisStore
+
+        return RedisStore(url, ttl=ttl)
+    raise ValueError(f"session store {url!r}: expected 'memory' or a redis://HOST:PORT/DB address")
