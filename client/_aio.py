@@ -15,6 +15,7 @@ from numpy.typing import ArrayLike
 from rnnserve.client import _base, _convert, _predict
 from rnnserve.client._errors import RnnServeError, from_rpc_error
 from rnnserve.client._predict import PredictResult
+from rnnserve.client._retry import RetryPolicy, Unacknowledged
 from rnnserve.client._types import BatchResult, ModelInfo, Stats, UnloadResult
 from rnnserve.proto import rnnserve_pb2 as pb
 from rnnserve.proto import rnnserve_pb2_grpc as pb_grpc
@@ -42,7 +43,11 @@ class AsyncClient:
         max_message_bytes: int | None = _base.DEFAULT_MAX_MESSAGE_BYTES,
         options: Sequence[tuple[str, Any]] | None = None,
         metadata: _base.Metadata | None = None,
+        retries: int = 5,
+        backoff: float = 0.05,
+        max_backoff: float = 2.0,
     ) -> None:
+        self.retry = RetryPolicy(retries, backoff, max_backoff)
         opts = _base.channel_options(max_message_bytes, options)
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(address, options=opts)
@@ -53,13 +58,19 @@ class AsyncClient:
         self._metadata = _base.normalize_metadata(metadata)
         self._stub = pb_grpc.RnnServeStub(self._channel)
 
-    async def _call(self, method: Any, request: Any, timeout: float | None = _DEFAULT) -> Any:
-        try:
-            return await method(
-                request, timeout=self.timeout if timeout is _DEFAULT else timeout, metadata=self._metadata
-            )
-        except grpc.aio.AioRpcError as err:
-            raise from_rpc_error(err) from None
+    async def _call(self, method: Any, request: Any, timeout: float | None = _DEFAULT, *, retry: bool = True) -> Any:
+        """One unary call; UNAVAILABLE and DEADLINE_EXCEEDED are retried (``timeout`` is per attempt)."""
+        failures = 0
+        while True:
+            try:
+                return await method(
+                    request, timeout=self.timeout if timeout is _DEFAULT else timeout, metadata=self._metadata
+                )
+            except grpc.aio.AioRpcError as err:
+                if not (retry and self.retry.should_retry(err.code(), failures)):
+                    raise from_rpc_error(err) from None
+            await asyncio.sleep(self.retry.delay(failures))
+            failures += 1
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -95,19 +106,20 @@ class AsyncClient:
     ) -> list[ModelInfo]:
         """Load (or reload) a version folder of the server's repository (see ``Client.load_model``)."""
         req = pb.LoadModelRequest(name=name, version=version or 0)
-        return [_convert.model_info(m) for m in (await self._call(self._stub.LoadModel, req, timeout)).models]
+        response = await self._call(self._stub.LoadModel, req, timeout, retry=False)  # see Client.load_model
+        return [_convert.model_info(m) for m in response.models]
 
     async def unload_model(
         self, name: str, version: int | None = None, force: bool = False, timeout: float | None = _DEFAULT
     ) -> UnloadResult:
         """Unload a version, or every version of ``name`` (see ``Client.unload_model``)."""
         req = pb.UnloadModelRequest(name=name, version=version or 0, force=force)
-        return _convert.unload_result(await self._call(self._stub.UnloadModel, req, timeout))
+        return _convert.unload_result(await self._call(self._stub.UnloadModel, req, timeout, retry=False))
 
     async def health(self, service: str = "", timeout: float | None = _DEFAULT) -> str:
         """The standard grpc health status of ``service`` ("" is the whole server), e.g. ``"SERVING"``."""
         check, request = _base.health_call(self._channel, service)
-        return _base.health_status(await self._call(check, request, timeout))
+        return _base.health_status(await self._call(check, request, timeout, retry=False))
 
     async def open_session(
         self,
@@ -198,6 +210,7 @@ class AsyncSession(_base.SessionBase):
     def __init__(self, client: AsyncClient, response: pb.OpenSessionResponse) -> None:
         super().__init__(response)
         self._client = client
+        self._stepping: asyncio.Lock | None = None  # made on first use, inside the running loop
 
     async def __aenter__(self) -> AsyncSession:
         return self
@@ -225,9 +238,12 @@ class AsyncSession(_base.SessionBase):
         timeout: float | None = _DEFAULT,
     ) -> _convert.Outputs:
         """Apply one timestep (or, with ``chunk=True``, several); see ``Session.step``."""
-        req = self._step_request(x, chunk=chunk, outputs=outputs)
-        resp = await self._client._call(self._client._stub.Step, req, timeout)
-        self.steps = resp.steps
+        if self._stepping is None:
+            self._stepping = asyncio.Lock()
+        async with self._stepping:  # unary steps take turns: each is numbered from those acknowledged before
+            req = self._step_request(x, chunk=chunk, outputs=outputs, step_index=self.steps + 1)
+            resp = await self._client._call(self._client._stub.Step, req, timeout)
+            self.steps = resp.steps
         return _convert.outputs(resp.outputs)
 
     async def step_chunk(
@@ -258,12 +274,18 @@ class AsyncSession(_base.SessionBase):
     async def _stream(
         self, xs: AsyncIterator[Any], window: int, outputs: Sequence[str] | None
     ) -> AsyncIterator[_convert.Outputs]:
-        call = self._client._stub.StreamStep(metadata=self._client._metadata)
+        # One producer pulls xs for the whole stream (never cancelled mid-pull, which would break the caller's
+        # generator); each attempt's sender resends the unanswered steps, then sends new ones as they come.
+        client = self._client
         slots = asyncio.Semaphore(window)
+        unacked = Unacknowledged()
+        more = asyncio.Event()
         failure: list[BaseException] = []
+        exhausted = False
 
         async def produce() -> None:
-            index = 0
+            nonlocal exhausted
+            index = self.steps + 1
             try:
                 while True:
                     await slots.acquire()  # before pulling, so window=1 is lock-step with the caller
@@ -271,31 +293,64 @@ class AsyncSession(_base.SessionBase):
                         x = await anext(xs)
                     except StopAsyncIteration:
                         break
-                    step = self._step_request(x, chunk=False, outputs=outputs, request_id=str(index))
+                    unacked.steps.append(
+                        self._step_request(x, chunk=False, outputs=outputs, step_index=index, request_id=str(index))
+                    )
                     index += 1
-                    await call.write(pb.StreamStepRequest(steps=[step]))
-            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                return  # the call ended; the reader reports why
+                    more.set()
             except Exception as exc:
                 failure.append(exc)  # re-raised by the reader after the steps already sent
-            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                await call.done_writing()
+            finally:
+                exhausted = True
+                more.set()
 
-        writer = asyncio.create_task(produce())
+        async def send(call: Any) -> None:
+            position = unacked.acked
+            try:
+                while True:
+                    more.clear()
+                    while position < unacked.built:
+                        await call.write(pb.StreamStepRequest(steps=[unacked.at(position)]))
+                        position += 1
+                    if exhausted:
+                        await call.done_writing()
+                        return
+                    await more.wait()
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                return  # the call ended; the reader reports why
+
+        producer = asyncio.create_task(produce())
+        failures = 0
         try:
-            expected = 0
-            while (response := await call.read()) is not grpc.aio.EOF:
-                for result in response.results:
-                    yield self._stream_result(result, expected)
-                    expected += 1
-                    slots.release()
-        except grpc.aio.AioRpcError as err:
-            raise from_rpc_error(err) from None
+            while True:
+                call = client._stub.StreamStep(metadata=client._metadata)
+                sender = asyncio.create_task(send(call))
+                try:
+                    while (response := await call.read()) is not grpc.aio.EOF:
+                        for result in response.results:
+                            out = self._stream_result(result, unacked.ack())
+                            failures = 0
+                            yield out
+                            slots.release()
+                    if exhausted and not unacked.steps:
+                        break
+                    code = grpc.StatusCode.UNAVAILABLE  # the server ended the stream before answering every step
+                    error: RnnServeError = RnnServeError(code, "the server ended the stream", session_id=self.id)
+                except grpc.aio.AioRpcError as err:
+                    code, error = err.code(), from_rpc_error(err)
+                finally:
+                    sender.cancel()
+                    call.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await sender
+                if not client.retry.should_retry(code, failures):
+                    raise error
+                await asyncio.sleep(client.retry.delay(failures))
+                failures += 1
         finally:
-            writer.cancel()
-            call.cancel()
+            producer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await writer
+                await producer
         if failure:
             raise failure[0]
 
@@ -304,6 +359,7 @@ class AsyncSession(_base.SessionBase):
         req = pb.ResetSessionRequest(session_id=self.id)
         self._state_request(state, req.state)
         await self._client._call(self._client._stub.ResetSession, req)
+        self.steps = 0  # the next step is numbered 1 again
 
     async def _get_state(self) -> pb.SessionState:
         req = pb.SessionRequest(session_id=self.id)
@@ -345,6 +401,7 @@ class AsyncMultiStream:
     """The asyncio twin of ``MultiStream``: ``async with client.multi_stream() as ms``."""
 
     def __init__(self, client: AsyncClient) -> None:
+        self._client = client
         self._call = client._stub.StreamStep(metadata=client._metadata)
         self._lock = asyncio.Lock()
         self._closed = False
@@ -379,19 +436,30 @@ class AsyncMultiStream:
         return _base.batch_results(await self._exchange(request), keys, return_exceptions=return_exceptions)
 
     async def _exchange(self, request: pb.StreamStepRequest) -> pb.StreamStepResponse:
+        """Send one message and read its response; see ``MultiStream._exchange`` for the retries."""
+        retry = self._client.retry
         async with self._lock:
             if self._closed:
                 raise RuntimeError("this multi-stream is closed")
-            try:
-                await self._call.write(request)
-                response = await self._call.read()
-            except grpc.aio.AioRpcError as err:
-                self._closed = True
-                raise from_rpc_error(err) from None
-            if response is grpc.aio.EOF:
-                self._closed = True
-                raise RnnServeError(grpc.StatusCode.UNAVAILABLE, "the server ended the stream")
-            return response
+            failures = 0
+            while True:
+                try:
+                    with contextlib.suppress(asyncio.InvalidStateError):  # the call ended: read() says why
+                        await self._call.write(request)
+                    response = await self._call.read()
+                    if response is not grpc.aio.EOF:
+                        return response
+                    code = grpc.StatusCode.UNAVAILABLE
+                    error = RnnServeError(code, "the server ended the stream")
+                except grpc.aio.AioRpcError as err:
+                    code, error = err.code(), from_rpc_error(err)
+                self._call.cancel()
+                if not (_base.all_indexed(request) and retry.should_retry(code, failures)):
+                    self._closed = True
+                    raise error
+                await asyncio.sleep(retry.delay(failures))
+                failures += 1
+                self._call = self._client._stub.StreamStep(metadata=self._client._metadata)
 
     async def close(self) -> None:
         """Half-close the stream and wait for the server to end it."""

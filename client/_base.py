@@ -23,9 +23,18 @@ DEFAULT_WINDOW = 8
 Metadata: TypeAlias = Mapping[str, str] | Sequence[tuple[str, str]]
 
 
+# After a dropped connection grpc waits 1 s (growing to 120 s) between reconnection attempts; calls retried
+# meanwhile fail at once. A client that retries transparently reconnects sooner.
+RECONNECT_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 5000),
+]
+
+
 def channel_options(max_message_bytes: int | None, options: Sequence[tuple[str, Any]] | None) -> list:
-    """grpc channel options: message limits first, so explicit ``options`` override them."""
-    opts: list[tuple[str, Any]] = []
+    """grpc channel options: reconnection backoff and message limits first, so explicit ``options`` override
+    them."""
+    opts: list[tuple[str, Any]] = list(RECONNECT_OPTIONS)
     if max_message_bytes is not None:
         opts += [
             ("grpc.max_send_message_length", max_message_bytes),
@@ -93,21 +102,25 @@ class SessionBase:
         return f"<{type(self).__name__} {self.id} model={model} steps={self.steps}{state}>"
 
     def _step_request(
-        self, x: Any, *, chunk: bool, outputs: Sequence[str] | None, request_id: str = ""
+        self, x: Any, *, chunk: bool, outputs: Sequence[str] | None, step_index: int, request_id: str = ""
     ) -> pb.StepRequest:
+        """``step_index``: the session's index of this (first) step, so that a retry is applied once."""
         if chunk:
             arrays, num_steps = _convert.stacked_inputs(x, self.model)
         else:
             arrays, num_steps = _convert.named_inputs(x, self.model), 0
-        return _convert.step_request(self.id, arrays, num_steps=num_steps, outputs=outputs, request_id=request_id)
+        return _convert.step_request(
+            self.id, arrays, num_steps=num_steps, outputs=outputs, request_id=request_id, step_index=step_index
+        )
 
     def _state_request(self, state: Mapping[str, Any] | None, target: Any) -> None:
         _convert.state_map(state, self.model, target)
 
-    def _stream_result(self, result: pb.StepResult, expected: int) -> _convert.Outputs:
-        """Check one stream result against the step it answers, and decode it."""
+    def _stream_result(self, result: pb.StepResult, request: pb.StepRequest | None) -> _convert.Outputs:
+        """Check one stream result against the step it answers (None: no step was outstanding), decode it."""
         _convert.check_result(result)
-        if result.request_id and result.request_id != str(expected):
+        expected = request.request_id if request is not None else "nothing"
+        if request is None or (result.request_id and result.request_id != expected):
             # The proto promises results in request order; a mismatch would silently pair wrong outputs.
             raise RnnServeError(
                 grpc.StatusCode.INTERNAL,
@@ -118,14 +131,39 @@ class SessionBase:
         return _convert.outputs(result.outputs)
 
 
+def step_indices(keys: Sequence[Any]) -> list[int]:
+    """Each key's step_index: a Session's next step (a session twice in one message: the one after), an id's 0
+    (unchecked: the client does not know that session's steps)."""
+    seen: dict[str, int] = {}
+    indices = []
+    for key in keys:
+        if isinstance(key, str):
+            indices.append(0)
+            continue
+        seen[key.id] = seen.get(key.id, key.steps) + 1
+        indices.append(seen[key.id])
+    return indices
+
+
+def all_indexed(request: pb.StreamStepRequest) -> bool:
+    """Whether every step of a stream message carries a step index, so that resending it is safe."""
+    batch = request.batch
+    rows = len(batch.session_ids)
+    return all(s.step_index for s in request.steps) and (
+        rows == 0 or (len(batch.step_indices) == rows and all(batch.step_indices))
+    )
+
+
 def multi_request(batch: Mapping[Any, Any], outputs: Sequence[str] | None) -> tuple[pb.StreamStepRequest, list[Any]]:
     """One stream message carrying one step per session of ``batch``; also returns the keys in order."""
     keys = list(batch)
     request = pb.StreamStepRequest()
-    for i, key in enumerate(keys):
+    for i, (key, index) in enumerate(zip(keys, step_indices(keys), strict=True)):
         session_id, model = session_key(key)
         arrays = _convert.named_inputs(batch[key], model)
-        request.steps.append(_convert.step_request(session_id, arrays, outputs=outputs, request_id=str(i)))
+        request.steps.append(
+            _convert.step_request(session_id, arrays, outputs=outputs, request_id=str(i), step_index=index)
+        )
     return request, keys
 
 
@@ -164,6 +202,9 @@ def batch_request(
     model = next((m for m in (session_key(k)[1] for k in keys) if m is not None), None)
     request = pb.StreamStepRequest()
     request.batch.session_ids.extend(ids)
+    indices = step_indices(keys)
+    if any(indices):
+        request.batch.step_indices.extend(indices)
     request.batch.outputs.extend(outputs or ())
     encode_map(_convert.named_inputs(inputs, model), request.batch.inputs)
     return request, keys

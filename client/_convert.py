@@ -155,8 +155,9 @@ def step_request(
     num_steps: int = 0,
     outputs: Sequence[str] | None = None,
     request_id: str = "",
+    step_index: int = 0,
 ) -> pb.StepRequest:
-    req = pb.StepRequest(session_id=session_id, num_steps=num_steps, request_id=request_id)
+    req = pb.StepRequest(session_id=session_id, num_steps=num_steps, request_id=request_id, step_index=step_index)
     encode_map(inputs, req.inputs)
     if outputs:
         req.outputs.extend(outputs)

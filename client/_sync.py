@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
@@ -15,6 +16,7 @@ from numpy.typing import ArrayLike
 from rnnserve.client import _base, _convert, _predict
 from rnnserve.client._errors import RnnServeError, from_rpc_error
 from rnnserve.client._predict import PredictResult
+from rnnserve.client._retry import RetryPolicy, Unacknowledged
 from rnnserve.client._types import BatchResult, ModelInfo, Stats, UnloadResult
 from rnnserve.proto import rnnserve_pb2 as pb
 from rnnserve.proto import rnnserve_pb2_grpc as pb_grpc
@@ -34,6 +36,11 @@ class Client:
         max_message_bytes: send and receive limit of the channel (chunks of many steps are large).
         options: extra grpc channel options, applied after the message limits.
         metadata: ``(key, value)`` pairs or a mapping sent with every call (e.g. an auth token).
+        retries: how many times in a row a call (or a stream, from its last answered step) is retried after
+            UNAVAILABLE or DEADLINE_EXCEEDED; 0 turns retries off. Steps carry their session's step index,
+            so a retried step is applied once (README "Exactly-once steps and retries").
+        backoff, max_backoff: the first wait before a retry in seconds, doubling up to ``max_backoff``
+            (with jitter).
     """
 
     def __init__(
@@ -45,7 +52,11 @@ class Client:
         max_message_bytes: int | None = _base.DEFAULT_MAX_MESSAGE_BYTES,
         options: Sequence[tuple[str, Any]] | None = None,
         metadata: _base.Metadata | None = None,
+        retries: int = 5,
+        backoff: float = 0.05,
+        max_backoff: float = 2.0,
     ) -> None:
+        self.retry = RetryPolicy(retries, backoff, max_backoff)
         opts = _base.channel_options(max_message_bytes, options)
         if credentials is None:
             self._channel = grpc.insecure_channel(address, options=opts)
@@ -58,11 +69,21 @@ class Client:
 
     # -- plumbing ------------------------------------------------------------------------------------
 
-    def _call(self, method: Callable[..., _R], request: Any, timeout: float | None = _DEFAULT) -> _R:
-        try:
-            return method(request, timeout=self.timeout if timeout is _DEFAULT else timeout, metadata=self._metadata)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
+    def _call(
+        self, method: Callable[..., _R], request: Any, timeout: float | None = _DEFAULT, *, retry: bool = True
+    ) -> _R:
+        """One unary call; UNAVAILABLE and DEADLINE_EXCEEDED are retried (``timeout`` is per attempt)."""
+        failures = 0
+        while True:
+            try:
+                return method(
+                    request, timeout=self.timeout if timeout is _DEFAULT else timeout, metadata=self._metadata
+                )
+            except grpc.RpcError as err:
+                if not (retry and self.retry.should_retry(err.code(), failures)):
+                    raise from_rpc_error(err) from None
+            time.sleep(self.retry.delay(failures))
+            failures += 1
 
     @property
     def channel(self) -> grpc.Channel:
@@ -101,7 +122,8 @@ class Client:
         serving when its reload fails).
         """
         req = pb.LoadModelRequest(name=name, version=version or 0)
-        return [_convert.model_info(m) for m in self._call(self._stub.LoadModel, req, timeout).models]
+        # Not retried: a load that timed out may still be building, and another would build it again.
+        return [_convert.model_info(m) for m in self._call(self._stub.LoadModel, req, timeout, retry=False).models]
 
     def unload_model(
         self, name: str, version: int | None = None, force: bool = False, timeout: float | None = _DEFAULT
@@ -109,7 +131,7 @@ class Client:
         """Unload a version (None: every version of ``name``). A version with open sessions is refused
         (FAILED_PRECONDITION) unless ``force``, which ends those sessions."""
         req = pb.UnloadModelRequest(name=name, version=version or 0, force=force)
-        return _convert.unload_result(self._call(self._stub.UnloadModel, req, timeout))
+        return _convert.unload_result(self._call(self._stub.UnloadModel, req, timeout, retry=False))
 
     def health(self, service: str = "", timeout: float | None = _DEFAULT) -> str:
         """The standard grpc health status of ``service`` ("" is the whole server): e.g. ``"SERVING"``.
@@ -117,7 +139,7 @@ class Client:
         Needs the ``grpcio-health-checking`` package (torch-free).
         """
         check, request = _base.health_call(self._channel, service)
-        return _base.health_status(self._call(check, request, timeout))
+        return _base.health_status(self._call(check, request, timeout, retry=False))  # the status now, not later
 
     # -- sessions ------------------------------------------------------------------------------------
 
@@ -198,12 +220,15 @@ class Session(_base.SessionBase):
     Attributes:
         id: the server's session id.
         model: the model's signature (ModelInfo).
-        steps: timesteps applied so far, as last reported by the server.
+        steps: timesteps applied so far, as last reported by the server; the next step is numbered
+            ``steps + 1`` (its ``step_index``), so a retried step is applied once.
     """
 
     def __init__(self, client: Client, response: pb.OpenSessionResponse) -> None:
         super().__init__(response)
         self._client = client
+        # Unary steps of one session take turns: each is numbered from the steps acknowledged before it.
+        self._stepping = threading.Lock()
 
     def __enter__(self) -> Session:
         return self
@@ -234,11 +259,13 @@ class Session(_base.SessionBase):
 
         ``x`` is an array (single-input models) or a dict ``{input: array}``, per-session shapes (no batch
         axis). Returns an array when the result has one output, else a dict; ``outputs`` picks which.
-        With ``chunk=True``, ``x`` holds several consecutive timesteps (see step_chunk).
+        With ``chunk=True``, ``x`` holds several consecutive timesteps (see step_chunk). A call that fails
+        with UNAVAILABLE or DEADLINE_EXCEEDED is retried with the same step index (``Client(retries=)``).
         """
-        req = self._step_request(x, chunk=chunk, outputs=outputs)
-        resp = self._client._call(self._client._stub.Step, req, timeout)
-        self.steps = resp.steps
+        with self._stepping:
+            req = self._step_request(x, chunk=chunk, outputs=outputs, step_index=self.steps + 1)
+            resp = self._client._call(self._client._stub.Step, req, timeout)
+            self.steps = resp.steps
         return _convert.outputs(resp.outputs)
 
     def step_chunk(
@@ -267,52 +294,52 @@ class Session(_base.SessionBase):
         ``xs`` is only pulled once a slot is free, so ``window=1`` is strict lock-step (e.g. to feed each
         output back as the next input) and larger windows hide the network round trip. ``xs`` is
         iterated on a grpc thread; an exception it raises is re-raised here after the outputs of the
-        steps before it. A failed step raises RnnServeError and cancels the stream; with a window above
-        1, steps sent after it may already have been applied (``get_state()`` says where it stands).
+        steps before it. A failed step raises RnnServeError and cancels the stream; the steps sent after
+        it are refused, since they carry the indexes of the steps after it (``s.steps`` says where the
+        session stands). A broken stream (UNAVAILABLE) is reopened and resumes from the last answered
+        step: the unanswered ones are sent again with their indexes, and those the server had applied
+        come back from its replay cache (``Client(retries=)`` bounds the reconnections in a row).
         """
         _base.check_window(window)
         return self._stream(iter(xs), window, outputs)
 
     def _stream(self, xs: Iterator[Any], window: int, outputs: Sequence[str] | None) -> Iterator[_convert.Outputs]:
-        slots = _Window(window)
-        failure: list[BaseException] = []
-
-        def requests() -> Iterator[pb.StreamStepRequest]:
-            index = 0
-            try:
-                while slots.acquire():
-                    try:
-                        x = next(xs)
-                    except StopIteration:
-                        return
-                    step = self._step_request(x, chunk=False, outputs=outputs, request_id=str(index))
-                    index += 1
-                    yield pb.StreamStepRequest(steps=[step])
-            except Exception as exc:
-                # Half-close instead of letting grpc cancel: the steps already sent still get answered.
-                failure.append(exc)
-
-        call = self._client._stub.StreamStep(requests(), metadata=self._client._metadata)
+        client = self._client
+        box = _Outbox(self, xs, window, outputs)
+        failures = 0
         try:
-            expected = 0
-            for response in call:
-                for result in response.results:
-                    yield self._stream_result(result, expected)
-                    expected += 1
-                    slots.release()
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
+            while True:
+                call = client._stub.StreamStep(box.requests(), metadata=client._metadata)
+                try:
+                    for response in call:
+                        for result in response.results:
+                            out = self._stream_result(result, box.ack())
+                            failures = 0
+                            yield out
+                            box.consumed()
+                    if box.finished():
+                        break
+                    code = grpc.StatusCode.UNAVAILABLE  # the server ended the stream before answering every step
+                    error: RnnServeError = RnnServeError(code, "the server ended the stream", session_id=self.id)
+                except grpc.RpcError as err:
+                    code, error = err.code(), from_rpc_error(err)
+                finally:
+                    call.cancel()  # a no-op once finished; stops the server's work when the caller stops early
+                if not client.retry.should_retry(code, failures):
+                    raise error
+                time.sleep(client.retry.delay(failures))
+                failures += 1
         finally:
-            slots.close()
-            call.cancel()  # a no-op once finished; stops the server's work when the caller stops early
-        if failure:
-            raise failure[0]
+            box.close()
+        if box.failure:
+            raise box.failure[0]
 
     def reset(self, state: Mapping[str, ArrayLike] | None = None) -> None:
         """Reset the recurrent state to the model's initial value, or to ``state``."""
         req = pb.ResetSessionRequest(session_id=self.id)
         self._state_request(state, req.state)
         self._client._call(self._client._stub.ResetSession, req)
+        self.steps = 0  # the next step is numbered 1 again
 
     def _get_state(self) -> pb.SessionState:
         resp = self._client._call(self._client._stub.GetState, pb.SessionRequest(session_id=self.id))
@@ -340,29 +367,98 @@ class Session(_base.SessionBase):
         self._get_state()  # the snapshot carries its step count
 
 
-class _Window:
-    """Bounds the steps in flight on a stream; close() wakes a producer blocked on a full window."""
+class _Outbox:
+    """The request side of ``Session.stream`` across reconnections.
 
-    def __init__(self, size: int) -> None:
-        self._size = size
+    Each attempt's request iterator (consumed on a grpc thread) first resends the unanswered steps, then
+    pulls new ones from ``xs`` while fewer than ``window`` are in flight (sent, output not yet consumed by
+    the caller). One iterator pulls at a time, and a step it pulls is booked in ``unacked`` before it is
+    sent, so a step pulled by an attempt that broke meanwhile is sent by the next one.
+    """
+
+    def __init__(self, session: Session, xs: Iterator[Any], window: int, outputs: Sequence[str] | None) -> None:
+        self._session = session
+        self._xs = xs
+        self._window = window
+        self._outputs = outputs
+        self._first = session.steps + 1  # step index of the stream's first step
+        self.unacked = Unacknowledged()
+        self.failure: list[BaseException] = []
+        self._pulled = 0  # steps taken from xs (only the pulling iterator changes it)
         self._in_flight = 0
+        self._attempt = 0
+        self._pulling = False
+        self._exhausted = False
         self._closed = False
         self._cond = threading.Condition()
 
-    def acquire(self) -> bool:
-        """Wait for a free slot; False once closed."""
+    def requests(self) -> Iterator[pb.StreamStepRequest]:
+        """A new attempt's requests; the previous attempt's iterator ends."""
         with self._cond:
-            while self._in_flight >= self._size and not self._closed:
-                self._cond.wait()
-            if self._closed:
-                return False
-            self._in_flight += 1
-            return True
+            self._attempt += 1
+            attempt, position = self._attempt, self.unacked.acked
+            self._cond.notify_all()
+        return self._requests(attempt, position)
 
-    def release(self) -> None:
+    def _requests(self, attempt: int, position: int) -> Iterator[pb.StreamStepRequest]:
+        while (step := self._next(attempt, position)) is not None:
+            position += 1
+            yield pb.StreamStepRequest(steps=[step])
+
+    def _next(self, attempt: int, position: int) -> pb.StepRequest | None:
+        """The step at ``position``, pulling it from ``xs`` when it is new; None ends this attempt's requests
+        (superseded, closed, or ``xs`` done: then the half-close still gets the steps sent answered)."""
+        while True:
+            with self._cond:
+                while True:
+                    if self._closed or attempt != self._attempt:
+                        return None
+                    if position < self.unacked.built:
+                        return self.unacked.at(position)
+                    if self._exhausted:
+                        return None
+                    if not self._pulling and self._in_flight < self._window:
+                        self._pulling = True
+                        break
+                    self._cond.wait()
+            self._pull()
+
+    def _pull(self) -> None:
+        step = None
+        try:
+            x = next(self._xs)
+            index = self._first + self._pulled
+            step = self._session._step_request(
+                x, chunk=False, outputs=self._outputs, step_index=index, request_id=str(index)
+            )
+        except StopIteration:
+            pass
+        except Exception as exc:
+            self.failure.append(exc)  # re-raised after the outputs of the steps before it
+        with self._cond:
+            self._pulling = False
+            if step is None:
+                self._exhausted = True
+            else:
+                self.unacked.steps.append(step)
+                self._pulled += 1
+                self._in_flight += 1
+            self._cond.notify_all()
+
+    def ack(self) -> pb.StepRequest | None:
+        """The step the result just read answers."""
+        with self._cond:
+            return self.unacked.ack()
+
+    def consumed(self) -> None:
+        """The caller took an output: a window slot is free."""
         with self._cond:
             self._in_flight -= 1
-            self._cond.notify()
+            self._cond.notify_all()
+
+    def finished(self) -> bool:
+        with self._cond:
+            return self._exhausted and not self._pulling and not self.unacked.steps
 
     def close(self) -> None:
         with self._cond:
@@ -380,13 +476,18 @@ class MultiStream:
     """
 
     def __init__(self, client: Client) -> None:
-        self._requests: queue.SimpleQueue[pb.StreamStepRequest | None] = queue.SimpleQueue()
-        self._call = client._stub.StreamStep(self._pending(), metadata=client._metadata)
+        self._client = client
         self._lock = threading.Lock()
         self._closed = False
+        self._open()
 
-    def _pending(self) -> Iterator[pb.StreamStepRequest]:
-        while (request := self._requests.get()) is not None:
+    def _open(self) -> None:
+        self._requests: queue.SimpleQueue[pb.StreamStepRequest | None] = queue.SimpleQueue()
+        self._call = self._client._stub.StreamStep(self._pending(self._requests), metadata=self._client._metadata)
+
+    @staticmethod
+    def _pending(requests: queue.SimpleQueue[pb.StreamStepRequest | None]) -> Iterator[pb.StreamStepRequest]:
+        while (request := requests.get()) is not None:
             yield request
 
     def __enter__(self) -> MultiStream:
@@ -432,18 +533,30 @@ class MultiStream:
         return _base.batch_results(self._exchange(request), keys, return_exceptions=return_exceptions)
 
     def _exchange(self, request: pb.StreamStepRequest) -> pb.StreamStepResponse:
+        """Send one message and read its response; after UNAVAILABLE the message is sent again on a new
+        stream, when every step in it carries a step index (so none is applied twice)."""
+        retry = self._client.retry
         with self._lock:
             if self._closed:
                 raise RuntimeError("this multi-stream is closed")
-            self._requests.put(request)
-            try:
-                return next(self._call)
-            except StopIteration:
-                self._closed = True
-                raise RnnServeError(grpc.StatusCode.UNAVAILABLE, "the server ended the stream") from None
-            except grpc.RpcError as err:
-                self._closed = True
-                raise from_rpc_error(err) from None
+            failures = 0
+            while True:
+                self._requests.put(request)
+                try:
+                    return next(self._call)
+                except StopIteration:
+                    code = grpc.StatusCode.UNAVAILABLE
+                    error = RnnServeError(code, "the server ended the stream")
+                except grpc.RpcError as err:
+                    code, error = err.code(), from_rpc_error(err)
+                self._requests.put(None)
+                self._call.cancel()
+                if not (_base.all_indexed(request) and retry.should_retry(code, failures)):
+                    self._closed = True
+                    raise error
+                time.sleep(retry.delay(failures))
+                failures += 1
+                self._open()
 
     def close(self) -> None:
         """Half-close the stream and wait for the server to end it."""

@@ -9,6 +9,11 @@ sessions) compute at once; the next batch forms while the current one computes.
 
 Control jobs (read, write or reset a session's state) wait in the same FIFO, so they apply at a definite
 point between steps.
+
+Exactly-once (server/exactly_once.py admits indexed steps): a step carrying a ``step_index`` is checked again
+when it reaches the head of its session's FIFO, since a step queued before it may have failed meanwhile; an
+applied indexed step's outputs go into ``session.replay`` for retries; a failed or dropped job recounts
+``session.next_index`` from what is still queued.
 """
 
 from __future__ import annotations
@@ -57,10 +62,27 @@ class JobGroup:
             _resolve(self.future, self)
 
 
+# Called with a finished job's per-step outputs, the session's step count and its error (None on success).
+Follower = Callable[[list[list[np.ndarray]], int, BaseException | None], None]
+
+
 class StepJob:
     """One timestep, or a chunk of ``num_steps`` consecutive timesteps, of one session."""
 
-    __slots__ = ("done", "future", "group", "index", "inputs", "num_steps", "outputs", "session", "start_state")
+    __slots__ = (
+        "done",
+        "fingerprint",
+        "followers",
+        "future",
+        "group",
+        "index",
+        "inputs",
+        "num_steps",
+        "outputs",
+        "session",
+        "start_state",
+        "step_index",
+    )
 
     def __init__(
         self,
@@ -70,6 +92,8 @@ class StepJob:
         future: asyncio.Future | None,
         group: JobGroup | None = None,
         index: int = 0,
+        step_index: int = 0,
+        fingerprint: int = 0,
     ):
         self.session = session
         self.inputs = inputs
@@ -80,12 +104,19 @@ class StepJob:
         self.group = group
         self.index = index
         self.start_state: list[np.ndarray] | None = None  # for rolling a failed chunk back
+        self.step_index = step_index  # exactly-once index of the (first) step; 0: unchecked
+        self.fingerprint = fingerprint  # of the inputs: tells a retry from another step reusing the index
+        # Retries of this step that arrived while it was queued: each gets this job's result.
+        self.followers: list[Follower] | None = None
 
     def finish(self, steps: int = 0, error: BaseException | None = None) -> None:
         if self.group is not None:
             self.group.finish(self.index, self.outputs[0] if error is None else None, steps, error)
         else:
             _resolve(self.future, None if error is not None else (self.outputs, steps), error)
+        if self.followers:
+            for follow in self.followers:
+                follow(self.outputs, steps, error)
 
     @property
     def total(self) -> int:
@@ -99,11 +130,12 @@ class StepJob:
 class ControlJob:
     """A state operation that must run between two steps of the session (on the event loop)."""
 
-    __slots__ = ("fn", "future")
+    __slots__ = ("fn", "future", "steps")
 
-    def __init__(self, fn: Callable[[], Any], future: asyncio.Future):
+    def __init__(self, fn: Callable[[], Any], future: asyncio.Future, steps: int | None = None):
         self.fn = fn
         self.future = future
+        self.steps = steps  # the session's step count once it ran (a reset: 0); None: unchanged
 
 
 @dataclass
@@ -122,6 +154,19 @@ class BatchStats:
         self.histogram[min(size.bit_length() - 1, len(self.histogram) - 1)] += 1
         self.compute_ns += compute_ns
         self.queue_ns += queue_ns
+
+
+def recount(session: Session) -> None:
+    """Set ``session.next_index`` from the applied steps and what is still queued (after a job left the queue
+    without applying)."""
+    steps = session.steps
+    for job in session.pending:
+        if type(job) is ControlJob:
+            if job.steps is not None:
+                steps = job.steps
+        else:
+            steps += job.total - job.done
+    session.next_index = steps + 1
 
 
 def _resolve(future: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
@@ -198,12 +243,26 @@ class Batcher:
         while self.ready and len(batch) < self.max_batch_size:
             session = self.ready.popleft()
             # Control jobs at the head run now: the session is not in flight, so its state is settled.
-            while session.pending and isinstance(session.pending[0], ControlJob):
-                job = session.pending.popleft()
-                try:
-                    _resolve(job.future, job.fn())
-                except Exception as exc:
-                    _resolve(job.future, error=exc)
+            while session.pending:
+                head = session.pending[0]
+                if isinstance(head, ControlJob):
+                    session.pending.popleft()
+                    try:
+                        _resolve(head.future, head.fn())
+                    except Exception as exc:
+                        _resolve(head.future, error=exc)
+                elif head.step_index and not head.done and head.step_index != session.steps + 1:
+                    # Admitted behind a step that failed or was dropped since: applying it would skip that step.
+                    session.pending.popleft()
+                    head.finish(
+                        error=FailedPrecondition(
+                            f"session '{session.id}' expects step_index {session.steps + 1} (got "
+                            f"{head.step_index}): a step queued before it did not apply"
+                        )
+                    )
+                    recount(session)
+                else:
+                    break
             if session.closed or not session.pending:
                 self._settle(session)
                 continue
@@ -288,12 +347,17 @@ class Batcher:
                     self.model.slab.write(session.slot, job.start_state)
                     session.steps -= job.done
                 job.finish(error=error)
+                recount(session)
             else:
                 job.outputs.append([o[i] for o in per_output])
                 job.done += 1
                 session.steps += 1
                 if job.done == job.total:
                     session.pending.popleft()
+                    if job.step_index and session.replay is not None:
+                        # Copies: views would keep the whole batch's output arrays alive.
+                        outputs = [[a.copy() for a in step] for step in job.outputs]
+                        session.replay.append((job.step_index, job.num_steps, job.fingerprint, outputs))
                     job.finish(session.steps)
             session.last_used = now
             self._settle(session)

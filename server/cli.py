@@ -23,6 +23,7 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--session-ttl": ("session_ttl", {"type": float, "metavar": "SECONDS"}),
     "--max-message-bytes": ("max_message_bytes", {"type": int, "metavar": "N"}),
     "--max-pending-steps": ("max_pending_steps", {"type": int, "metavar": "N"}),
+    "--replay-window": ("replay_window", {"type": int, "metavar": "N"}),
     "--max-stream-inflight": ("max_stream_inflight", {"type": int, "metavar": "N"}),
     "--max-batch-size": ("max_batch_size", {"type": int, "metavar": "N"}),
     "--max-queue-delay-us": ("max_queue_delay_us", {"type": int, "metavar": "US"}),

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rnnserve.server import exactly_once
 from rnnserve.server import snapshot as snapshots
 from rnnserve.server.admin import ModelAdmin, UnloadResult
 from rnnserve.server.batcher import ControlJob, JobGroup, StepJob
-from rnnserve.server.errors import InvalidArgument, NotFound, ResourceExhausted, SessionEnded
+from rnnserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, SessionEnded
 from rnnserve.server.model import LoadedModel
 from rnnserve.server.predict import Predictor, PredictResult, refuse_sessions
 from rnnserve.server.repository import FailedModel, ModelRepository
@@ -35,10 +36,13 @@ class SessionStateView:
 
 
 class DataPlane:
-    def __init__(self, repository: ModelRepository, sessions: SessionManager, *, max_pending_steps: int):
+    def __init__(
+        self, repository: ModelRepository, sessions: SessionManager, *, max_pending_steps: int, replay_window: int = 8
+    ):
         self.repository = repository
         self.sessions = sessions
         self.max_pending_steps = max_pending_steps
+        self.replay_window = replay_window  # applied indexed steps kept per session to answer retries
         self.admin = ModelAdmin(repository, sessions)
         self.predictor = Predictor()
 
@@ -84,9 +88,12 @@ class DataPlane:
     def close_session(self, session_id: str) -> None:
         self.sessions.close(session_id)
 
-    async def _control(self, session: Session, fn):
+    async def _control(self, session: Session, fn, steps: int | None = None):
+        """Queue ``fn`` between the session's steps; ``steps``: its step count once ``fn`` ran (None: as is)."""
         future = asyncio.get_running_loop().create_future()
-        self._batcher(session).enqueue(session, ControlJob(fn, future))
+        self._batcher(session).enqueue(session, ControlJob(fn, future, steps))
+        if steps is not None:
+            exactly_once.reset(session, steps)
         return await future
 
     def _batcher(self, session: Session):
@@ -104,8 +111,9 @@ class DataPlane:
         def reset() -> None:
             session.model.slab.write(session.slot, values)
             session.steps = 0
+            exactly_once.forget(session)
 
-        await self._control(session, reset)
+        await self._control(session, reset, 0)
 
     async def get_state(self, session_id: str) -> SessionStateView:
         session = self.sessions.get(session_id)
@@ -142,42 +150,55 @@ class DataPlane:
             model.slab.write(session.slot, merged)
             if steps is not None:
                 session.steps = steps
+                exactly_once.forget(session)
 
-        await self._control(session, write)
+        await self._control(session, write, steps)
 
     # ---- steps ------------------------------------------------------------------------------------------
     def submit_step(
-        self, session_id: str, inputs: Mapping[str, np.ndarray], num_steps: int
+        self, session_id: str, inputs: Mapping[str, np.ndarray], num_steps: int, step_index: int = 0
     ) -> tuple[LoadedModel, asyncio.Future]:
         """Validate and queue one step (or chunk). Returns its model and a future for ``step_result``.
 
         Everything that can be rejected is rejected here, before the step is queued: a refused step never
-        reaches the batcher and so never touches the session's state.
+        reaches the batcher and so never touches the session's state. A ``step_index`` repeating an earlier
+        step gets that step's result instead (server/exactly_once.py).
         """
         session = self.sessions.get(session_id)
         model = session.model
         checked = model.check_inputs(inputs, num_steps)
+        print_ = 0
+        if step_index:
+            print_ = exactly_once.fingerprint(checked)
+            earlier = exactly_once.admit(session, step_index, num_steps, print_)
+            if earlier is not None:
+                return model, exactly_once.answer(earlier)
         if len(session.pending) >= self.max_pending_steps:
             raise ResourceExhausted(
                 f"session '{session_id}' already has {len(session.pending)} steps queued (limit "
                 f"{self.max_pending_steps}); wait for responses before sending more"
             )
         future = asyncio.get_running_loop().create_future()
-        self._batcher(session).enqueue(session, StepJob(session, checked, num_steps, future))
+        job = StepJob(session, checked, num_steps, future, None, 0, step_index, print_)
+        self._batcher(session).enqueue(session, job)
+        exactly_once.queued(session, num_steps, step_index, self.replay_window)
         return model, future
 
     def submit_batch(
-        self, session_ids: Sequence[str], inputs: Mapping[str, np.ndarray]
+        self, session_ids: Sequence[str], inputs: Mapping[str, np.ndarray], step_indices: Sequence[int] = ()
     ) -> tuple[LoadedModel | None, asyncio.Future]:
         """Validate and queue one timestep for each of many sessions of one model (a StepBatch).
 
         Inputs are stacked, one row per session id, and are decoded and checked once for the whole message.
         A row whose session is unknown, on another model, over its queue limit, or whose input holds NaN/Inf
         fails alone; a malformed stacked tensor fails the whole message. The future gives a ``JobGroup``.
+        ``step_indices`` (empty, or one per row; 0: unchecked) are admitted row by row, in order.
         """
         n = len(session_ids)
         if n == 0:
             raise InvalidArgument("a StepBatch needs at least one session id")
+        if step_indices and len(step_indices) != n:
+            raise InvalidArgument(f"a StepBatch has {n} session ids but {len(step_indices)} step_indices")
         future = asyncio.get_running_loop().create_future()
         errors: dict[int, Exception] = {}
         sessions: list[Session | None] = [None] * n
@@ -223,7 +244,20 @@ class DataPlane:
         for i, session in enumerate(sessions):
             if session is not None and i not in errors:
                 rows = {name: checked[name][i] for name in names}
-                batcher.enqueue(session, StepJob(session, rows, 0, None, group, i))
+                index = step_indices[i] if step_indices else 0
+                print_ = 0
+                if index:
+                    print_ = exactly_once.fingerprint(rows)
+                    try:
+                        earlier = exactly_once.admit(session, index, 0, print_)
+                    except FailedPrecondition as exc:
+                        group.finish(i, None, 0, exc)
+                        continue
+                    if earlier is not None:
+                        exactly_once.answer_row(earlier, group, i)
+                        continue
+                batcher.enqueue(session, StepJob(session, rows, 0, None, group, i, index, print_))
+                exactly_once.queued(session, 0, index, self.replay_window)
         return model, future
 
     @staticmethod
@@ -237,8 +271,10 @@ class DataPlane:
             outputs = dict(zip(names, per_step[0], strict=True))
         return StepResult(outputs, steps)
 
-    async def step(self, session_id: str, inputs: Mapping[str, np.ndarray], num_steps: int = 0) -> StepResult:
-        model, future = self.submit_step(session_id, inputs, num_steps)
+    async def step(
+        self, session_id: str, inputs: Mapping[str, np.ndarray], num_steps: int = 0, step_index: int = 0
+    ) -> StepResult:
+        model, future = self.submit_step(session_id, inputs, num_steps, step_index)
         return self.step_result(model, await future, num_steps)
 
     # ---- whole sequences --------------------------------------------------------------------------------

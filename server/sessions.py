@@ -8,6 +8,8 @@ import secrets
 import time
 from collections import OrderedDict, deque
 
+import numpy as np
+
 from rnnserve.server.errors import ResourceExhausted, SessionEnded, SessionNotFound
 from rnnserve.server.model import LoadedModel
 
@@ -16,13 +18,30 @@ log = logging.getLogger(__name__)
 
 class Session:
     # Slots keep an idle session small: 100k of them must fit beside their state.
-    __slots__ = ("closed", "id", "last_used", "model", "pending", "ready_since", "scheduled", "slot", "steps")
+    __slots__ = (
+        "closed",
+        "id",
+        "last_used",
+        "model",
+        "next_index",
+        "pending",
+        "ready_since",
+        "replay",
+        "scheduled",
+        "slot",
+        "steps",
+    )
 
     def __init__(self, session_id: str, model: LoadedModel, slot: int, steps: int = 0):
         self.id = session_id
         self.model = model
         self.slot = slot
         self.steps = steps
+        # Exactly-once (server/exactly_once.py): the step_index the next queued step must carry, and the
+        # outputs of the last applied indexed steps, (first index, num_steps, inputs fingerprint, per-step
+        # outputs in manifest order), oldest first; None until the session's first indexed step.
+        self.next_index = steps + 1
+        self.replay: deque[tuple[int, int, int, list[list[np.ndarray]]]] | None = None
         self.last_used = time.monotonic()
         self.pending: deque = deque()
         self.scheduled = False  # queued in, or being computed by, the batcher

@@ -35,6 +35,11 @@ class ServerSettings(BaseSettings):
     max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     """Largest gRPC message accepted or sent; larger requests get RESOURCE_EXHAUSTED."""
 
+    replay_window: int = Field(default=8, ge=0)
+    """Applied steps per session whose responses are kept to answer a retry with the same ``step_index``
+    (exactly-once); it should cover the client's pipelining window. Only sessions that number their steps
+    keep them. 0: a retry of an applied step gets FAILED_PRECONDITION."""
+
     max_pending_steps: int = Field(default=1024, ge=1)
     """Steps one session may have queued; more get RESOURCE_EXHAUSTED (backpressure, not unbounded memory)."""
 

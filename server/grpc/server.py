@@ -33,7 +33,12 @@ class RnnServer:
             max_queue_delay_us=settings.max_queue_delay_us,
         )
         self.sessions = SessionManager(max_sessions=settings.max_sessions, ttl=settings.session_ttl)
-        self.dataplane = DataPlane(self.repository, self.sessions, max_pending_steps=settings.max_pending_steps)
+        self.dataplane = DataPlane(
+            self.repository,
+            self.sessions,
+            max_pending_steps=settings.max_pending_steps,
+            replay_window=settings.replay_window,
+        )
         self.health = health.aio.HealthServicer()
         self.watcher = (
             RepositoryWatcher(self.dataplane.admin, settings.repository, settings.watch_interval)

@@ -125,7 +125,9 @@ class RnnServeServicer:
 
     # ---- steps ------------------------------------------------------------------------------------------
     async def Step(self, request: pb.StepRequest, context) -> pb.StepResponse:
-        model, future = self.dp.submit_step(request.session_id, converters.tensors(request.inputs), request.num_steps)
+        model, future = self.dp.submit_step(
+            request.session_id, converters.tensors(request.inputs), request.num_steps, request.step_index
+        )
         wanted = _check_wanted(model, request.outputs)
         result = self.dp.step_result(model, await future, request.num_steps)
         response = pb.StepResponse(session_id=request.session_id, steps=result.steps, request_id=request.request_id)
@@ -160,7 +162,7 @@ class RnnServeServicer:
                     for step in message.steps:
                         try:
                             model, future = self.dp.submit_step(
-                                step.session_id, converters.tensors(step.inputs), step.num_steps
+                                step.session_id, converters.tensors(step.inputs), step.num_steps, step.step_index
                             )
                             entries.append((step, model, future, _check_wanted(model, step.outputs)))
                         except Exception as exc:  # reported in this step's result
@@ -183,7 +185,9 @@ class RnnServeServicer:
                     try:
                         if model is None:
                             raise extra
-                        value = await future
+                        # Shielded: a broken stream must not cancel (and so drop) the one step it waits for
+                        # while the steps queued after it apply.
+                        value = await asyncio.shield(future)
                         out = self.dp.step_result(model, value, step.num_steps)
                         result.steps = out.steps
                         converters.fill_outputs(result.outputs, out.outputs, extra)
@@ -201,7 +205,7 @@ class RnnServeServicer:
         batch = message.batch
         ids = list(batch.session_ids)
         try:
-            model, future = self.dp.submit_batch(ids, converters.tensors(batch.inputs))
+            model, future = self.dp.submit_batch(ids, converters.tensors(batch.inputs), batch.step_indices)
             wanted = _check_wanted(model, batch.outputs) if model is not None else []
             return batch, ids, model, future, wanted, None
         except Exception as exc:  # the whole batch fails with this status, the stream goes on

@@ -1,0 +1,68 @@
+"""When and how long the clients wait before retrying a call, and what a resumed stream must resend.
+
+Only UNAVAILABLE (no connection, a dropped one, a server restarting) and DEADLINE_EXCEEDED are retried: every
+other status is the server's answer and would be the same again. Steps are safe to resend because each carries
+its session's ``step_index``: the server answers a repeat of an applied step from its replay cache instead of
+stepping twice (README "Exactly-once steps and retries").
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import dataclass
+
+import grpc
+
+from rnnserve.proto import rnnserve_pb2 as pb
+
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """``retries`` consecutive failed attempts are retried (0: none), after an exponential backoff from
+    ``backoff`` seconds, capped at ``max_backoff``, with jitter so that many clients do not retry in step."""
+
+    retries: int = 5
+    backoff: float = 0.05
+    max_backoff: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.retries < 0 or self.backoff < 0 or self.max_backoff < 0:
+            raise ValueError(f"retries and backoffs must be >= 0, got {self}")
+
+    def should_retry(self, code: grpc.StatusCode | None, failures: int) -> bool:
+        """Whether a call that failed with ``code`` after ``failures`` earlier failures is tried again."""
+        return code in RETRYABLE and failures < self.retries
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait before retry number ``failures + 1``: half the backoff fixed, half random."""
+        cap = min(self.max_backoff, self.backoff * 2**failures)
+        return cap / 2 + random.uniform(0, cap / 2)
+
+
+class Unacknowledged:
+    """A stream's steps that were sent (or built to be sent) and not answered yet, oldest first.
+
+    A resumed stream resends them in order, with their original step indexes; ``acked`` counts the answered
+    ones, so a sender's position in the stream is absolute and survives the deque shrinking.
+    """
+
+    def __init__(self) -> None:
+        self.steps: deque[pb.StepRequest] = deque()
+        self.acked = 0
+
+    @property
+    def built(self) -> int:
+        return self.acked + len(self.steps)
+
+    def at(self, position: int) -> pb.StepRequest:
+        return self.steps[position - self.acked]
+
+    def ack(self) -> pb.StepRequest | None:
+        """The step the next result answers (None when nothing is outstanding: a protocol error)."""
+        if not self.steps:
+            return None
+        self.acked += 1
+        return self.steps.popleft()
