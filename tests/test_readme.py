@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -70,3 +71,17 @@ def test_predict_example_runs_as_written(examples_server):
     exec(compile(script, "README-predict", "exec"), scope)
     assert scope["probs"].shape == (3, 1) and scope["r"].outputs.shape == (2, 20, 4)
     assert scope["r"].final_state["h"].shape == (2, 2, 32) and not scope["r"].outputs[1, 7:].any()
+
+
+def test_tritonclient_example_runs_as_written(examples_server):
+    pytest.importorskip("tritonclient.grpc")
+    script = _block("import numpy as np\nimport tritonclient.grpc").replace("localhost:50051", examples_server.address)
+    scope: dict = {}
+    exec(compile(script, "README-tritonclient", "exec"), scope)
+    ys, results = scope["ys"], scope["results"]
+    assert [y.shape for y in ys] == [(1, 4)] * 10
+    # Both streamed sequences got the same inputs as the synchronous one: the same outputs, step for step.
+    by_id = {r.get_response().id: r.as_numpy("y") for r in results}
+    assert len(by_id) == 20
+    for seq in ("1", "user-7"):
+        np.testing.assert_allclose(np.concatenate([by_id[f"{seq}/{t}"] for t in range(10)]), np.concatenate(ys))

@@ -1,0 +1,101 @@
+"""KServe v2 tensors <-> numpy: datatype names, raw and typed input contents, raw output contents."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from rnnserve.proto import kserve_grpc_service_pb2 as kpb
+from rnnserve.proto import kserve_model_config_pb2 as kcfg
+from rnnserve.server.errors import InvalidArgument
+
+# numpy dtype name (as in manifests) -> KServe datatype string and Triton's model-config enum.
+DATATYPES: dict[str, str] = {
+    "bool": "BOOL",
+    "uint8": "UINT8",
+    "int8": "INT8",
+    "int16": "INT16",
+    "int32": "INT32",
+    "int64": "INT64",
+    "float16": "FP16",
+    "float32": "FP32",
+    "float64": "FP64",
+}
+NUMPY_DTYPES: dict[str, np.dtype] = {v: np.dtype(k).newbyteorder("<") for k, v in DATATYPES.items()}
+CONFIG_TYPES: dict[str, int] = {k: kcfg.DataType.Value(f"TYPE_{v}") for k, v in DATATYPES.items()}
+
+# The typed-contents field that carries each datatype. FP16 has none: the protocol sends it raw only.
+_CONTENTS_FIELD: dict[str, str] = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
+
+
+def decode_inputs(request: kpb.ModelInferRequest) -> dict[str, np.ndarray]:
+    """The request's input tensors, with the shapes the client gave (leading batch dimension included)."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgument(
+            f"the request has {len(request.inputs)} input(s) but {len(raw)} raw_input_contents entries; "
+            "give one raw entry per input, in order, or typed contents for every input"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(request.inputs):
+        if tensor.name in arrays:
+            raise InvalidArgument(f"input '{tensor.name}' is given twice")
+        arrays[tensor.name] = _decode(tensor, raw[i] if raw else None)
+    return arrays
+
+
+def _decode(tensor: kpb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.ndarray:
+    dtype = NUMPY_DTYPES.get(tensor.datatype)
+    if dtype is None:
+        raise InvalidArgument(
+            f"input '{tensor.name}': datatype '{tensor.datatype}' is not supported; use one of {sorted(NUMPY_DTYPES)}"
+        )
+    shape = tuple(tensor.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"input '{tensor.name}': negative dimension in shape {list(shape)}")
+    count = int(np.prod(shape, dtype=np.int64))
+    if raw is not None:
+        if len(raw) != count * dtype.itemsize:
+            raise InvalidArgument(
+                f"input '{tensor.name}': {tensor.datatype}{list(shape)} needs {count * dtype.itemsize} bytes of "
+                f"raw_input_contents, got {len(raw)}"
+            )
+        arr = np.frombuffer(raw, dtype=dtype)
+    else:
+        field = _CONTENTS_FIELD.get(tensor.datatype)
+        if field is None:
+            raise InvalidArgument(f"input '{tensor.name}': {tensor.datatype} travels in raw_input_contents only")
+        values = getattr(tensor.contents, field)
+        if len(values) != count:
+            raise InvalidArgument(
+                f"input '{tensor.name}': {tensor.datatype}{list(shape)} needs {count} values in "
+                f"contents.{field}, got {len(values)}"
+            )
+        # Typed fields are wider than narrow types (INT8 in int32): a value that does not fit is an error,
+        # not a silent wrap-around.
+        wide = np.asarray(values)
+        arr = wide.astype(dtype)
+        if count and dtype.kind in "iu" and not np.array_equal(arr, wide):
+            raise InvalidArgument(f"input '{tensor.name}': a value in contents.{field} does not fit {tensor.datatype}")
+    return arr.astype(dtype.newbyteorder("="), copy=False).reshape(shape)
+
+
+def encode_outputs(response: kpb.ModelInferResponse, outputs: Mapping[str, np.ndarray], names: Sequence[str]) -> None:
+    """Append ``names`` from ``outputs`` to the response, raw (what tritonclient reads), in that order."""
+    for name in names:
+        arr = np.asarray(outputs[name])
+        datatype = DATATYPES.get(arr.dtype.name)
+        if datatype is None:
+            raise InvalidArgument(f"output '{name}' has dtype {arr.dtype.name}, which KServe clients cannot read")
+        response.outputs.add(name=name, datatype=datatype, shape=arr.shape)
+        response.raw_output_contents.append(np.ascontiguousarray(arr, dtype=NUMPY_DTYPES[datatype]).tobytes())
