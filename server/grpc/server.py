@@ -11,6 +11,7 @@ from grpc_reflection.v1alpha import reflection
 
 from rnnserve.proto import rnnserve_pb2 as pb
 from rnnserve.server.dataplane import DataPlane
+from rnnserve.server.grpc import kserve
 from rnnserve.server.grpc.servicers import SERVICE_NAME, RnnServeServicer, generic_handler
 from rnnserve.server.repository import ModelRepository
 from rnnserve.server.sessions import SessionManager
@@ -70,10 +71,14 @@ class RnnServer:
         server.add_generic_rpc_handlers(
             (generic_handler(RnnServeServicer(self.dataplane, max_stream_inflight=self.settings.max_stream_inflight)),)
         )
+        # The KServe v2 / Triton API on the same port, over the same data plane (server/grpc/kserve.py).
+        kserve_servicer = kserve.KServeServicer(self.dataplane, max_stream_inflight=self.settings.max_stream_inflight)
+        server.add_generic_rpc_handlers((kserve.kserve_handler(kserve_servicer),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.settings.reflection:
             names = (
                 SERVICE_NAME,
+                kserve.SERVICE_NAME,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             )
