@@ -43,6 +43,7 @@ class AsyncClient:
         max_message_bytes: int | None = _base.DEFAULT_MAX_MESSAGE_BYTES,
         options: Sequence[tuple[str, Any]] | None = None,
         metadata: _base.Metadata | None = None,
+        token: str | None = None,
         retries: int = 5,
         backoff: float = 0.05,
         max_backoff: float = 2.0,
@@ -55,7 +56,7 @@ class AsyncClient:
             self._channel = grpc.aio.secure_channel(address, credentials, options=opts)
         self.address = address
         self.timeout = timeout
-        self._metadata = _base.normalize_metadata(metadata)
+        self._metadata = _base.normalize_metadata(metadata, token)
         self._stub = pb_grpc.RnnServeStub(self._channel)
 
     async def _call(self, method: Any, request: Any, timeout: float | None = _DEFAULT, *, retry: bool = True) -> Any:

@@ -44,10 +44,13 @@ def channel_options(max_message_bytes: int | None, options: Sequence[tuple[str, 
     return opts
 
 
-def normalize_metadata(metadata: Metadata | None) -> tuple[tuple[str, str], ...] | None:
-    if not metadata:
+def normalize_metadata(metadata: Metadata | None, token: str | None = None) -> tuple[tuple[str, str], ...] | None:
+    """Metadata pairs for every call; ``token`` adds ``authorization: Bearer TOKEN`` (the server's auth)."""
+    items = list((metadata.items() if isinstance(metadata, Mapping) else metadata) or ())
+    if token is not None:
+        items.append(("authorization", f"Bearer {token}"))
+    if not items:
         return None
-    items = metadata.items() if isinstance(metadata, Mapping) else metadata
     return tuple((str(k).lower(), str(v)) for k, v in items)
 
 

@@ -36,6 +36,7 @@ class Client:
         max_message_bytes: send and receive limit of the channel (chunks of many steps are large).
         options: extra grpc channel options, applied after the message limits.
         metadata: ``(key, value)`` pairs or a mapping sent with every call (e.g. an auth token).
+        token: sent as ``authorization: Bearer TOKEN`` with every call (servers run with auth tokens).
         retries: how many times in a row a call (or a stream, from its last answered step) is retried after
             UNAVAILABLE or DEADLINE_EXCEEDED; 0 turns retries off. Steps carry their session's step index,
             so a retried step is applied once (README "Exactly-once steps and retries").
@@ -52,6 +53,7 @@ class Client:
         max_message_bytes: int | None = _base.DEFAULT_MAX_MESSAGE_BYTES,
         options: Sequence[tuple[str, Any]] | None = None,
         metadata: _base.Metadata | None = None,
+        token: str | None = None,
         retries: int = 5,
         backoff: float = 0.05,
         max_backoff: float = 2.0,
@@ -64,7 +66,7 @@ class Client:
             self._channel = grpc.secure_channel(address, credentials, options=opts)
         self.address = address
         self.timeout = timeout
-        self._metadata = _base.normalize_metadata(metadata)
+        self._metadata = _base.normalize_metadata(metadata, token)
         self._stub = pb_grpc.RnnServeStub(self._channel)
 
     # -- plumbing ------------------------------------------------------------------------------------

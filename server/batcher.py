@@ -19,6 +19,7 @@ applied indexed step's outputs go into ``session.replay`` for retries; a failed 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
 from collections import deque
@@ -138,6 +139,14 @@ class ControlJob:
         self.steps = steps  # the session's step count once it ran (a reset: 0); None: unchanged
 
 
+# Upper bounds of the batch-size histogram's buckets (sizes 1, 2-3, 4-7, ...; the last one open), and of the
+# per-step queue-delay and latency buckets (50 us .. 10 s) that server/metrics.py exports.
+BATCH_SIZE_BOUNDS = [2 ** (i + 1) - 1 for i in range(11)]
+LATENCY_BOUNDS_NS = [
+    int(s * 1e9) for s in (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+]
+
+
 @dataclass
 class BatchStats:
     steps: int = 0
@@ -146,6 +155,10 @@ class BatchStats:
     histogram: list[int] = field(default_factory=lambda: [0] * 12)
     compute_ns: int = 0
     queue_ns: int = 0
+    # Per step, bucketed once per batch at the batch's mean (each batch adds its size to one bucket).
+    queue_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS_NS) + 1))
+    latency_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS_NS) + 1))
+    latency_ns: int = 0
 
     def record(self, size: int, compute_ns: int, queue_ns: int) -> None:
         self.steps += size
@@ -154,6 +167,21 @@ class BatchStats:
         self.histogram[min(size.bit_length() - 1, len(self.histogram) - 1)] += 1
         self.compute_ns += compute_ns
         self.queue_ns += queue_ns
+        mean_queue = queue_ns // size
+        self.queue_buckets[bisect.bisect_left(LATENCY_BOUNDS_NS, mean_queue)] += size
+        self.latency_buckets[bisect.bisect_left(LATENCY_BOUNDS_NS, mean_queue + compute_ns)] += size
+        self.latency_ns += queue_ns + compute_ns * size
+
+
+def _abandoned(job: StepJob | ControlJob) -> bool:
+    """A step not started whose own future is cancelled: its RPC ended (deadline, cancel) while it queued."""
+    return (
+        type(job) is StepJob
+        and job.done == 0
+        and job.future is not None
+        and job.future.cancelled()
+        and not job.followers  # a retry of it waits for its result
+    )
 
 
 def recount(session: Session) -> None:
@@ -187,6 +215,9 @@ class Batcher:
         self.concurrency = concurrency
         self.ready: deque[Session] = deque()
         self.stats = BatchStats()
+        # Steps queued or computing across all sessions (a chunk counts num_steps until it leaves the queue):
+        # the data plane refuses new ones past --max-queued-steps.
+        self.queued_steps = 0
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
         self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"model-{model.key}")
@@ -208,6 +239,8 @@ class Batcher:
     # ---- submission (event loop) ----------------------------------------------------------------------
     def enqueue(self, session: Session, job: StepJob | ControlJob) -> None:
         session.pending.append(job)
+        if type(job) is StepJob:
+            self.queued_steps += job.total
         if not session.scheduled:
             session.scheduled = True
             session.ready_since = time.perf_counter_ns()
@@ -243,6 +276,8 @@ class Batcher:
         while self.ready and len(batch) < self.max_batch_size:
             session = self.ready.popleft()
             # Control jobs at the head run now: the session is not in flight, so its state is settled.
+            # A unary Step whose caller has gone (deadline passed, cancelled) before it started is dropped: it
+            # never applies, like a step never sent. One already computing (a chunk midway) runs to the end.
             while session.pending:
                 head = session.pending[0]
                 if isinstance(head, ControlJob):
@@ -251,9 +286,14 @@ class Batcher:
                         _resolve(head.future, head.fn())
                     except Exception as exc:
                         _resolve(head.future, error=exc)
+                elif _abandoned(head):
+                    session.pending.popleft()
+                    self.queued_steps -= head.total
+                    recount(session)
                 elif head.step_index and not head.done and head.step_index != session.steps + 1:
                     # Admitted behind a step that failed or was dropped since: applying it would skip that step.
                     session.pending.popleft()
+                    self.queued_steps -= head.total
                     head.finish(
                         error=FailedPrecondition(
                             f"session '{session.id}' expects step_index {session.steps + 1} (got "
@@ -342,6 +382,7 @@ class Batcher:
         for i, (session, job) in enumerate(zip(batch, jobs, strict=True)):
             if error is not None:
                 session.pending.popleft()
+                self.queued_steps -= job.total
                 if job.done and job.start_state is not None:
                     # A chunk failed midway: put the session back where the chunk began.
                     self.model.slab.write(session.slot, job.start_state)
@@ -354,6 +395,7 @@ class Batcher:
                 session.steps += 1
                 if job.done == job.total:
                     session.pending.popleft()
+                    self.queued_steps -= job.total
                     if job.step_index and session.replay is not None:
                         # Copies: views would keep the whole batch's output arrays alive.
                         outputs = [[a.copy() for a in step] for step in job.outputs]
@@ -369,6 +411,7 @@ class Batcher:
                 job = session.pending.popleft()
                 error = FailedPrecondition(f"session '{session.id}' was closed")
                 if isinstance(job, StepJob):
+                    self.queued_steps -= job.total
                     job.finish(error=error)
                 else:
                     _resolve(job.future, error=error)

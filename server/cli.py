@@ -25,6 +25,10 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--max-pending-steps": ("max_pending_steps", {"type": int, "metavar": "N"}),
     "--replay-window": ("replay_window", {"type": int, "metavar": "N"}),
     "--max-stream-inflight": ("max_stream_inflight", {"type": int, "metavar": "N"}),
+    "--max-tensor-elements": ("max_tensor_elements", {"type": int, "metavar": "N"}),
+    "--max-steps-per-message": ("max_steps_per_message", {"type": int, "metavar": "N"}),
+    "--max-queued-steps": ("max_queued_steps", {"type": int, "metavar": "N"}),
+    "--max-sessions-per-client": ("max_sessions_per_client", {"type": int, "metavar": "N"}),
     "--max-batch-size": ("max_batch_size", {"type": int, "metavar": "N"}),
     "--max-queue-delay-us": ("max_queue_delay_us", {"type": int, "metavar": "US"}),
     "--device": ("device", {"choices": ["cpu", "cuda"]}),
@@ -35,6 +39,12 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "--grace": ("grace", {"type": float, "metavar": "SECONDS"}),
     "--log-level": ("log_level", {}),
+    "--tls-cert": ("tls_cert", {"metavar": "PEM"}),
+    "--tls-key": ("tls_key", {"metavar": "PEM"}),
+    "--tls-client-ca": ("tls_client_ca", {"metavar": "PEM"}),
+    "--auth-tokens": ("auth_tokens", {"metavar": "FILE"}),
+    "--admin-principals": ("admin_principals", {"metavar": "NAMES"}),
+    "--metrics-port": ("metrics_port", {"type": int, "metavar": "PORT", "help": "0 picks a free port"}),
 }
 
 

@@ -13,6 +13,7 @@ from rnnserve.server import snapshot as snapshots
 from rnnserve.server.admin import ModelAdmin, UnloadResult
 from rnnserve.server.batcher import ControlJob, JobGroup, StepJob
 from rnnserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, SessionEnded
+from rnnserve.server.limits import Limits
 from rnnserve.server.model import LoadedModel
 from rnnserve.server.predict import Predictor, PredictResult, refuse_sessions
 from rnnserve.server.repository import FailedModel, ModelRepository
@@ -42,6 +43,7 @@ class DataPlane:
         self.repository = repository
         self.sessions = sessions
         self.max_pending_steps = max_pending_steps
+        self.limits = Limits()  # the server sets its configured limits (server/grpc/server.py)
         self.replay_window = replay_window  # applied indexed steps kept per session to answer retries
         self.admin = ModelAdmin(repository, sessions)
         self.predictor = Predictor()
@@ -67,7 +69,9 @@ class DataPlane:
         initial_state: Mapping[str, np.ndarray],
         snapshot: bytes,
         parameters: Mapping[str, np.ndarray] | None = None,
+        owner: str | None = None,
     ) -> Session:
+        """``owner``: the caller's principal (or host, for the per-client limit); see SessionManager.open."""
         parameters = parameters or {}
         if snapshot:
             if initial_state or parameters:
@@ -79,11 +83,11 @@ class DataPlane:
             param_names = {p.name for p in model.manifest.parameters}
             state = model.check_state({k: v for k, v in snap.state.items() if k not in param_names}, partial=False)
             params = model.check_parameters({k: v for k, v in snap.state.items() if k in param_names})
-            return self.sessions.open(model, state, snap.steps, params)
+            return self.sessions.open(model, state, snap.steps, params, owner)
         model = self.repository.get(model_name, version)
         refuse_sessions(model)
         state = model.check_state(initial_state, partial=True) if initial_state else None
-        return self.sessions.open(model, state, 0, model.check_parameters(parameters))
+        return self.sessions.open(model, state, 0, model.check_parameters(parameters), owner)
 
     def close_session(self, session_id: str) -> None:
         self.sessions.close(session_id)
@@ -178,9 +182,11 @@ class DataPlane:
                 f"session '{session_id}' already has {len(session.pending)} steps queued (limit "
                 f"{self.max_pending_steps}); wait for responses before sending more"
             )
+        batcher = self._batcher(session)
+        self.limits.check_queue(batcher.queued_steps, num_steps or 1, model.key)
         future = asyncio.get_running_loop().create_future()
         job = StepJob(session, checked, num_steps, future, None, 0, step_index, print_)
-        self._batcher(session).enqueue(session, job)
+        batcher.enqueue(session, job)
         exactly_once.queued(session, num_steps, step_index, self.replay_window)
         return model, future
 
@@ -228,6 +234,7 @@ class DataPlane:
             for i, exc in errors.items():
                 group.finish(i, None, 0, exc)
             return None, future
+        self.limits.check_queue(self._batcher_of(model).queued_steps, n, model.key)
         checked = model.check_inputs(inputs, n, lead="sessions", finite=False)
         for row, name in model.nonfinite_rows(checked).items():
             errors.setdefault(

@@ -6,12 +6,13 @@ import asyncio
 import logging
 import secrets
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 
 import numpy as np
 
 from rnnserve.server.errors import ResourceExhausted, SessionEnded, SessionNotFound
 from rnnserve.server.model import LoadedModel
+from rnnserve.server.principal import current_principal
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,7 @@ class Session:
         "last_used",
         "model",
         "next_index",
+        "owner",
         "pending",
         "ready_since",
         "replay",
@@ -32,8 +34,11 @@ class Session:
         "steps",
     )
 
-    def __init__(self, session_id: str, model: LoadedModel, slot: int, steps: int = 0):
+    def __init__(self, session_id: str, model: LoadedModel, slot: int, steps: int = 0, owner: str | None = None):
         self.id = session_id
+        # The principal that opened it (auth on: only it may use the session), else the peer's host (for
+        # --max-sessions-per-client only). None: not counted per client.
+        self.owner = owner
         self.model = model
         self.slot = slot
         self.steps = steps
@@ -59,12 +64,26 @@ class SessionManager:
         self._reaper: asyncio.Task | None = None
         # Sessions the server ended itself (forced unload) -> (when, why): a call on one says why instead of
         # NOT_FOUND, for one TTL.
-        self._ended: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        self._ended: OrderedDict[str, tuple[float, str, str | None]] = OrderedDict()
+        self.max_sessions_per_client: int | None = None
+        self._per_client: Counter[str] = Counter()
+        # (model, version, reason) -> sessions the server closed itself: "expired" (TTL) or "forced" (unload).
+        self.evictions: Counter[tuple[str, int, str]] = Counter()
 
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def open(self, model: LoadedModel, state=None, steps: int = 0, parameters=None) -> Session:
+    def open(
+        self, model: LoadedModel, state=None, steps: int = 0, parameters=None, owner: str | None = None
+    ) -> Session:
+        limit = self.max_sessions_per_client
+        if owner is not None and limit is not None and self._per_client[owner] >= limit:
+            self.expire()
+            if self._per_client[owner] >= limit:
+                raise ResourceExhausted(
+                    f"client {owner!r} holds its maximum of {limit} open sessions (--max-sessions-per-client); "
+                    "close sessions it no longer uses"
+                )
         if len(self._sessions) >= self.max_sessions:
             self.expire()
             if len(self._sessions) >= self.max_sessions:
@@ -73,15 +92,19 @@ class SessionManager:
                     "or raise --max-sessions"
                 )
         session_id = secrets.token_hex(16)  # 128 random bits: ids are capabilities, not counters
-        session = Session(session_id, model, model.acquire(state, parameters), steps)
+        session = Session(session_id, model, model.acquire(state, parameters), steps, owner)
         self._sessions[session_id] = session
+        if owner is not None:
+            self._per_client[owner] += 1
         return session
 
     def get(self, session_id: str) -> Session:
         session = self._sessions.get(session_id)
-        if session is None:
+        principal = current_principal()
+        if session is None or (principal is not None and session.owner != principal):
+            # Another principal's session is indistinguishable from an unknown one: same status, same message.
             ended = self._ended.get(session_id)
-            if ended is not None:
+            if ended is not None and (principal is None or ended[2] == principal):
                 raise SessionEnded(f"session '{session_id}' has ended: {ended[1]}")
             raise SessionNotFound(session_id)
         session.last_used = time.monotonic()
@@ -89,15 +112,25 @@ class SessionManager:
         return session
 
     def close(self, session_id: str) -> None:
-        session = self._sessions.pop(session_id, None)
-        if session is None:
-            if self._ended.pop(session_id, None) is not None:
+        session = self._sessions.get(session_id)
+        principal = current_principal()
+        if session is None or (principal is not None and session.owner != principal):
+            ended = self._ended.get(session_id)
+            if ended is not None and (principal is None or ended[2] == principal):
+                del self._ended[session_id]
                 return  # the client acknowledges a session the server ended: nothing left to free
             raise SessionNotFound(session_id)
+        del self._sessions[session_id]
         self._end(session)
 
     def _end(self, session: Session) -> None:
         session.closed = True
+        if session.owner is not None:
+            left = self._per_client[session.owner] - 1
+            if left > 0:
+                self._per_client[session.owner] = left
+            else:
+                del self._per_client[session.owner]
         if not session.scheduled:
             # Not queued nor computing: free now. Otherwise the batcher frees it when its turn ends.
             session.model.release(session)
@@ -119,6 +152,7 @@ class SessionManager:
                 self._sessions[session.id] = session
                 continue
             self._end(session)
+            self.evictions[(session.model.name, session.model.version, "expired")] += 1
             count += 1
         self.expired += count
         return count
@@ -137,8 +171,9 @@ class SessionManager:
         now = time.monotonic()
         for s in doomed:
             del self._sessions[s.id]
-            self._ended[s.id] = (now, reason)
+            self._ended[s.id] = (now, reason, s.owner)
             self._end(s)
+            self.evictions[(model.name, model.version, "forced")] += 1
         return len(doomed)
 
     async def _reap(self) -> None:

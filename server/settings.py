@@ -46,6 +46,20 @@ class ServerSettings(BaseSettings):
     max_stream_inflight: int = Field(default=256, ge=1)
     """Request messages one stream may have in flight before the server stops reading it."""
 
+    max_tensor_elements: int = Field(default=4_194_304, ge=1)
+    """Elements one request tensor may hold; larger ones get RESOURCE_EXHAUSTED before they are decoded."""
+
+    max_steps_per_message: int = Field(default=16_384, ge=1)
+    """Steps one Step or StreamStep message may carry (chunk lengths and StepBatch rows added up); more get
+    RESOURCE_EXHAUSTED."""
+
+    max_queued_steps: int = Field(default=131_072, ge=1)
+    """Steps queued per model version across all its sessions; past it new steps get RESOURCE_EXHAUSTED."""
+
+    max_sessions_per_client: int | None = Field(default=None, ge=1)
+    """Open sessions one client may hold (the token's principal; without auth, the peer's IP address);
+    past it OpenSession gets RESOURCE_EXHAUSTED. Unset: no per-client limit."""
+
     device: Literal["cpu", "cuda"] = "cpu"
     """Where models run. ``cuda`` needs onnxruntime-gpu (ONNX) or a CUDA build of torch (TorchScript)."""
 
@@ -70,3 +84,26 @@ class ServerSettings(BaseSettings):
 
     reflection: bool = True
     """Register the gRPC server reflection service."""
+
+    tls_cert: Path | None = None
+    """PEM certificate chain of the server: serve TLS instead of plaintext (with ``tls_key``)."""
+
+    tls_key: Path | None = None
+    """PEM private key of ``tls_cert``."""
+
+    tls_client_ca: Path | None = None
+    """PEM CA bundle: require every client to present a certificate it signed (mutual TLS)."""
+
+    auth_tokens: Path | None = None
+    """Token file, one ``TOKEN PRINCIPAL`` per line (``#`` comments): every RPC but health needs
+    ``authorization: Bearer TOKEN``."""
+
+    tokens: str | None = None
+    """Environment only (``RNNSERVE_TOKENS``, secrets stay off the command line): ``TOKEN PRINCIPAL`` pairs
+    separated by ``;`` or newlines, added to ``auth_tokens``."""
+
+    admin_principals: str | None = None
+    """Comma-separated principals allowed to call LoadModel/UnloadModel when auth is on (unset: any)."""
+
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """Serve Prometheus metrics on this HTTP port at /metrics (0: a free port; unset: no metrics server)."""

@@ -393,7 +393,9 @@ def test_ports_agree(dockerfile: Dockerfile, compose: dict[str, Any]) -> None:
     for name, service in compose["services"].items():
         port = option(service_argv(dockerfile, service), "--port")
         assert port is not None, f"{name}: pass --port explicitly, so the port mapping cannot drift"
-        assert container_ports(service) == [int(port)], name
+        # The gRPC port, then the metrics port when the service turns metrics on.
+        metrics = service_environment(service).get("RNNSERVE_METRICS_PORT")
+        assert container_ports(service) == [int(port)] + ([int(metrics)] if metrics else []), name
         exposed = {int(p.split("/")[0]) for p in dockerfile.instructions(service["build"]["target"], "EXPOSE")}
         assert int(port) in exposed, name
     published = [str(p).rsplit(":", 1)[0] for s in compose["services"].values() for p in s["ports"]]

@@ -10,12 +10,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from rnnserve.proto import rnnserve_pb2 as pb
+from rnnserve.server.auth import AuthInterceptor, load_tokens
 from rnnserve.server.dataplane import DataPlane
 from rnnserve.server.grpc import kserve
 from rnnserve.server.grpc.servicers import SERVICE_NAME, RnnServeServicer, generic_handler
+from rnnserve.server.limits import Limits
+from rnnserve.server.metrics import MetricsServer
 from rnnserve.server.repository import ModelRepository
 from rnnserve.server.sessions import SessionManager
 from rnnserve.server.settings import ServerSettings
+from rnnserve.server.tls import server_credentials
 from rnnserve.server.watch import RepositoryWatcher
 
 log = logging.getLogger(__name__)
@@ -40,6 +44,16 @@ class RnnServer:
             max_pending_steps=settings.max_pending_steps,
             replay_window=settings.replay_window,
         )
+        self.limits = Limits.from_settings(settings)
+        self.dataplane.limits = self.limits
+        self.sessions.max_sessions_per_client = settings.max_sessions_per_client
+        self.servicer = RnnServeServicer(
+            self.dataplane, max_stream_inflight=settings.max_stream_inflight, limits=self.limits
+        )
+        # Read before anything starts, so a bad token file or certificate stops the server with its error.
+        self.tokens = load_tokens(settings.auth_tokens, settings.tokens)
+        self.credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        self.metrics: MetricsServer | None = None
         self.health = health.aio.HealthServicer()
         self.watcher = (
             RepositoryWatcher(self.dataplane.admin, settings.repository, settings.watch_interval)
@@ -61,16 +75,25 @@ class RnnServer:
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
         limit = self.settings.max_message_bytes
+        interceptors = []
+        if self.tokens:
+            admins = self.settings.admin_principals
+            interceptors.append(
+                AuthInterceptor(
+                    self.tokens,
+                    admins=frozenset(a.strip() for a in admins.split(",") if a.strip()) if admins else None,
+                    on_refused=lambda method, code: self.servicer.rejected.update([(method, code.name)]),
+                )
+            )
         server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
-        server.add_generic_rpc_handlers(
-            (generic_handler(RnnServeServicer(self.dataplane, max_stream_inflight=self.settings.max_stream_inflight)),)
-        )
+        server.add_generic_rpc_handlers((generic_handler(self.servicer),))
         # The KServe v2 / Triton API on the same port, over the same data plane (server/grpc/kserve.py).
         kserve_servicer = kserve.KServeServicer(self.dataplane, max_stream_inflight=self.settings.max_stream_inflight)
         server.add_generic_rpc_handlers((kserve.kserve_handler(kserve_servicer),))
@@ -84,16 +107,30 @@ class RnnServer:
             )
             assert pb.DESCRIPTOR.services_by_name["RnnServe"].full_name == SERVICE_NAME
             reflection.enable_server_reflection(names, server)
-        self.port = server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        address = f"{self.settings.host}:{self.settings.port}"
+        if self.credentials is not None:
+            self.port = server.add_secure_port(address, self.credentials)
+        else:
+            self.port = server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"could not bind {self.settings.host}:{self.settings.port}")
         await server.start()
         self._server = server
+        if self.settings.metrics_port is not None:
+            self.metrics = MetricsServer(
+                self.dataplane, self.servicer.rejected, self.settings.host, self.settings.metrics_port
+            )
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         if self.settings.port_file:
             self.settings.port_file.write_text(f"{self.port}\n")
-        log.info("rnnserve listening on %s:%d", self.settings.host, self.port)
+        log.info(
+            "rnnserve listening on %s:%d (%s%s)",
+            self.settings.host,
+            self.port,
+            "plaintext" if self.credentials is None else ("mutual TLS" if self.settings.tls_client_ca else "TLS"),
+            f", {len(set(self.tokens.values()))} principal(s) by token" if self.tokens else ", no authentication",
+        )
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
@@ -103,6 +140,8 @@ class RnnServer:
             await self._server.stop(grace)
         if self.watcher is not None:
             await self.watcher.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
         await self.dataplane.stop()
         log.info("rnnserve stopped")
 

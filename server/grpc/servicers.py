@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -13,7 +14,9 @@ from rnnserve.server.dataplane import DataPlane
 from rnnserve.server.errors import InvalidArgument
 from rnnserve.server.grpc import converters
 from rnnserve.server.grpc.utils import parse, to_status
+from rnnserve.server.limits import Limits, peer_host
 from rnnserve.server.model import LoadedModel
+from rnnserve.server.principal import current_principal
 from rnnserve.server.repository import FailedModel
 
 log = logging.getLogger(__name__)
@@ -36,9 +39,12 @@ def _check_wanted(model, wanted) -> list[str]:
 
 
 class RnnServeServicer:
-    def __init__(self, dataplane: DataPlane, *, max_stream_inflight: int):
+    def __init__(self, dataplane: DataPlane, *, max_stream_inflight: int, limits: Limits | None = None):
         self.dp = dataplane
         self.max_stream_inflight = max_stream_inflight
+        self.limits = limits or Limits()
+        # (method, status name) -> refused calls and streamed steps, for the metrics (server/metrics.py).
+        self.rejected: Counter[tuple[str, str]] = Counter()
 
     # ---- models -----------------------------------------------------------------------------------------
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
@@ -77,27 +83,38 @@ class RnnServeServicer:
         session = self.dp.open_session(
             request.model,
             request.version,
-            converters.tensors(request.initial_state),
+            self.limits.tensors(request.initial_state),
             request.snapshot,
-            converters.tensors(request.parameters),
+            self.limits.tensors(request.parameters),
+            owner=self._owner(context),
         )
         return pb.OpenSessionResponse(
             session_id=session.id, model=converters.model_info(session.model), steps=session.steps
         )
+
+    def _owner(self, context: grpc.aio.ServicerContext) -> str | None:
+        """Whom a new session belongs to: the principal with auth on; else the peer's host when sessions are
+        counted per client (None otherwise, so an idle session does not carry a string it never needs)."""
+        principal = current_principal()
+        if principal is not None:
+            return principal
+        if self.limits.max_sessions_per_client is not None:
+            return peer_host(context.peer() or "unknown")
+        return None
 
     async def CloseSession(self, request: pb.SessionRequest, context) -> pb.CloseSessionResponse:
         self.dp.close_session(request.session_id)
         return pb.CloseSessionResponse()
 
     async def ResetSession(self, request: pb.ResetSessionRequest, context) -> pb.ResetSessionResponse:
-        await self.dp.reset_session(request.session_id, converters.tensors(request.state))
+        await self.dp.reset_session(request.session_id, self.limits.tensors(request.state))
         return pb.ResetSessionResponse()
 
     async def GetState(self, request: pb.SessionRequest, context) -> pb.SessionState:
         return converters.session_state(await self.dp.get_state(request.session_id))
 
     async def SetState(self, request: pb.SetStateRequest, context) -> pb.SetStateResponse:
-        await self.dp.set_state(request.session_id, converters.tensors(request.state), request.snapshot)
+        await self.dp.set_state(request.session_id, self.limits.tensors(request.state), request.snapshot)
         return pb.SetStateResponse()
 
     async def GetStats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
@@ -125,8 +142,9 @@ class RnnServeServicer:
 
     # ---- steps ------------------------------------------------------------------------------------------
     async def Step(self, request: pb.StepRequest, context) -> pb.StepResponse:
+        self.limits.check_steps(request.num_steps or 1)
         model, future = self.dp.submit_step(
-            request.session_id, converters.tensors(request.inputs), request.num_steps, request.step_index
+            request.session_id, self.limits.tensors(request.inputs), request.num_steps, request.step_index
         )
         wanted = _check_wanted(model, request.outputs)
         result = self.dp.step_result(model, await future, request.num_steps)
@@ -140,10 +158,10 @@ class RnnServeServicer:
         result = await self.dp.predict(
             request.model,
             request.version,
-            converters.tensors(request.inputs),
-            converters.tensor(request.lengths, "lengths") if request.HasField("lengths") else None,
-            converters.tensors(request.initial_state),
-            converters.tensors(request.parameters),
+            self.limits.tensors(request.inputs),
+            self.limits.tensor(request.lengths, "lengths") if request.HasField("lengths") else None,
+            self.limits.tensors(request.initial_state),
+            self.limits.tensors(request.parameters),
         )
         return converters.predict_response(request, model, result, wanted)
 
@@ -158,11 +176,23 @@ class RnnServeServicer:
             try:
                 async for raw in request_iterator:
                     message = parse(pb.StreamStepRequest, raw)
+                    refused = self.limits.stream_message_error(message)
+                    if refused is not None:  # the whole message is refused; the stream goes on
+                        batch = message.batch
+                        await queue.put(
+                            (
+                                [(step, None, None, refused) for step in message.steps],
+                                (batch, list(batch.session_ids), None, None, [], refused)
+                                if message.HasField("batch")
+                                else None,
+                            )
+                        )
+                        continue
                     entries = []
                     for step in message.steps:
                         try:
                             model, future = self.dp.submit_step(
-                                step.session_id, converters.tensors(step.inputs), step.num_steps, step.step_index
+                                step.session_id, self.limits.tensors(step.inputs), step.num_steps, step.step_index
                             )
                             entries.append((step, model, future, _check_wanted(model, step.outputs)))
                         except Exception as exc:  # reported in this step's result
@@ -177,6 +207,7 @@ class RnnServeServicer:
             while (item := await queue.get()) is not done:
                 if isinstance(item, Exception):
                     code, message = to_status(item)
+                    self.rejected[("StreamStep", code.name)] += 1
                     await context.abort(code, message)
                 entries, batch = item
                 response = pb.StreamStepResponse()
@@ -193,6 +224,7 @@ class RnnServeServicer:
                         converters.fill_outputs(result.outputs, out.outputs, extra)
                     except Exception as exc:  # one step's failure does not end the stream
                         code, msg = to_status(exc)
+                        self.rejected[("StreamStep", code.name)] += 1
                         result.code = code.value[0]
                         result.message = msg
                 if batch is not None:
@@ -205,18 +237,18 @@ class RnnServeServicer:
         batch = message.batch
         ids = list(batch.session_ids)
         try:
-            model, future = self.dp.submit_batch(ids, converters.tensors(batch.inputs), batch.step_indices)
+            model, future = self.dp.submit_batch(ids, self.limits.tensors(batch.inputs), batch.step_indices)
             wanted = _check_wanted(model, batch.outputs) if model is not None else []
             return batch, ids, model, future, wanted, None
         except Exception as exc:  # the whole batch fails with this status, the stream goes on
             return batch, ids, None, None, [], exc
 
-    @staticmethod
-    async def _answer_batch(result: pb.StepBatchResult, batch, ids, model, future, wanted, error) -> None:
+    async def _answer_batch(self, result: pb.StepBatchResult, batch, ids, model, future, wanted, error) -> None:
         result.session_ids.extend(ids)
         result.request_id = batch.request_id
         if error is not None:
             code, message = to_status(error)
+            self.rejected[("StreamStep", code.name)] += len(ids)
             result.codes.extend([code.value[0]] * len(ids))
             result.messages.extend([message] * len(ids))
             result.steps.extend([0] * len(ids))
@@ -242,12 +274,16 @@ METHODS: dict[str, tuple[type, type, bool]] = {
 }
 
 
-def _unary(method: Callable, request_type: type) -> Callable:
+def _unary(method: Callable, request_type: type, rejected: Counter[tuple[str, str]] | None = None) -> Callable:
+    name = method.__name__
+
     async def handler(raw: bytes, context: grpc.aio.ServicerContext):
         try:
             return await method(parse(request_type, raw), context)
         except Exception as exc:
             code, message = to_status(exc)
+            if rejected is not None:
+                rejected[(name, code.name)] += 1
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("internal error in %s", request_type.DESCRIPTOR.name)
             await context.abort(code, message)
@@ -267,7 +303,7 @@ def generic_handler(servicer: RnnServeServicer) -> grpc.GenericRpcHandler:
             )
         else:
             handlers[name] = grpc.unary_unary_rpc_method_handler(
-                _unary(method, request_type),
+                _unary(method, request_type, servicer.rejected),
                 request_deserializer=None,
                 response_serializer=response_type.SerializeToString,
             )

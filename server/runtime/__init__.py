@@ -13,6 +13,9 @@ def load_runtime(manifest: ModelManifest, version_dir: Path, *, device: str, thr
     artifact = version_dir / manifest.artifact
     if not artifact.is_file():
         raise FileNotFoundError(f"artifact {manifest.artifact} is missing from {version_dir}")
+    # The manifest refuses '..' and absolute paths; a symlink can still lead out, so check where it resolves.
+    if version_dir.resolve() not in artifact.resolve().parents:
+        raise ValueError(f"artifact {manifest.artifact} resolves outside the model folder {version_dir}; refusing it")
     if manifest.format == "onnx":
         from rnnserve.server.runtime.onnx import OnnxRuntime
 

@@ -1,0 +1,93 @@
+"""Request limits: every bound a client can run into, checked before anything is decoded or queued.
+
+A request past a limit gets RESOURCE_EXHAUSTED with a message naming the limit (the flag that sets it), so
+an operator can tell which bound was hit and a client can tell what to shrink. Limits are checked on the
+protobuf message, before tensors are decoded, so an oversized request costs no more than reading its header.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from rnnserve.proto import rnnserve_pb2 as pb
+from rnnserve.server.errors import ResourceExhausted
+from rnnserve.tensors import decode_map, from_proto
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The per-request and per-model bounds (see ServerSettings for each one's meaning)."""
+
+    max_tensor_elements: int = 4_194_304
+    max_steps_per_message: int = 16_384
+    max_queued_steps: int = 131_072
+    max_sessions_per_client: int | None = None
+
+    @classmethod
+    def from_settings(cls, settings) -> Limits:  # settings: ServerSettings (not imported: no pydantic here)
+        return cls(
+            max_tensor_elements=settings.max_tensor_elements,
+            max_steps_per_message=settings.max_steps_per_message,
+            max_queued_steps=settings.max_queued_steps,
+            max_sessions_per_client=settings.max_sessions_per_client,
+        )
+
+    # ---- tensors ----------------------------------------------------------------------------------------
+    def check_tensor(self, msg: pb.Tensor, name: str) -> None:
+        count = 1
+        for d in msg.shape:
+            count *= d
+        if count > self.max_tensor_elements:
+            raise ResourceExhausted(
+                f"tensor '{name}' has shape {list(msg.shape)} ({count} elements); the limit is "
+                f"{self.max_tensor_elements} elements per tensor (--max-tensor-elements)"
+            )
+
+    def tensors(self, field: Mapping[str, pb.Tensor]) -> dict[str, np.ndarray]:
+        """Decode a ``map<string, Tensor>`` field after checking every tensor's element count."""
+        for name, msg in field.items():
+            self.check_tensor(msg, name)
+        return decode_map(field)
+
+    def tensor(self, msg: pb.Tensor, name: str) -> np.ndarray:
+        self.check_tensor(msg, name)
+        return from_proto(msg, name)
+
+    # ---- steps ------------------------------------------------------------------------------------------
+    def check_steps(self, count: int) -> None:
+        if count > self.max_steps_per_message:
+            raise ResourceExhausted(
+                f"the message carries {count} steps; the limit is {self.max_steps_per_message} steps per message "
+                "(--max-steps-per-message): split it"
+            )
+
+    def stream_message_error(self, message: pb.StreamStepRequest) -> ResourceExhausted | None:
+        """Why a StreamStep message is refused as a whole (chunk lengths and StepBatch rows add up), or None."""
+        count = len(message.batch.session_ids)
+        for step in message.steps:
+            count += step.num_steps or 1
+        try:
+            self.check_steps(count)
+        except ResourceExhausted as exc:
+            return exc
+        return None
+
+    def check_queue(self, queued: int, adding: int, model_key: str) -> None:
+        """A model version's global bound on queued steps (all sessions): backpressure, not unbounded memory."""
+        if queued + adding > self.max_queued_steps:
+            raise ResourceExhausted(
+                f"model {model_key} already has {queued} steps queued; the limit is {self.max_queued_steps} "
+                "(--max-queued-steps): the server is overloaded, retry later"
+            )
+
+
+def peer_host(peer: str) -> str:
+    """The client's address without its port: ``ipv4:10.0.0.1:5123`` -> ``ipv4:10.0.0.1``,
+    ``ipv6:[::1]:5123`` -> ``ipv6:[::1]`` (each connection has its own port; a client is its host)."""
+    head, sep, tail = peer.rpartition(":")
+    if sep and tail.isdigit() and head.count(":") >= 1:
+        return head
+    return peer

@@ -1,0 +1,139 @@
+"""Prometheus metrics on their own HTTP port (``--metrics-port``): read at scrape time, not on the hot path.
+
+The data plane already counts what the metrics report: each batcher's BatchStats (updated once per batch),
+the sessions' eviction counter, the servicer's rejection counter. A scrape reads those counters and builds
+the families then, so serving costs nothing extra per step; the queue-delay and latency histograms are
+bucketed once per batch (each batch adds its size to the bucket of its mean). The collector runs on the
+HTTP server's thread and only copies plain ints and dicts (each copy is atomic under the GIL).
+
+Store errors are counted by the durability layer with ``store_error(model, version, operation)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rnnserve.server.dataplane import DataPlane
+
+log = logging.getLogger(__name__)
+
+# (model, version, operation) -> failures of the session store (process-wide: one store per process).
+STORE_ERRORS: Counter[tuple[str, int, str]] = Counter()
+
+
+def store_error(model: str, version: int, operation: str) -> None:
+    """Count one failed session-store operation (``operation``: e.g. "save", "load", "delete")."""
+    STORE_ERRORS[(model, version, operation)] += 1
+
+
+def _cumulative(buckets: list[int]) -> list[int]:
+    total, out = 0, []
+    for count in buckets:
+        total += count
+        out.append(total)
+    return out
+
+
+class RnnServeCollector:
+    """A prometheus_client collector over one server's data plane."""
+
+    def __init__(self, dataplane: DataPlane, rejected: Counter[tuple[str, str]]):
+        self.dp = dataplane
+        self.rejected = rejected
+
+    def describe(self) -> list[Any]:
+        return []  # unchecked collector: families are built at scrape time
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        from rnnserve.server.batcher import BATCH_SIZE_BOUNDS, LATENCY_BOUNDS_NS
+
+        mv = ["model", "version"]
+        steps = CounterMetricFamily("rnnserve_steps", "Timesteps computed", labels=mv)
+        batches = CounterMetricFamily("rnnserve_batches", "Model calls (batches) that succeeded", labels=mv)
+        compute = CounterMetricFamily("rnnserve_compute_seconds", "Seconds spent in model calls", labels=mv)
+        batch_size = HistogramMetricFamily("rnnserve_batch_size", "Sessions per model call", labels=mv)
+        queue = HistogramMetricFamily(
+            "rnnserve_queue_delay_seconds",
+            "Per step: from its session being ready in the batcher to its batch starting (batch mean)",
+            labels=mv,
+        )
+        latency = HistogramMetricFamily(
+            "rnnserve_step_latency_seconds",
+            "Per step: from its session being ready in the batcher to its result (batch mean)",
+            labels=mv,
+        )
+        open_sessions = GaugeMetricFamily("rnnserve_open_sessions", "Open sessions", labels=mv)
+        queued = GaugeMetricFamily("rnnserve_queued_steps", "Steps queued or computing", labels=mv)
+        size_bounds = [str(b) for b in BATCH_SIZE_BOUNDS] + ["+Inf"]
+        time_bounds = [repr(b / 1e9) for b in LATENCY_BOUNDS_NS] + ["+Inf"]
+        for model in list(self.dp.repository.models.values()):
+            labels = [model.name, str(model.version)]
+            open_sessions.add_metric(labels, model.open_sessions)
+            batcher = model.batcher
+            if batcher is None:
+                continue
+            s = batcher.stats
+            queued.add_metric(labels, batcher.queued_steps)
+            steps.add_metric(labels, s.steps)
+            batches.add_metric(labels, s.batches)
+            compute.add_metric(labels, s.compute_ns / 1e9)
+            batch_size.add_metric(labels, list(zip(size_bounds, _cumulative(list(s.histogram)), strict=True)), s.steps)
+            queue.add_metric(
+                labels, list(zip(time_bounds, _cumulative(list(s.queue_buckets)), strict=True)), s.queue_ns / 1e9
+            )
+            latency.add_metric(
+                labels, list(zip(time_bounds, _cumulative(list(s.latency_buckets)), strict=True)), s.latency_ns / 1e9
+            )
+        yield from (steps, batches, compute, batch_size, queue, latency, open_sessions, queued)
+
+        evictions = CounterMetricFamily(
+            "rnnserve_session_evictions",
+            "Sessions the server closed itself: reason expired (idle TTL) or forced (forced unload)",
+            labels=[*mv, "reason"],
+        )
+        for (name, version, reason), count in sorted(dict(self.dp.sessions.evictions).items()):
+            evictions.add_metric([name, str(version), reason], count)
+        yield evictions
+        store = CounterMetricFamily(
+            "rnnserve_store_errors", "Failed session-store operations", labels=[*mv, "operation"]
+        )
+        for (name, version, op), count in sorted(dict(STORE_ERRORS).items()):
+            store.add_metric([name, str(version), op], count)
+        yield store
+        rejected = CounterMetricFamily(
+            "rnnserve_requests_rejected",
+            "Calls and streamed steps refused, by method and status",
+            labels=["method", "code"],
+        )
+        for (method, code), count in sorted(dict(self.rejected).items()):
+            rejected.add_metric([method, code], count)
+        yield rejected
+        sessions = GaugeMetricFamily("rnnserve_sessions", "Open sessions across all models")
+        sessions.add_metric([], len(self.dp.sessions))
+        yield sessions
+
+
+class MetricsServer:
+    """/metrics over HTTP on its own port and thread."""
+
+    def __init__(self, dataplane: DataPlane, rejected: Counter[tuple[str, str]], host: str, port: int):
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.process_collector import ProcessCollector
+
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(RnnServeCollector(dataplane, rejected))  # type: ignore[arg-type]
+        ProcessCollector(registry=self.registry)  # RSS, CPU seconds, open fds of the server process
+        self._httpd, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        self.port: int = self._httpd.server_port
+        log.info("metrics on http://%s:%d/metrics", host, self.port)
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(5)
