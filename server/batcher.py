@@ -367,6 +367,10 @@ class Batcher:
                     f"{value.shape[spec.batch_axis]} for {n} sessions"
                 )
             result.append(np.moveaxis(value, spec.batch_axis, 0) if spec.batch_axis else value)
+        persistence = model.persistence
+        if persistence is not None and model.manifest.durability.mode != "none":
+            # Before the scatter: a failed every-step write fails the batch with every state as it was.
+            persistence.after_batch(model, jobs, feeds, new_states, result)
         # Only a fully successful call touches the slab: a failed batch leaves every state as it was.
         model.slab.scatter(slots, new_states)
         return result

@@ -21,6 +21,7 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--port-file": ("port_file", {"metavar": "FILE"}),
     "--max-sessions": ("max_sessions", {"type": int, "metavar": "N"}),
     "--session-ttl": ("session_ttl", {"type": float, "metavar": "SECONDS"}),
+    "--session-store": ("session_store", {"metavar": "memory|redis://HOST:PORT/DB"}),
     "--max-message-bytes": ("max_message_bytes", {"type": int, "metavar": "N"}),
     "--max-pending-steps": ("max_pending_steps", {"type": int, "metavar": "N"}),
     "--replay-window": ("replay_window", {"type": int, "metavar": "N"}),

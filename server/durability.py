@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from rnnserve.manifest import Durability
-from rnnserve.server import snapshot as snapshots
-from rnnserve.server.store import SessionRecord, SessionStore, StoreUnavailable
+from rnnserve.server.metrics import store_error
+from rnnserve.server.store import ReplayEntry, SessionRecord, SessionStore, StoreUnavailable
 
 if TYPE_CHECKING:
     from rnnserve.server.batcher import StepJob
@@ -50,21 +50,24 @@ if TYPE_CHECKING:
     from rnnserve.server.model import LoadedModel
     from rnnserve.server.sessions import Session
 
-# An exactly-once replay entry (server/exactly_once.py): (first step index, num_steps, inputs fingerprint,
-# per-step outputs in manifest order).
-ReplayEntry = tuple[int, int, int, list[list[np.ndarray]]]
-
 log = logging.getLogger(__name__)
 
 FLUSH_CHUNK = 1024  # records per round trip when writing every session at shutdown
 _TICK = 0.01  # how often the periodic task looks for idle sessions due by time
 
 
-def _warn_on_failure(what: str) -> Callable[[concurrent.futures.Future], None]:
+def _on_failure(
+    what: str, operation: str = "", models: Iterable[tuple[str, int]] = ()
+) -> Callable[[concurrent.futures.Future], None]:
+    """A done-callback for an operation nobody waits on: log its failure and count it in the metrics."""
+    keys = set(models)
+
     def done(future: concurrent.futures.Future) -> None:
         exc = future.exception()
         if exc is not None:
             log.warning("%s failed: %s", what, exc)
+            for name, version in keys:
+                store_error(name, version, operation)
 
     return done
 
@@ -72,33 +75,6 @@ def _warn_on_failure(what: str) -> Callable[[concurrent.futures.Future], None]:
 def _host(value: Any) -> np.ndarray:
     """A batch tensor as a host array (the slab may be CUDA tensors)."""
     return value if isinstance(value, np.ndarray) else value.detach().cpu().numpy()
-
-
-def encode_replay(entries: Sequence[ReplayEntry]) -> bytes:
-    """A session's exactly-once replay cache as the record's ``replay`` field (empty: none), in the snapshot
-    encoding: a restored session answers a retry of a step whose response was lost with the server."""
-    if not entries:
-        return b""
-    # Every step of every entry has the model's outputs, same shapes: one stacked tensor per output keeps
-    # this a few tensors whatever the window (it is encoded with every write of the session).
-    meta = np.array([(i, n, fp) for i, n, fp, _ in entries], dtype=np.int64)
-    steps = [step for _, _, _, outs in entries for step in outs]
-    arrays = {"meta": meta, **{str(o): np.stack([s[o] for s in steps]) for o in range(len(steps[0]))}}
-    return snapshots.encode(snapshots.Snapshot("replay", 1, len(entries), arrays))
-
-
-def decode_replay(data: bytes) -> list[ReplayEntry]:
-    if not data:
-        return []
-    arrays = snapshots.decode(data).state
-    outputs = [arrays[str(o)] for o in range(len(arrays) - 1)]
-    entries: list[ReplayEntry] = []
-    row = 0
-    for index, num_steps, print_ in arrays["meta"].tolist():
-        count = num_steps or 1
-        entries.append((index, num_steps, print_, [[o[row + t] for o in outputs] for t in range(count)]))
-        row += count
-    return entries
 
 
 class Persistence:
@@ -113,8 +89,6 @@ class Persistence:
         self._dirty: set[str] = set()
         self._seq = itertools.count()
         self._task: asyncio.Task | None = None
-        self.writes = 0
-        self.failed_writes = 0
 
     def attach(self, model: LoadedModel) -> None:
         """A model version built to serve: its sessions follow its durability through this store."""
@@ -143,16 +117,9 @@ class Persistence:
         return await asyncio.wrap_future(self._submit(fn, *args))
 
     def _write_later(self, records: list[SessionRecord], why: str) -> None:
-        """Fire and forget (periodic writes, deletes): a failure is logged."""
-
-        def done(future: concurrent.futures.Future) -> None:
-            exc = future.exception()
-            if exc is not None:
-                self.failed_writes += 1
-                log.warning("%s failed: %s", why, exc)
-
-        self.writes += 1
-        self._submit(self.store.put_many, records).add_done_callback(done)
+        """Fire and forget (periodic writes): a failure is logged and counted."""
+        models = ((r.model, r.version) for r in records)
+        self._submit(self.store.put_many, records).add_done_callback(_on_failure(why, "save", models))
 
     @staticmethod
     def record(session: Session) -> SessionRecord:
@@ -160,7 +127,7 @@ class Persistence:
         model = session.model
         row = model.slab.read(session.slot)
         state = {**model.state_dict(row), **model.parameter_dict(row)}
-        replay = encode_replay(session.replay or ())
+        replay = list(session.replay or ())
         return SessionRecord(session.id, model.name, model.version, session.steps, state, session.owner or "", replay)
 
     @staticmethod
@@ -201,7 +168,7 @@ class Persistence:
             state = {}
             for spec, a in zip([*model.manifest.states, *model.manifest.parameters], [*states, *params], strict=True):
                 state[spec.name] = np.take(a, i, axis=spec.batch_axis)
-            replay = list(session.replay or ())
+            replay: list[ReplayEntry] = list(session.replay or ())
             if job.step_index and session.replay is not None:
                 # The entry the batcher adds once this batch completes: a retry after a crash is answered.
                 step_outputs = [*job.outputs, [_host(o)[i] for o in outputs]]
@@ -215,15 +182,14 @@ class Persistence:
                     session.steps + 1,
                     state,
                     session.owner or "",
-                    encode_replay(replay),
+                    replay,
                 )
             )
         if d.mode == "every-step":
-            self.writes += 1
             try:
                 self._submit(self.store.put_many, records).result()
             except StoreUnavailable as exc:
-                self.failed_writes += 1
+                store_error(model.name, model.version, "save")
                 raise StoreUnavailable(
                     f"{exc.message}; model {model.key} is every-step durable, so this batch's {len(jobs)} step(s) "
                     "were not applied (state and step count unchanged): retry them"
@@ -252,7 +218,9 @@ class Persistence:
         """Periodic models' idle sessions whose unwritten steps are ``every_ms`` old (busy ones are written
         by their next batch)."""
         while True:
-            await asyncio.sleep(_TICK)
+            # Idle while nothing is due (most servers have no time-periodic model): a late first tick costs
+            # at most 0.1 s on top of every_ms.
+            await asyncio.sleep(_TICK if self._due else 0.1)
             now = time.monotonic()
             popped = []
             with self._lock:
@@ -282,14 +250,15 @@ class Persistence:
         StoreUnavailable. Call between the session's steps (a control job, or before any step)."""
         record = self.record(session)
         self._mark_written(session, session.steps, time.monotonic())
-        self.writes += 1
-        return asyncio.wrap_future(self._submit(self.store.put_many, [record]))
+        future = self._submit(self.store.put_many, [record])
+        future.add_done_callback(_on_failure(f"writing session {session.id}", "save", [(record.model, record.version)]))
+        return asyncio.wrap_future(future)
 
     def forget(self, session: Session) -> None:
         """A durable session closed or expired: delete its record (after any write already submitted)."""
         if self.durable(session):
             self._submit(self.store.delete, session.id).add_done_callback(
-                _warn_on_failure(f"deleting session {session.id} from the session store")
+                _on_failure(f"deleting session {session.id}", "delete", [(session.model.name, session.model.version)])
             )
 
     async def restore(self, session_ids: Iterable[str], dataplane: DataPlane) -> None:
@@ -311,6 +280,7 @@ class Persistence:
                     if record is not None and not sessions.known(record.session_id):
                         self._adopt(record, dataplane)
             except StoreUnavailable as exc:
+                store_error("", 0, "load")  # which model the sessions are of is in the records it could not read
                 error = exc
             finally:
                 for sid in fresh:
@@ -329,7 +299,6 @@ class Persistence:
             names = {p.name for p in model.manifest.parameters}
             state = model.check_state({k: v for k, v in record.state.items() if k not in names}, partial=False)
             params = model.check_parameters({k: v for k, v in record.state.items() if k in names})
-            replay = decode_replay(record.replay)
         except Exception as exc:
             # Left unknown: the caller answers NOT_FOUND. Its model may load later; the record stays until then.
             log.warning("session %s is in the session store but cannot be restored here: %s", record.session_id, exc)
@@ -337,13 +306,13 @@ class Persistence:
         session = dataplane.sessions.open(
             model, state, record.steps, params, record.owner or None, session_id=record.session_id
         )
-        if replay and dataplane.replay_window:
-            session.replay = deque(replay, maxlen=dataplane.replay_window)
+        if record.replay and dataplane.replay_window:
+            session.replay = deque(record.replay, maxlen=dataplane.replay_window)
         self._mark_written(session, record.steps, time.monotonic())
         if not self.durable(session):
             # Consumed: a crash must not bring a `none` session back at a stale step.
             self._submit(self.store.delete, record.session_id).add_done_callback(
-                _warn_on_failure(f"deleting restored session {record.session_id} from the session store")
+                _on_failure(f"deleting restored session {session.id}", "delete", [(model.name, model.version)])
             )
         log.debug("restored session %s of %s at step %d", session.id, model.key, session.steps)
 
@@ -354,7 +323,7 @@ class Persistence:
         log.info("session store: %s%s", self.store.url, "" if self.store.durable else " (this process only)")
         if self.store.durable:
             # Serve even while the store is down (requests that need it get UNAVAILABLE), but say so at once.
-            self._submit(self.store.ping).add_done_callback(_warn_on_failure("reaching the session store"))
+            self._submit(self.store.ping).add_done_callback(_on_failure("reaching the session store"))
 
     async def stop(self, sessions: Iterable[Session]) -> None:
         """Write every open session (a durable store only), then close the store."""
@@ -371,6 +340,8 @@ class Persistence:
                     written += len(chunk)
                 except StoreUnavailable as exc:
                     log.error("shutdown: %d session(s) not written to the session store: %s", len(chunk), exc)
+                    for name, version in {(r.model, r.version) for r in chunk}:
+                        store_error(name, version, "save")
             if live:
                 log.info("shutdown: wrote %d of %d open session(s) to %s", written, len(live), self.store.url)
         if self._io is not None:

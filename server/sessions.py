@@ -7,6 +7,7 @@ import logging
 import secrets
 import time
 from collections import Counter, OrderedDict, deque
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -32,6 +33,8 @@ class Session:
         "scheduled",
         "slot",
         "steps",
+        "stored_at",
+        "stored_steps",
     )
 
     def __init__(self, session_id: str, model: LoadedModel, slot: int, steps: int = 0, owner: str | None = None):
@@ -52,6 +55,9 @@ class Session:
         self.scheduled = False  # queued in, or being computed by, the batcher
         self.ready_since = 0
         self.closed = False
+        # Durability (server/durability.py): the step count and time of the last write to the session store.
+        self.stored_steps = steps
+        self.stored_at = self.last_used
 
 
 class SessionManager:
@@ -73,9 +79,23 @@ class SessionManager:
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def __iter__(self) -> Iterator[Session]:
+        return iter(list(self._sessions.values()))
+
+    def known(self, session_id: str) -> bool:
+        """Held here, or ended by the server (not to be looked up in the session store)."""
+        return session_id in self._sessions or session_id in self._ended
+
     def open(
-        self, model: LoadedModel, state=None, steps: int = 0, parameters=None, owner: str | None = None
+        self,
+        model: LoadedModel,
+        state=None,
+        steps: int = 0,
+        parameters=None,
+        owner: str | None = None,
+        session_id: str | None = None,
     ) -> Session:
+        """A new session; ``session_id``: keep this id (a session restored from the session store)."""
         limit = self.max_sessions_per_client
         if owner is not None and limit is not None and self._per_client[owner] >= limit:
             self.expire()
@@ -91,7 +111,7 @@ class SessionManager:
                     f"the server holds its maximum of {self.max_sessions} sessions; close idle sessions "
                     "or raise --max-sessions"
                 )
-        session_id = secrets.token_hex(16)  # 128 random bits: ids are capabilities, not counters
+        session_id = session_id or secrets.token_hex(16)  # 128 random bits: ids are capabilities, not counters
         session = Session(session_id, model, model.acquire(state, parameters), steps, owner)
         self._sessions[session_id] = session
         if owner is not None:

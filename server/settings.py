@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "RNNSERVE_"
@@ -31,6 +31,18 @@ class ServerSettings(BaseSettings):
 
     session_ttl: float = Field(default=600.0, gt=0)
     """Seconds a session may stay idle before it is closed and its state freed."""
+
+    session_store: str = "memory"
+    """Where durable sessions are written: ``memory`` (this process) or ``redis://HOST:PORT/DB``, which keeps
+    them through a restart. What is written, and when, is each model's ``durability`` (README: Durable
+    sessions)."""
+
+    @field_validator("session_store")
+    @classmethod
+    def _store_address(cls, value: str) -> str:
+        if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"expected 'memory' or redis://HOST:PORT/DB, got {value!r}")
+        return value
 
     max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     """Largest gRPC message accepted or sent; larger requests get RESOURCE_EXHAUSTED."""

@@ -43,6 +43,7 @@ class RnnServer:
             self.sessions,
             max_pending_steps=settings.max_pending_steps,
             replay_window=settings.replay_window,
+            session_store=settings.session_store,
         )
         self.limits = Limits.from_settings(settings)
         self.dataplane.limits = self.limits

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 
@@ -88,6 +88,7 @@ class RnnServeServicer:
             self.limits.tensors(request.parameters),
             owner=self._owner(context),
         )
+        await self.dp.opened(session)  # a durable model's session is in the session store before we answer
         return pb.OpenSessionResponse(
             session_id=session.id, model=converters.model_info(session.model), steps=session.steps
         )
@@ -103,6 +104,7 @@ class RnnServeServicer:
         return None
 
     async def CloseSession(self, request: pb.SessionRequest, context) -> pb.CloseSessionResponse:
+        await self._restored((request.session_id,))  # one only the session store holds is closed there too
         self.dp.close_session(request.session_id)
         return pb.CloseSessionResponse()
 
@@ -140,9 +142,15 @@ class RnnServeServicer:
             models=stats, open_sessions=len(self.dp.sessions), expired_sessions=self.dp.sessions.expired
         )
 
+    async def _restored(self, session_ids: Sequence[str]) -> None:
+        """Sessions only the session store holds (this server restarted) are restored before the call goes on."""
+        if (restoring := self.dp.restore_missing(session_ids)) is not None:
+            await restoring
+
     # ---- steps ------------------------------------------------------------------------------------------
     async def Step(self, request: pb.StepRequest, context) -> pb.StepResponse:
         self.limits.check_steps(request.num_steps or 1)
+        await self._restored((request.session_id,))
         model, future = self.dp.submit_step(
             request.session_id, self.limits.tensors(request.inputs), request.num_steps, request.step_index
         )
@@ -188,6 +196,8 @@ class RnnServeServicer:
                             )
                         )
                         continue
+                    # Before queueing anything of the message, so its steps stay in order.
+                    await self._restored([s.session_id for s in message.steps] + list(message.batch.session_ids))
                     entries = []
                     for step in message.steps:
                         try:

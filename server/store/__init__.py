@@ -15,13 +15,16 @@ the way the server does.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from rnnserve.server import snapshot as snapshots
-from rnnserve.server.errors import Internal, InvalidArgument, Unavailable
+from rnnserve.server.errors import Unavailable
+
+# An exactly-once replay entry (server/exactly_once.py): (first step index, num_steps as sent, inputs
+# fingerprint, per-step outputs in manifest order).
+ReplayEntry = tuple[int, int, int, list[list[np.ndarray]]]
 
 
 class StoreUnavailable(Unavailable):
@@ -38,39 +41,11 @@ class SessionRecord:
     """The session's states and per-session parameters by name, as in a snapshot."""
     owner: str = ""
     """``Session.owner``: the principal that opened the session ("" for none)."""
-    replay: bytes = b""
-    """The exactly-once replay cache (server/durability.py ``encode_replay``), opaque to the store."""
+    replay: list[ReplayEntry] = field(default_factory=list)
+    """The session's exactly-once replay cache, oldest first: a restored session answers a retry of a step
+    whose response was lost with the server."""
     extra: dict[str, bytes] = field(default_factory=dict)
     """Further fields a layer may add; kept as they are."""
-
-
-# The record body is a snapshot (server/snapshot.py): self-describing and checksummed, one encoding for both.
-_SNAPSHOT, _OWNER, _REPLAY = "snapshot", "owner", "replay"
-
-
-def encode_record(record: SessionRecord) -> dict[str, bytes]:
-    """A record as named byte fields (a Redis hash)."""
-    snap = snapshots.Snapshot(record.model, record.version, record.steps, record.state)
-    return {
-        **record.extra,
-        _SNAPSHOT: snapshots.encode(snap),
-        _OWNER: record.owner.encode(),
-        _REPLAY: record.replay,
-    }
-
-
-def decode_record(session_id: str, fields: Mapping[str | bytes, bytes]) -> SessionRecord:
-    named = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
-    body = named.pop(_SNAPSHOT, None)
-    if body is None:
-        raise Internal(f"session '{session_id}' in the session store has no snapshot field (written by what?)")
-    try:
-        snap = snapshots.decode(body)
-    except InvalidArgument as exc:
-        raise Internal(f"session '{session_id}' in the session store is corrupt: {exc.message}") from exc
-    owner = named.pop(_OWNER, b"").decode()
-    replay = named.pop(_REPLAY, b"")
-    return SessionRecord(session_id, snap.model, snap.version, snap.steps, snap.state, owner, replay, named)
 
 
 class SessionStore(ABC):

@@ -1,6 +1,6 @@
-"""The Redis session store: one hash per session (``rnnserve:session:ID``: snapshot, owner, replay), written
-with a TTL. A batch of records is one MULTI/EXEC pipeline (one round trip, all or nothing), so a session
-never has a record without its expiry."""
+"""The Redis session store: one string per session (``rnnserve:session:ID``, server/store/codec.py), each
+written with its TTL in the same command (SET ... PX). A batch of records is one MULTI/EXEC pipeline: one
+round trip, all or nothing."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from rnnserve.server.store import SessionRecord, SessionStore, StoreUnavailable, decode_record, encode_record
+from rnnserve.server.store import SessionRecord, SessionStore, StoreUnavailable
+from rnnserve.server.store.codec import decode_record, encode_record
 
 PREFIX = "rnnserve:session:"
 T = TypeVar("T")
@@ -58,10 +59,8 @@ class RedisStore(SessionStore):
 
         def put() -> None:
             pipe = self._client.pipeline(transaction=True)
-            for key, fields in encoded:
-                pipe.delete(key)  # a record replaces the previous one whole, fields a layer dropped included
-                pipe.hset(key, mapping=fields)
-                pipe.pexpire(key, self._ttl_ms)
+            for key, value in encoded:
+                pipe.set(key, value, px=self._ttl_ms)
             pipe.execute()
 
         self._call(f"writing {len(records)} session(s)", put)
@@ -70,13 +69,8 @@ class RedisStore(SessionStore):
         if not session_ids:
             return []
 
-        def get() -> list[dict[bytes, bytes]]:
-            pipe = self._client.pipeline(transaction=False)
-            for sid in session_ids:
-                pipe.hgetall(PREFIX + sid)
-            return pipe.execute()
-
-        found = self._call(f"reading {len(session_ids)} session(s)", get)
+        keys = [PREFIX + sid for sid in session_ids]
+        found = self._call(f"reading {len(session_ids)} session(s)", lambda: self._client.mget(keys))
         return [decode_record(sid, f) if f else None for sid, f in zip(session_ids, found, strict=True)]
 
     def delete_many(self, session_ids: Sequence[str]) -> None:
