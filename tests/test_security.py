@@ -330,3 +330,27 @@ def test_artifact_symlinked_out_of_the_version_folder_is_refused(tmp_path):
     repository.load_all()
     assert not repository.models
     assert "outside" in repository.failed[("gru", 1)].error
+
+
+def test_kserve_sequences_need_a_token_and_stay_with_their_principal(auth_server):
+    tritonclient = pytest.importorskip("tritonclient.grpc")
+    from tritonclient.utils import InferenceServerException
+
+    def infer(token: str | None, **kw):
+        client = tritonclient.InferenceServerClient(auth_server.address)
+        inp = tritonclient.InferInput("x", [1, TINY_INPUT], "FP32")
+        inp.set_data_from_numpy(X[None])
+        headers = {"authorization": f"Bearer {token}"} if token else None
+        try:
+            return client.infer("gru", [inp], sequence_id=77, headers=headers, **kw).as_numpy("y")
+        finally:
+            client.close()
+
+    with pytest.raises(InferenceServerException) as info:
+        infer(None, sequence_start=True)
+    assert info.value.status() == "StatusCode.UNAUTHENTICATED"
+    assert infer(ALICE, sequence_start=True).shape == (1, 2)
+    assert infer(ALICE).shape == (1, 2)  # alice's sequence goes on...
+    with pytest.raises(InferenceServerException):
+        infer(BOB)  # ...and is not bob's to continue
+    assert infer(ALICE, sequence_end=True).shape == (1, 2)
