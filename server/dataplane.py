@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,6 +12,7 @@ from rnnserve.server import exactly_once
 from rnnserve.server import snapshot as snapshots
 from rnnserve.server.admin import ModelAdmin, UnloadResult
 from rnnserve.server.batcher import ControlJob, JobGroup, StepJob
+from rnnserve.server.durability import Persistence
 from rnnserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, SessionEnded
 from rnnserve.server.limits import Limits
 from rnnserve.server.model import LoadedModel
@@ -19,6 +20,7 @@ from rnnserve.server.predict import Predictor, PredictResult, refuse_sessions
 from rnnserve.server.principal import current_principal
 from rnnserve.server.repository import FailedModel, ModelRepository
 from rnnserve.server.sessions import Session, SessionManager
+from rnnserve.server.store import StoreUnavailable, open_store
 
 
 @dataclass
@@ -39,15 +41,24 @@ class SessionStateView:
 
 class DataPlane:
     def __init__(
-        self, repository: ModelRepository, sessions: SessionManager, *, max_pending_steps: int, replay_window: int = 8
+        self,
+        repository: ModelRepository,
+        sessions: SessionManager,
+        *,
+        max_pending_steps: int,
+        replay_window: int = 8,
+        session_store: str = "memory",
     ):
         self.repository = repository
         self.sessions = sessions
         self.max_pending_steps = max_pending_steps
-        self.limits = Limits()  # the server sets its configured limits (server/grpc/server.py)
         self.replay_window = replay_window  # applied indexed steps kept per session to answer retries
+        self.limits = Limits()  # the server sets its configured limits (server/grpc/server.py)
         self.admin = ModelAdmin(repository, sessions)
         self.predictor = Predictor()
+        # Durable sessions (server/durability.py): every model the repository builds writes through it.
+        self.persistence = Persistence(open_store(session_store, ttl=sessions.ttl))
+        repository.persistence = self.persistence
 
     # ---- models -----------------------------------------------------------------------------------------
     def models(self, name: str = "") -> list[LoadedModel]:
@@ -113,6 +124,7 @@ class DataPlane:
         return model.batcher
 
     async def reset_session(self, session_id: str, state: Mapping[str, np.ndarray]) -> None:
+        await self._restored(session_id)
         session = self.sessions.get(session_id)
         values = session.model.check_state(state, partial=True) if state else session.model.initial_state
 
@@ -121,9 +133,10 @@ class DataPlane:
             session.steps = 0
             exactly_once.forget(session)
 
-        await self._control(session, reset, 0)
+        await self._control_durable(session, reset, 0)
 
     async def get_state(self, session_id: str) -> SessionStateView:
+        await self._restored(session_id)
         session = self.sessions.get(session_id)
         model = session.model
 
@@ -136,6 +149,7 @@ class DataPlane:
         return await self._control(session, read)
 
     async def set_state(self, session_id: str, state: Mapping[str, np.ndarray], snapshot: bytes) -> None:
+        await self._restored(session_id)
         session = self.sessions.get(session_id)
         model = session.model
         if state and snapshot:
@@ -160,7 +174,40 @@ class DataPlane:
                 session.steps = steps
                 exactly_once.forget(session)
 
-        await self._control(session, write, steps)
+        await self._control_durable(session, write, steps)
+
+    async def _control_durable(self, session: Session, fn, steps: int | None = None) -> None:
+        """``_control``; for a durable model the changed session is also written to the session store (in
+        order with its step writes) before the call answers."""
+        persistence = self.persistence
+
+        def apply():
+            fn()
+            return persistence.write_now(session) if persistence.durable(session) else None
+
+        written = await self._control(session, apply, steps)
+        if written is not None:
+            await written
+
+    # ---- durable sessions (server/durability.py) --------------------------------------------------------
+    def restore_missing(self, session_ids: Iterable[str]) -> Awaitable[None] | None:
+        """Sessions this server does not hold may be in the session store (the server restarted): an
+        awaitable that restores those it has, or None when every id is held here (no await on the hot path)."""
+        missing = [sid for sid in session_ids if sid and not self.sessions.known(sid)]
+        return self.persistence.restore(missing, self) if missing else None
+
+    async def _restored(self, session_id: str) -> None:
+        if (pending := self.restore_missing((session_id,))) is not None:
+            await pending
+
+    async def opened(self, session: Session) -> None:
+        """After OpenSession: a durable model's new session is in the store before the call answers. A store
+        failure closes it again and raises UNAVAILABLE."""
+        try:
+            await self.persistence.opened(session)
+        except StoreUnavailable:
+            self.sessions.close(session.id)
+            raise
 
     # ---- steps ------------------------------------------------------------------------------------------
     def submit_step(
@@ -189,8 +236,7 @@ class DataPlane:
         batcher = self._batcher(session)
         self.limits.check_queue(batcher.queued_steps, num_steps or 1, model.key)
         future = asyncio.get_running_loop().create_future()
-        job = StepJob(session, checked, num_steps, future, None, 0, step_index, print_)
-        batcher.enqueue(session, job)
+        batcher.enqueue(session, StepJob(session, checked, num_steps, future, None, 0, step_index, print_))
         exactly_once.queued(session, num_steps, step_index, self.replay_window)
         return model, future
 
@@ -307,10 +353,13 @@ class DataPlane:
         for model in self.repository.models.values():
             model.start()
         self.sessions.start()
+        self.persistence.start()
 
     async def stop(self) -> None:
         await self.sessions.stop()
         for model in self.repository.models.values():
             await model.stop()
         await self.admin.stop()
+        # Every batcher has stopped: each session's state and step count are settled; write them all.
+        await self.persistence.stop(self.sessions)
         self.predictor.close()
