@@ -19,7 +19,13 @@ import grpc
 from rnnserve.server.principal import PRINCIPAL
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/",)
-ADMIN_METHODS = ("/rnnserve.v1.RnnServe/LoadModel", "/rnnserve.v1.RnnServe/UnloadModel")
+# Repository control, through either API: with --admin-principals only those principals may call these.
+ADMIN_METHODS = (
+    "/rnnserve.v1.RnnServe/LoadModel",
+    "/rnnserve.v1.RnnServe/UnloadModel",
+    "/inference.GRPCInferenceService/RepositoryModelLoad",
+    "/inference.GRPCInferenceService/RepositoryModelUnload",
+)
 
 
 class TokenError(ValueError):

@@ -12,7 +12,8 @@ ENV_PREFIX = "RNNSERVE_"
 
 
 class ServerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+    # use_attribute_docstrings: the docstring under each field is its description (and its --help text).
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", use_attribute_docstrings=True)
 
     repository: Path = Path("model_repository")
     """Model repository: ``REPO/NAME/VERSION/manifest.json`` plus the artifact."""

@@ -354,3 +354,16 @@ def test_kserve_sequences_need_a_token_and_stay_with_their_principal(auth_server
     with pytest.raises(InferenceServerException):
         infer(BOB)  # ...and is not bob's to continue
     assert infer(ALICE, sequence_end=True).shape == (1, 2)
+
+
+def test_triton_repository_control_needs_an_admin_principal(auth_server):
+    import tritonclient.grpc as triton
+    from tritonclient.utils import InferenceServerException
+
+    client = triton.InferenceServerClient(auth_server.address)
+    for call in (client.load_model, client.unload_model):
+        with pytest.raises(InferenceServerException) as info:
+            call("gru", headers={"authorization": f"Bearer {ALICE}"})
+        assert info.value.status() == "StatusCode.PERMISSION_DENIED", info.value
+    client.load_model("gru", headers={"authorization": f"Bearer {ADMIN}"})
+    assert client.is_model_ready("gru", headers={"authorization": f"Bearer {ALICE}"})
