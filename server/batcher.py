@@ -313,11 +313,11 @@ class Batcher:
         try:
             jobs: list[StepJob] = [s.pending[0] for s in batch]  # type: ignore[misc]
             for job in jobs:
-                if job.num_steps and job.done == 0 and job.start_state is None and job.num_steps > 1:
+                if job.num_steps > 1 and job.done == 0 and job.start_state is None:
+                    # A chunk about to start: remember where it began so a failure midway can roll back.
                     job.start_state = self.model.slab.read(job.session.slot)
-            now = time.perf_counter_ns()
-            queue_ns = sum(now - s.ready_since for s in batch)
             t0 = time.perf_counter_ns()
+            queue_ns = sum(t0 - s.ready_since for s in batch)
             loop = asyncio.get_running_loop()
             error: BaseException | None = None
             per_output: list[np.ndarray] = []
