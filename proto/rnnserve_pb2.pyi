@@ -125,7 +125,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("model", "version", "initial_state", "snapshot", "parameters")
+    __slots__ = ("model", "version", "initial_state", "snapshot", "parameters", "session_id")
     class InitialStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -145,12 +145,14 @@ class OpenSessionRequest(_message.Message):
     INITIAL_STATE_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     initial_state: _containers.MessageMap[str, Tensor]
     snapshot: bytes
     parameters: _containers.MessageMap[str, Tensor]
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., initial_state: _Optional[_Mapping[str, Tensor]] = ..., snapshot: _Optional[bytes] = ..., parameters: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
+    session_id: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., initial_state: _Optional[_Mapping[str, Tensor]] = ..., snapshot: _Optional[bytes] = ..., parameters: _Optional[_Mapping[str, Tensor]] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
     __slots__ = ("session_id", "model", "steps")

@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "models": ("rnnserve.client.cli_models", "list a server's models and their signatures"),
     "load": ("rnnserve.client.cli_load", "load or reload a model's version(s) on a running server"),
     "unload": ("rnnserve.client.cli_unload", "unload a model's version(s) from a running server"),
+    "gateway": ("rnnserve.gateway", "run nginx as a session-affinity gateway in front of rnnserve replicas"),
     "bench": ("rnnserve.bench.cli", "measure rnnserve against ceilings measured in the same run"),
 }
 

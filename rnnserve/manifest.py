@@ -319,7 +319,9 @@ class ModelManifest(_Strict):
 
     def write(self, version_dir: Path) -> Path:
         path = version_dir / MANIFEST_FILE
-        path.write_text(self.model_dump_json(indent=2) + "\n")
+        # Durability is left out unless it was set, so a server's --durability applies to the model.
+        exclude = None if "durability" in self.model_fields_set else {"durability"}
+        path.write_text(self.model_dump_json(indent=2, exclude=exclude) + "\n")
         return path
 
     @classmethod

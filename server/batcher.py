@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rnnserve.server.errors import FailedPrecondition, Internal, RnnServeError
+from rnnserve.server.errors import FailedPrecondition, Internal, RnnServeError, SessionMoved
 
 if TYPE_CHECKING:
     from rnnserve.server.model import LoadedModel
@@ -321,8 +321,9 @@ class Batcher:
             loop = asyncio.get_running_loop()
             error: BaseException | None = None
             per_output: list[np.ndarray] = []
+            refused: set[int] = set()
             try:
-                per_output = await loop.run_in_executor(self._executor, self._compute, jobs)
+                per_output, refused = await loop.run_in_executor(self._executor, self._compute, jobs)
             except RnnServeError as exc:
                 error = exc
             except Exception as exc:
@@ -331,13 +332,14 @@ class Batcher:
             compute_ns = time.perf_counter_ns() - t0
             if error is None:
                 self.stats.record(len(batch), compute_ns, queue_ns)
-            self._complete(batch, jobs, per_output, error)
+            self._complete(batch, jobs, per_output, error, refused)
         finally:
             self._slots.release()
             self._wakeup.set()
 
-    def _compute(self, jobs: Sequence[StepJob]) -> list[np.ndarray]:
-        """Worker thread: gather, run, scatter. Returns each data output with the batch axis first."""
+    def _compute(self, jobs: Sequence[StepJob]) -> tuple[list[np.ndarray], set[int]]:
+        """Worker thread: gather, run, scatter. Returns each data output with the batch axis first, and the
+        rows whose session another replica changed (durable store refused the write: not applied)."""
         model = self.model
         n = len(jobs)
         slots = np.fromiter((j.session.slot for j in jobs), dtype=np.intp, count=n)
@@ -368,12 +370,14 @@ class Batcher:
                 )
             result.append(np.moveaxis(value, spec.batch_axis, 0) if spec.batch_axis else value)
         persistence = model.persistence
-        if persistence is not None and model.manifest.durability.mode != "none":
+        refused: set[int] = set()
+        if persistence is not None and model.durability.mode != "none":
             # Before the scatter: a failed every-step write fails the batch with every state as it was.
-            persistence.after_batch(model, jobs, feeds, new_states, result)
-        # Only a fully successful call touches the slab: a failed batch leaves every state as it was.
+            refused = persistence.after_batch(model, jobs, feeds, new_states, result)
+        # Only a fully successful call touches the slab: a failed batch leaves every state as it was. Refused
+        # rows are scattered too, harmlessly: their sessions are dropped, slots and all.
         model.slab.scatter(slots, new_states)
-        return result
+        return result, refused
 
     def _complete(
         self,
@@ -381,10 +385,18 @@ class Batcher:
         jobs: list[StepJob],
         per_output: list[np.ndarray],
         error: BaseException | None,
+        refused: set[int],
     ) -> None:
         now = time.monotonic()
         for i, (session, job) in enumerate(zip(batch, jobs, strict=True)):
-            if error is not None:
+            if i in refused:
+                # Another replica advanced this session: nothing of this step applies here; the session's stale
+                # copy goes, and its queued steps fail with it (_settle), so every one is retried from the store.
+                session.pending.popleft()
+                self.queued_steps -= job.total
+                job.finish(error=SessionMoved(session.id))
+                self.model.persistence.moved(session)  # type: ignore[union-attr]
+            elif error is not None:
                 session.pending.popleft()
                 self.queued_steps -= job.total
                 if job.done and job.start_state is not None:
@@ -413,7 +425,11 @@ class Batcher:
         if session.closed:
             while session.pending:
                 job = session.pending.popleft()
-                error = FailedPrecondition(f"session '{session.id}' was closed")
+                error = (
+                    SessionMoved(session.id)
+                    if session.closed == "moved"
+                    else FailedPrecondition(f"session '{session.id}' was closed")
+                )
                 if isinstance(job, StepJob):
                     self.queued_steps -= job.total
                     job.finish(error=error)

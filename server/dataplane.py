@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -12,8 +13,16 @@ from rnnserve.server import exactly_once
 from rnnserve.server import snapshot as snapshots
 from rnnserve.server.admin import ModelAdmin, UnloadResult
 from rnnserve.server.batcher import ControlJob, JobGroup, StepJob
-from rnnserve.server.durability import Persistence
-from rnnserve.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, SessionEnded
+from rnnserve.server.durability import MOVED, Persistence
+from rnnserve.server.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    SessionEnded,
+    SessionMoved,
+)
 from rnnserve.server.limits import Limits
 from rnnserve.server.model import LoadedModel
 from rnnserve.server.predict import Predictor, PredictResult, refuse_sessions
@@ -21,6 +30,9 @@ from rnnserve.server.principal import current_principal
 from rnnserve.server.repository import FailedModel, ModelRepository
 from rnnserve.server.sessions import Session, SessionManager
 from rnnserve.server.store import StoreUnavailable, open_store
+
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{16,128}")
+"""A client-chosen session id: long enough to be unguessable when random, short enough for a header."""
 
 
 @dataclass
@@ -58,6 +70,7 @@ class DataPlane:
         self.predictor = Predictor()
         # Durable sessions (server/durability.py): every model the repository builds writes through it.
         self.persistence = Persistence(open_store(session_store, ttl=sessions.ttl))
+        self.persistence.on_moved = sessions.drop
         repository.persistence = self.persistence
 
     # ---- models -----------------------------------------------------------------------------------------
@@ -82,11 +95,22 @@ class DataPlane:
         snapshot: bytes,
         parameters: Mapping[str, np.ndarray] | None = None,
         owner: str | None = None,
+        session_id: str = "",
     ) -> Session:
         """``owner``: the caller's principal (or host, for the per-client limit); see SessionManager.open.
-        Unset, it is the current principal, so every API that opens sessions (KServe sequences too) binds them."""
+        Unset, it is the current principal, so every API that opens sessions (KServe sequences too) binds them.
+        ``session_id``: the id the client chose (empty: a random one); a durable model's store write then
+        also refuses an id another replica holds (``opened``)."""
         if owner is None:
             owner = current_principal()
+        if session_id:
+            if not SESSION_ID.fullmatch(session_id):
+                raise InvalidArgument(
+                    f"session_id {session_id[:140]!r} is not 16 to 128 characters of [A-Za-z0-9_-]; leave it empty "
+                    "to have the server pick one"
+                )
+            if self.sessions.known(session_id):
+                raise AlreadyExists(f"session id '{session_id}' is already in use: choose another id")
         parameters = parameters or {}
         if snapshot:
             if initial_state or parameters:
@@ -98,11 +122,13 @@ class DataPlane:
             param_names = {p.name for p in model.manifest.parameters}
             state = model.check_state({k: v for k, v in snap.state.items() if k not in param_names}, partial=False)
             params = model.check_parameters({k: v for k, v in snap.state.items() if k in param_names})
-            return self.sessions.open(model, state, snap.steps, params, owner)
+            return self.sessions.open(model, state, snap.steps, params, owner, session_id=session_id or None)
         model = self.repository.get(model_name, version)
         refuse_sessions(model)
         state = model.check_state(initial_state, partial=True) if initial_state else None
-        return self.sessions.open(model, state, 0, model.check_parameters(parameters), owner)
+        return self.sessions.open(
+            model, state, 0, model.check_parameters(parameters), owner, session_id=session_id or None
+        )
 
     def close_session(self, session_id: str) -> None:
         self.sessions.close(session_id)
@@ -187,7 +213,11 @@ class DataPlane:
 
         written = await self._control(session, apply, steps)
         if written is not None:
-            await written
+            try:
+                await written
+            except SessionMoved:
+                self.persistence.moved(session)  # the change above was made to a stale copy: drop it
+                raise
 
     # ---- durable sessions (server/durability.py) --------------------------------------------------------
     def restore_missing(self, session_ids: Iterable[str]) -> Awaitable[None] | None:
@@ -205,6 +235,10 @@ class DataPlane:
         failure closes it again and raises UNAVAILABLE."""
         try:
             await self.persistence.opened(session)
+        except AlreadyExists:
+            session.revision = MOVED  # another session's record: closing this one must not delete it
+            self.sessions.close(session.id)
+            raise
         except StoreUnavailable:
             self.sessions.close(session.id)
             raise

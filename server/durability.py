@@ -1,7 +1,7 @@
 """Durable sessions: when a model's sessions are written to the session store, and how a session that only
 the store holds comes back.
 
-Per model (``ModelManifest.durability``):
+Per model (``ModelManifest.durability``, or the server's ``--durability`` for a manifest without one):
 
 - ``every-step``: a batch's new states are written, one pipelined round trip for the whole batch, after the
   model call and *before* the slab is updated and any response is released. A failed write fails the batch's
@@ -23,6 +23,13 @@ never resurrected at a stale step.
 
 Ordering: every write and delete goes through one FIFO thread (an inline store is called directly), and a
 session's writes are submitted in the order its state changed, so an older state never overwrites a newer.
+
+Replicas sharing a store: each write and each expiry's delete is conditional on the record's revision as this
+server last wrote or read it (``Session.revision``, touched only by that FIFO thread; server/store). When the
+gateway moved a session to another replica that advanced it, this server's copy is stale and its write is
+refused: the steps of that batch are not applied here, they fail with ABORTED (``SessionMoved``), the stale
+copy is dropped (its record stays), and the client's retry, wherever it lands, resumes from the store. So no
+replica ever overwrites a newer state with an older one, and with ``every-step`` no acknowledged step is lost.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import concurrent.futures
 import heapq
 import itertools
 import logging
+import secrets
 import threading
 import time
 from collections import deque
@@ -41,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from rnnserve.manifest import Durability
+from rnnserve.server.errors import AlreadyExists, SessionMoved
 from rnnserve.server.metrics import store_error
 from rnnserve.server.store import ReplayEntry, SessionRecord, SessionStore, StoreUnavailable
 
@@ -77,9 +86,19 @@ def _host(value: Any) -> np.ndarray:
     return value if isinstance(value, np.ndarray) else value.detach().cpu().numpy()
 
 
+MOVED = -1
+"""``Session.revision`` of a session dropped because another replica changed it: nothing of it is written or
+deleted any more."""
+
+
 class Persistence:
     def __init__(self, store: SessionStore):
         self.store = store
+        # This process's writer id in the store: settles a write whose outcome it could not learn.
+        self.writer = secrets.token_hex(8)
+        # Called on the event loop with a session another replica changed (the data plane forgets it).
+        self.on_moved: Callable[[Session], None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         # One thread, so store operations apply in submission order.
         self._io = None if store.inline else concurrent.futures.ThreadPoolExecutor(1, "session-store")
         self._restoring: dict[str, asyncio.Future[BaseException | None]] = {}
@@ -93,12 +112,12 @@ class Persistence:
     def attach(self, model: LoadedModel) -> None:
         """A model version built to serve: its sessions follow its durability through this store."""
         model.persistence = self
-        if model.manifest.durability.mode != "none" and not self.store.durable:
+        if model.durability.mode != "none" and not self.store.durable:
             log.warning(
                 "model %s is %s durable, but the session store is %s: its sessions do not outlive this process "
                 "(serve with --session-store redis://HOST:PORT/DB)",
                 model.key,
-                model.manifest.durability.mode,
+                model.durability.mode,
                 self.store.url,
             )
 
@@ -116,10 +135,51 @@ class Persistence:
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.wrap_future(self._submit(fn, *args))
 
-    def _write_later(self, records: list[SessionRecord], why: str) -> None:
-        """Fire and forget (periodic writes): a failure is logged and counted."""
-        models = ((r.model, r.version) for r in records)
-        self._submit(self.store.put_many, records).add_done_callback(_on_failure(why, "save", models))
+    def _put(self, sessions: Sequence[Session], records: list[SessionRecord]) -> list[Session]:
+        """The FIFO thread: write ``records`` (of ``sessions``), each conditional on the session's revision;
+        return the sessions whose write was refused (another replica changed them)."""
+        live = [(s, r) for s, r in zip(sessions, records, strict=True) if s.revision != MOVED]
+        if not live:
+            return []
+        try:
+            revisions = self.store.put_many([r for _, r in live], [s.revision for s, _ in live], self.writer)
+        except StoreUnavailable:
+            for s, _ in live:
+                s.revision = None  # the write may have landed or not: the next one settles it by writer id
+            raise
+        refused = []
+        for (s, _), revision in zip(live, revisions, strict=True):
+            if revision:
+                s.revision = revision
+            else:
+                refused.append(s)
+        return refused
+
+    def _write_later(self, sessions: list[Session], records: list[SessionRecord], why: str) -> None:
+        """Fire and forget (periodic writes): a failure is logged and counted; a refused write drops the
+        session's stale copy."""
+        models = [(r.model, r.version) for r in records]
+        future = self._submit(self._put, sessions, records)
+        future.add_done_callback(_on_failure(why, "save", models))
+
+        def refused(done: concurrent.futures.Future) -> None:
+            if not done.exception() and done.result() and self._loop is not None:
+                self._loop.call_soon_threadsafe(self.moved_many, done.result())
+
+        future.add_done_callback(refused)
+
+    def moved_many(self, sessions: Iterable[Session]) -> None:
+        for session in sessions:
+            self.moved(session)
+
+    def moved(self, session: Session) -> None:
+        """Event loop: another replica changed ``session``; drop this server's copy and keep the record."""
+        if session.revision == MOVED and session.closed:
+            return
+        session.revision = MOVED
+        log.info("session %s was changed by another replica: dropped its stale copy here", session.id)
+        if self.on_moved is not None:
+            self.on_moved(session)
 
     @staticmethod
     def record(session: Session) -> SessionRecord:
@@ -143,10 +203,12 @@ class Persistence:
         feeds: dict[str, Any],
         new_states: Sequence[Any],
         outputs: Sequence[Any],
-    ) -> None:
-        """Write the sessions of this batch that are due. every-step: blocks, and raises StoreUnavailable
-        (the caller then leaves the slab as it was); periodic: submits and returns."""
-        d = model.manifest.durability
+    ) -> set[int]:
+        """Write the sessions of this batch that are due. every-step: blocks, raises StoreUnavailable (the
+        caller then leaves the slab as it was), and returns the rows whose write was refused because another
+        replica changed their session (the caller fails those steps; periodic: such a session is dropped
+        later); periodic: submits and returns."""
+        d = model.durability
         now = time.monotonic()
         due: list[int] = []
         for i, job in enumerate(jobs):
@@ -158,7 +220,7 @@ class Persistence:
             elif d.every_ms is not None:
                 self._mark_dirty(session, session.stored_at + d.every_ms / 1000)
         if not due:
-            return
+            return set()
         states = [_host(v) for v in new_states]
         params = [_host(feeds[p.name]) for p in model.manifest.parameters]
         records = []
@@ -185,20 +247,26 @@ class Persistence:
                     replay,
                 )
             )
+        sessions = [jobs[i].session for i in due]
+        refused: set[int] = set()
         if d.mode == "every-step":
             try:
-                self._submit(self.store.put_many, records).result()
+                moved = self._submit(self._put, sessions, records).result()
             except StoreUnavailable as exc:
                 store_error(model.name, model.version, "save")
                 raise StoreUnavailable(
                     f"{exc.message}; model {model.key} is every-step durable, so this batch's {len(jobs)} step(s) "
                     "were not applied (state and step count unchanged): retry them"
                 ) from exc
+            if moved:
+                ids = {id(s) for s in moved}
+                refused = {i for i in due if id(jobs[i].session) in ids}
         else:
-            self._write_later(records, f"periodic write of {len(records)} session(s) of {model.key}")
+            self._write_later(sessions, records, f"periodic write of {len(records)} session(s) of {model.key}")
         for i in due:
             session = jobs[i].session
             self._mark_written(session, session.steps + 1, now)
+        return refused
 
     @staticmethod
     def _periodic_due(d: Durability, session: Session, steps: int, now: float) -> bool:
@@ -233,33 +301,55 @@ class Persistence:
                 records = [self.record(s) for s in ready]
                 for s in ready:
                     self._mark_written(s, s.steps, now)
-                self._write_later(records, f"periodic write of {len(records)} idle session(s)")
+                self._write_later(ready, records, f"periodic write of {len(records)} idle session(s)")
 
     # ---- session lifecycle (event loop) -----------------------------------------------------------------
     @staticmethod
     def durable(session: Session) -> bool:
-        return session.model.manifest.durability.mode != "none"
+        return session.model.durability.mode != "none"
 
     async def opened(self, session: Session) -> None:
-        """Write a new session of a durable model before OpenSession answers (raises StoreUnavailable)."""
+        """Write a new session of a durable model before OpenSession answers (raises StoreUnavailable, and
+        AlreadyExists when the store holds a session of that id: a client-chosen id in use on a replica)."""
         if self.durable(session):
-            await self.write_now(session)
+            try:
+                await self.write_now(session)
+            except SessionMoved:
+                raise AlreadyExists(
+                    f"session id '{session.id}' is already in use (in the session store): choose another id"
+                ) from None
 
     def write_now(self, session: Session) -> asyncio.Future:
         """Write the session as it is now, in order with its other writes; the future fails with
-        StoreUnavailable. Call between the session's steps (a control job, or before any step)."""
+        StoreUnavailable, or SessionMoved when another replica changed the session (the caller drops it).
+        Call between the session's steps (a control job, or before any step)."""
         record = self.record(session)
         self._mark_written(session, session.steps, time.monotonic())
-        future = self._submit(self.store.put_many, [record])
+
+        def put() -> None:
+            if self._put([session], [record]):
+                raise SessionMoved(session.id)
+
+        future = self._submit(put)
         future.add_done_callback(_on_failure(f"writing session {session.id}", "save", [(record.model, record.version)]))
         return asyncio.wrap_future(future)
 
     def forget(self, session: Session) -> None:
-        """A durable session closed or expired: delete its record (after any write already submitted)."""
-        if self.durable(session):
-            self._submit(self.store.delete, session.id).add_done_callback(
-                _on_failure(f"deleting session {session.id}", "delete", [(session.model.name, session.model.version)])
-            )
+        """A durable session closed or expired: delete its record (after any write already submitted). A
+        client's close deletes whatever the store holds; an expiry only the revision this server knows, since
+        an idle copy here may be a stale one whose session lives on at another replica."""
+        if not self.durable(session) or session.revision == MOVED:
+            return
+
+        def delete() -> None:
+            if session.closed == "client":
+                self.store.delete_many([session.id])
+            elif session.revision != 0:
+                self.store.delete_many([session.id], [session.revision], self.writer)
+
+        self._submit(delete).add_done_callback(
+            _on_failure(f"deleting session {session.id}", "delete", [(session.model.name, session.model.version)])
+        )
 
     async def restore(self, session_ids: Iterable[str], dataplane: DataPlane) -> None:
         """Bring the sessions the store holds among ``session_ids`` (none of them here) into this server.
@@ -309,16 +399,18 @@ class Persistence:
         if record.replay and dataplane.replay_window:
             session.replay = deque(record.replay, maxlen=dataplane.replay_window)
         self._mark_written(session, record.steps, time.monotonic())
+        session.revision = record.revision
         if not self.durable(session):
             # Consumed: a crash must not bring a `none` session back at a stale step.
-            self._submit(self.store.delete, record.session_id).add_done_callback(
+            session.revision = 0
+            self._submit(self.store.delete_many, [record.session_id], [record.revision], self.writer).add_done_callback(
                 _on_failure(f"deleting restored session {session.id}", "delete", [(model.name, model.version)])
             )
         log.debug("restored session %s of %s at step %d", session.id, model.key, session.steps)
 
     # ---- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._write_due(), name="session-store-periodic")
         log.info("session store: %s%s", self.store.url, "" if self.store.durable else " (this process only)")
         if self.store.durable:
@@ -331,19 +423,29 @@ class Persistence:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         if self.store.durable:
-            live = [s for s in sessions if not s.closed and s.slot >= 0]
-            written = 0
+            live = [s for s in sessions if not s.closed and s.slot >= 0 and s.revision != MOVED]
+            written = stale = 0
             for start in range(0, len(live), FLUSH_CHUNK):
-                chunk = [self.record(s) for s in live[start : start + FLUSH_CHUNK]]
+                part = live[start : start + FLUSH_CHUNK]
+                chunk = [self.record(s) for s in part]
                 try:
-                    await self._run(self.store.put_many, chunk)
-                    written += len(chunk)
+                    refused = await self._run(self._put, part, chunk)
+                    # A refused one is a stale copy: the session lives on at another replica, newer.
+                    stale += len(refused)
+                    written += len(chunk) - len(refused)
                 except StoreUnavailable as exc:
                     log.error("shutdown: %d session(s) not written to the session store: %s", len(chunk), exc)
                     for name, version in {(r.model, r.version) for r in chunk}:
                         store_error(name, version, "save")
             if live:
-                log.info("shutdown: wrote %d of %d open session(s) to %s", written, len(live), self.store.url)
+                log.info(
+                    "shutdown: wrote %d of %d open session(s) to %s (%d stale copies left to the replica that "
+                    "holds them)",
+                    written,
+                    len(live),
+                    self.store.url,
+                    stale,
+                )
         if self._io is not None:
             self._io.shutdown(wait=True)
         self.store.close()

@@ -46,6 +46,27 @@ class SessionEnded(FailedPrecondition):
     """A call on a session the server ended itself (its model was unloaded by force), not a closed one."""
 
 
+class AlreadyExists(RnnServeError):
+    status = "ALREADY_EXISTS"
+
+
+class Aborted(RnnServeError):
+    status = "ABORTED"
+
+
+class SessionMoved(Aborted):
+    """Another replica changed the session since this one last wrote or read it (the gateway moved it): the
+    local copy is stale and was dropped. A retry of the same call loads the current state from the session
+    store, and a step's ``step_index`` keeps the retry from applying twice."""
+
+    def __init__(self, session_id: str):
+        super().__init__(
+            f"session '{session_id}' was changed by another replica since this one last saw it (it moved "
+            "between replicas); this replica dropped its stale copy: retry the call, it resumes from the "
+            "session store"
+        )
+
+
 class Unavailable(RnnServeError):
     status = "UNAVAILABLE"
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from rnnserve.manifest import ModelManifest, TensorSpec
+from rnnserve.manifest import Durability, ModelManifest, TensorSpec
 from rnnserve.server.batcher import Batcher
 from rnnserve.server.errors import InvalidArgument
 from rnnserve.server.runtime import Runtime
@@ -32,8 +32,15 @@ class LoadedModel:
         *,
         max_batch_size: int | None = None,
         max_queue_delay_us: int | None = None,
+        durability: str | None = None,
     ):
         self.manifest = manifest
+        # The manifest's durability, else the server's default (--durability), else none.
+        self.durability: Durability = (
+            manifest.durability
+            if durability is None or "durability" in manifest.model_fields_set
+            else Durability(mode=durability)  # type: ignore[arg-type]
+        )
         self.name = manifest.name
         self.version = manifest.version
         self.key = f"{manifest.name}:{manifest.version}"

@@ -47,8 +47,10 @@ class ModelRepository:
         threads: int = 1,
         max_batch_size: int | None = None,
         max_queue_delay_us: int | None = None,
+        durability: str | None = None,
     ):
         self.root = root
+        self.durability = durability  # for manifests that set none (--durability)
         self.device = device
         self.threads = threads
         self.max_batch_size = max_batch_size
@@ -115,6 +117,7 @@ class ModelRepository:
             runtime,
             max_batch_size=self.max_batch_size,
             max_queue_delay_us=self.max_queue_delay_us,
+            durability=self.durability,
         )
         model.self_check()
         if self.persistence is not None:

@@ -30,6 +30,7 @@ class Session:
         "pending",
         "ready_since",
         "replay",
+        "revision",
         "scheduled",
         "slot",
         "steps",
@@ -54,10 +55,14 @@ class Session:
         self.pending: deque = deque()
         self.scheduled = False  # queued in, or being computed by, the batcher
         self.ready_since = 0
-        self.closed = False
-        # Durability (server/durability.py): the step count and time of the last write to the session store.
+        # False while open; once ended, why: "client" (CloseSession), "expired", "unloaded" or "moved".
+        self.closed: bool | str = False
+        # Durability (server/durability.py): the step count and time of the last write to the session store,
+        # and the store's revision of the record as this server last wrote or read it (0: none; None: unknown
+        # after a failed write; -1: no longer this server's to write). Only the store's FIFO thread updates it.
         self.stored_steps = steps
         self.stored_at = self.last_used
+        self.revision: int | None = 0
 
 
 class SessionManager:
@@ -141,10 +146,17 @@ class SessionManager:
                 return  # the client acknowledges a session the server ended: nothing left to free
             raise SessionNotFound(session_id)
         del self._sessions[session_id]
-        self._end(session)
+        self._end(session, "client")
 
-    def _end(self, session: Session) -> None:
-        session.closed = True
+    def drop(self, session: Session) -> None:
+        """Forget a session another replica took over (server/durability.py): its state lives on there and in
+        the session store; only this server's stale copy goes."""
+        if self._sessions.get(session.id) is session:
+            del self._sessions[session.id]
+            self._end(session, "moved")
+
+    def _end(self, session: Session, why: str) -> None:
+        session.closed = why
         if session.owner is not None:
             left = self._per_client[session.owner] - 1
             if left > 0:
@@ -171,7 +183,7 @@ class SessionManager:
                 session.last_used = time.monotonic()
                 self._sessions[session.id] = session
                 continue
-            self._end(session)
+            self._end(session, "expired")
             self.evictions[(session.model.name, session.model.version, "expired")] += 1
             count += 1
         self.expired += count
@@ -181,7 +193,7 @@ class SessionManager:
         doomed = [s for s in self._sessions.values() if s.model is model]
         for s in doomed:
             del self._sessions[s.id]
-            self._end(s)
+            self._end(s, "unloaded")
         return len(doomed)
 
     def end_model_sessions(self, model: LoadedModel, reason: str) -> int:
@@ -192,7 +204,7 @@ class SessionManager:
         for s in doomed:
             del self._sessions[s.id]
             self._ended[s.id] = (now, reason, s.owner)
-            self._end(s)
+            self._end(s, "unloaded")
             self.evictions[(model.name, model.version, "forced")] += 1
         return len(doomed)
 

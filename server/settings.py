@@ -45,6 +45,19 @@ class ServerSettings(BaseSettings):
             raise ValueError(f"expected 'memory' or redis://HOST:PORT/DB, got {value!r}")
         return value
 
+    durability: Literal["none", "every-step"] | None = None
+    """Durability of every model whose manifest does not set its own: ``every-step`` writes each batch's new
+    states to the session store before answering, which is what lets another replica behind a gateway take
+    a session over with no step lost (README: Deployment). Unset: each manifest's (default ``none``)."""
+
+    workers: int = Field(default=1, ge=1)
+    """Server processes to run on this machine, listening on ``port``, ``port + 1``, ...; with more than one
+    they must share a redis session store, and ``gateway_port`` puts nginx in front of them."""
+
+    gateway_port: int | None = Field(default=None, ge=0, le=65535)
+    """With ``workers``: also run nginx on this port, routing each session by its ``x-session-id`` to one
+    worker (needs nginx on PATH)."""
+
     max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     """Largest gRPC message accepted or sent; larger requests get RESOURCE_EXHAUSTED."""
 

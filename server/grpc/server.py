@@ -36,6 +36,7 @@ class RnnServer:
             threads=settings.intra_op_threads,
             max_batch_size=settings.max_batch_size,
             max_queue_delay_us=settings.max_queue_delay_us,
+            durability=settings.durability,
         )
         self.sessions = SessionManager(max_sessions=settings.max_sessions, ttl=settings.session_ttl)
         self.dataplane = DataPlane(

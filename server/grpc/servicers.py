@@ -87,6 +87,7 @@ class RnnServeServicer:
             request.snapshot,
             self.limits.tensors(request.parameters),
             owner=self._owner(context),
+            session_id=request.session_id,
         )
         await self.dp.opened(session)  # a durable model's session is in the session store before we answer
         return pb.OpenSessionResponse(

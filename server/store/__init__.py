@@ -10,6 +10,14 @@ server/durability.py), except an ``inline`` store's, which never wait on I/O.
 
 Records are written with a time to live equal to the session TTL, so the store forgets abandoned sessions
 the way the server does.
+
+Several replicas may share one store (behind the session-affinity gateway), and a session can move between
+them. So every record carries a *revision*, the store's count of its writes, and the writer's id: a write
+or delete names the revision it expects to replace, and the store applies it only if that is still the
+stored one (compare-and-set, atomic in the store). A replica whose copy of a session went stale (another
+replica advanced it meanwhile) therefore cannot overwrite the newer state: its write is refused and it drops
+its copy (server/durability.py). Where a replica does not know the revision (its last write failed midway,
+so it may or may not have landed), ``expect`` None accepts the record if this writer wrote it last.
 """
 
 from __future__ import annotations
@@ -46,6 +54,14 @@ class SessionRecord:
     whose response was lost with the server."""
     extra: dict[str, bytes] = field(default_factory=dict)
     """Further fields a layer may add; kept as they are."""
+    revision: int = 0
+    """The store's write count of this record when it was read (0: not from a store)."""
+
+
+Expect = Sequence[int | None] | None
+"""Per record: the revision a write or delete replaces (0: there must be no record), or None: the record's
+last writer must be this writer. A missing record is always written. The whole argument None: unconditional
+(tools and tests)."""
 
 
 class SessionStore(ABC):
@@ -61,16 +77,17 @@ class SessionStore(ABC):
         self.ttl = ttl
 
     @abstractmethod
-    def put_many(self, records: Sequence[SessionRecord]) -> None:
-        """Write (replace) every record and give each the TTL."""
+    def put_many(self, records: Sequence[SessionRecord], expect: Expect = None, writer: str = "") -> list[int]:
+        """Write (replace) each record whose condition holds (see ``Expect``) and give it the TTL. Returns each
+        record's new revision, 0 where its condition failed and nothing was written for it."""
 
     @abstractmethod
     def get_many(self, session_ids: Sequence[str]) -> list[SessionRecord | None]:
         """The records of ``session_ids`` in order; None where there is none (or it expired)."""
 
     @abstractmethod
-    def delete_many(self, session_ids: Sequence[str]) -> None:
-        """Forget these sessions (missing ones are fine)."""
+    def delete_many(self, session_ids: Sequence[str], expect: Expect = None, writer: str = "") -> None:
+        """Forget these sessions (missing ones are fine); with ``expect``, only those whose condition holds."""
 
     @abstractmethod
     def keys(self) -> list[str]:
@@ -81,6 +98,15 @@ class SessionStore(ABC):
 
     def delete(self, session_id: str) -> None:
         self.delete_many([session_id])
+
+    @staticmethod
+    def holds(expect: int | None, writer: str, revision: int, last_writer: str) -> bool:
+        """A conditional write's or delete's test against the stored (revision, last writer); revision 0:
+        no record, which a write may always create (the store lost it, or it expired: the writer's copy is
+        the only one left), while a record that exists is replaced only at the revision the writer knows."""
+        if not revision:
+            return True
+        return revision == expect if expect is not None else last_writer == writer
 
     def ping(self) -> None:  # noqa: B027 - an embedded store is always there
         """Raise StoreUnavailable when the store cannot be reached."""

@@ -3,11 +3,12 @@ keeps the record objects as they are (their arrays are the server's own copies) 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Sequence
 
-from rnnserve.server.store import SessionRecord, SessionStore
+from rnnserve.server.store import Expect, SessionRecord, SessionStore
 
 
 class MemoryStore(SessionStore):
@@ -17,35 +18,53 @@ class MemoryStore(SessionStore):
 
     def __init__(self, ttl: float):
         super().__init__(ttl)
-        self._records: dict[str, tuple[float, SessionRecord]] = {}  # id -> (expires at, record)
+        # id -> (expires at, writer, record); the record's revision is the stored one.
+        self._records: dict[str, tuple[float, str, SessionRecord]] = {}
         # Batch worker threads write while the event loop reads and deletes.
         self._lock = threading.Lock()
         self._next_sweep = time.monotonic() + ttl
 
-    def put_many(self, records: Sequence[SessionRecord]) -> None:
+    def _current(self, session_id: str, now: float) -> tuple[int, str]:
+        item = self._records.get(session_id)
+        if item is None or item[0] <= now:
+            return 0, ""
+        return item[2].revision, item[1]
+
+    def put_many(self, records: Sequence[SessionRecord], expect: Expect = None, writer: str = "") -> list[int]:
         now = time.monotonic()
+        written = []
         with self._lock:
-            for record in records:
-                self._records[record.session_id] = (now + self.ttl, record)
+            for i, record in enumerate(records):
+                revision, last = self._current(record.session_id, now)
+                if expect is not None and not self.holds(expect[i], writer, revision, last):
+                    written.append(0)
+                    continue
+                # A copy: the caller keeps its record object; the stored one carries the stored revision.
+                stored = dataclasses.replace(record, revision=revision + 1)
+                self._records[record.session_id] = (now + self.ttl, writer, stored)
+                written.append(revision + 1)
             if now >= self._next_sweep:
                 # Expired records are dropped as they are read; this catches those nobody reads again.
                 self._sweep(now)
                 self._next_sweep = now + self.ttl
+        return written
 
     def _sweep(self, now: float) -> None:
-        for sid in [sid for sid, (expires, _) in self._records.items() if expires <= now]:
+        for sid in [sid for sid, (expires, _, _) in self._records.items() if expires <= now]:
             del self._records[sid]
 
     def get_many(self, session_ids: Sequence[str]) -> list[SessionRecord | None]:
         now = time.monotonic()
         with self._lock:
             found = [self._records.get(sid) for sid in session_ids]
-        return [item[1] if item is not None and item[0] > now else None for item in found]
+        return [item[2] if item is not None and item[0] > now else None for item in found]
 
-    def delete_many(self, session_ids: Sequence[str]) -> None:
+    def delete_many(self, session_ids: Sequence[str], expect: Expect = None, writer: str = "") -> None:
+        now = time.monotonic()
         with self._lock:
-            for sid in session_ids:
-                self._records.pop(sid, None)
+            for i, sid in enumerate(session_ids):
+                if expect is None or self.holds(expect[i], writer, *self._current(sid, now)):
+                    self._records.pop(sid, None)
 
     def keys(self) -> list[str]:
         with self._lock:

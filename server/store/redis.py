@@ -1,6 +1,9 @@
-"""The Redis session store: one string per session (``rnnserve:session:ID``, server/store/codec.py), each
-written with its TTL in the same command (SET ... PX). A batch of records is one MULTI/EXEC pipeline: one
-round trip, all or nothing."""
+"""The Redis session store: one hash per session (``rnnserve:session:ID``) with the record's bytes (``b``,
+server/store/codec.py), its revision (``r``) and its last writer (``w``), written with its TTL.
+
+Conditional writes and deletes (server/store/__init__.py) are Lua scripts, so the test of the stored revision
+and the write are one atomic step in Redis, and a batch of records is still one round trip. Reads are one
+pipelined round trip too."""
 
 from __future__ import annotations
 
@@ -12,11 +15,51 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from rnnserve.server.store import SessionRecord, SessionStore, StoreUnavailable
+from rnnserve.server.store import Expect, SessionRecord, SessionStore, StoreUnavailable
 from rnnserve.server.store.codec import decode_record, encode_record
 
 PREFIX = "rnnserve:session:"
 T = TypeVar("T")
+
+# KEYS: the sessions. ARGV: ttl ms, writer, 'u' (unconditional) or 'c', then per key its expected revision
+# ('' = "the last writer was this writer") and its bytes; a missing record is always written. Returns each
+# key's new revision, 0 where refused.
+_PUT = """
+local ttl, writer, mode = ARGV[1], ARGV[2], ARGV[3]
+local out = {}
+for i, key in ipairs(KEYS) do
+  local expect, body = ARGV[2 + 2 * i], ARGV[3 + 2 * i]
+  local cur = redis.call('HMGET', key, 'r', 'w')
+  local rev = tonumber(cur[1]) or 0
+  local ok = mode == 'u' or rev == 0
+  if not ok then
+    if expect == '' then ok = cur[2] == writer else ok = tonumber(expect) == rev end
+  end
+  if ok then
+    redis.call('HSET', key, 'r', rev + 1, 'w', writer, 'b', body)
+    redis.call('PEXPIRE', key, ttl)
+    out[i] = rev + 1
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+
+# KEYS: the sessions. ARGV: writer, 'u' or 'c', then per key its expected revision ('' as above).
+_DELETE = """
+local writer, mode = ARGV[1], ARGV[2]
+for i, key in ipairs(KEYS) do
+  local ok = mode == 'u'
+  if not ok then
+    local cur = redis.call('HMGET', key, 'r', 'w')
+    local rev = tonumber(cur[1]) or 0
+    if ARGV[2 + i] == '' then ok = rev > 0 and cur[2] == writer else ok = tonumber(ARGV[2 + i]) == rev end
+  end
+  if ok then redis.call('DEL', key) end
+end
+return 0
+"""
 
 
 def redact(url: str) -> str:
@@ -28,6 +71,12 @@ def redact(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
+def _expected(expect: Expect, n: int) -> tuple[str, list[str]]:
+    if expect is None:
+        return "u", [""] * n
+    return "c", ["" if e is None else str(e) for e in expect]
+
+
 class RedisStore(SessionStore):
     durable = True
     inline = False
@@ -37,7 +86,8 @@ class RedisStore(SessionStore):
         self.url = redact(url)
         # Short timeouts: an every-step batch waits on this store, so a hung Redis must fail the batch
         # (UNAVAILABLE) in bounded time. Two quick retries cover a pooled connection that a Redis restart
-        # closed; the writes are idempotent, so a retried pipeline is harmless.
+        # closed. A retried conditional write that had landed is refused (its revision moved on), which the
+        # caller treats as a conflict and resolves by re-reading: safe.
         self._client = redis.Redis.from_url(
             url,
             socket_timeout=timeout,
@@ -45,6 +95,8 @@ class RedisStore(SessionStore):
             retry=Retry(ExponentialBackoff(cap=0.05, base=0.005), 2),
         )
         self._ttl_ms = max(1, int(ttl * 1000))
+        self._put = self._client.register_script(_PUT)
+        self._delete = self._client.register_script(_DELETE)
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         try:
@@ -52,30 +104,44 @@ class RedisStore(SessionStore):
         except redis.RedisError as exc:
             raise StoreUnavailable(f"session store {self.url} is unavailable ({what}): {exc}") from exc
 
-    def put_many(self, records: Sequence[SessionRecord]) -> None:
+    def put_many(self, records: Sequence[SessionRecord], expect: Expect = None, writer: str = "") -> list[int]:
         if not records:
-            return
-        encoded = [(PREFIX + r.session_id, encode_record(r)) for r in records]
-
-        def put() -> None:
-            pipe = self._client.pipeline(transaction=True)
-            for key, value in encoded:
-                pipe.set(key, value, px=self._ttl_ms)
-            pipe.execute()
-
-        self._call(f"writing {len(records)} session(s)", put)
+            return []
+        mode, expected = _expected(expect, len(records))
+        keys = [PREFIX + r.session_id for r in records]
+        args: list[bytes | str | int] = [self._ttl_ms, writer, mode]
+        for e, r in zip(expected, records, strict=True):
+            args += [e, encode_record(r)]
+        revisions = self._call(f"writing {len(records)} session(s)", lambda: self._put(keys=keys, args=args))
+        return [int(r) for r in revisions]
 
     def get_many(self, session_ids: Sequence[str]) -> list[SessionRecord | None]:
         if not session_ids:
             return []
 
-        keys = [PREFIX + sid for sid in session_ids]
-        found = self._call(f"reading {len(session_ids)} session(s)", lambda: self._client.mget(keys))
-        return [decode_record(sid, f) if f else None for sid, f in zip(session_ids, found, strict=True)]
+        def get() -> list:
+            pipe = self._client.pipeline(transaction=False)
+            for sid in session_ids:
+                pipe.hmget(PREFIX + sid, "r", "b")
+            return pipe.execute()
 
-    def delete_many(self, session_ids: Sequence[str]) -> None:
-        if session_ids:
-            self._call("deleting sessions", lambda: self._client.delete(*(PREFIX + sid for sid in session_ids)))
+        found = self._call(f"reading {len(session_ids)} session(s)", get)
+        records: list[SessionRecord | None] = []
+        for sid, (revision, body) in zip(session_ids, found, strict=True):
+            if not body:
+                records.append(None)
+                continue
+            record = decode_record(sid, body)
+            record.revision = int(revision or 0)
+            records.append(record)
+        return records
+
+    def delete_many(self, session_ids: Sequence[str], expect: Expect = None, writer: str = "") -> None:
+        if not session_ids:
+            return
+        mode, expected = _expected(expect, len(session_ids))
+        keys = [PREFIX + sid for sid in session_ids]
+        self._call("deleting sessions", lambda: self._delete(keys=keys, args=[writer, mode, *expected]))
 
     def keys(self) -> list[str]:
         def scan() -> list[str]:
