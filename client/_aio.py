@@ -15,7 +15,7 @@ from numpy.typing import ArrayLike
 from rnnserve.client import _base, _convert, _predict
 from rnnserve.client._errors import RnnServeError, from_rpc_error
 from rnnserve.client._predict import PredictResult
-from rnnserve.client._retry import RetryPolicy, Unacknowledged
+from rnnserve.client._retry import RetryPolicy, Unacknowledged, retry_code
 from rnnserve.client._types import BatchResult, ModelInfo, Stats, UnloadResult
 from rnnserve.proto import rnnserve_pb2 as pb
 from rnnserve.proto import rnnserve_pb2_grpc as pb_grpc
@@ -59,16 +59,26 @@ class AsyncClient:
         self._metadata = _base.normalize_metadata(metadata, token)
         self._stub = pb_grpc.RnnServeStub(self._channel)
 
-    async def _call(self, method: Any, request: Any, timeout: float | None = _DEFAULT, *, retry: bool = True) -> Any:
+    async def _call(
+        self,
+        method: Any,
+        request: Any,
+        timeout: float | None = _DEFAULT,
+        *,
+        retry: bool = True,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+    ) -> Any:
         """One unary call; UNAVAILABLE and DEADLINE_EXCEEDED are retried (``timeout`` is per attempt)."""
         failures = 0
         while True:
             try:
                 return await method(
-                    request, timeout=self.timeout if timeout is _DEFAULT else timeout, metadata=self._metadata
+                    request,
+                    timeout=self.timeout if timeout is _DEFAULT else timeout,
+                    metadata=self._metadata if metadata is None else metadata,
                 )
             except grpc.aio.AioRpcError as err:
-                if not (retry and self.retry.should_retry(err.code(), failures)):
+                if not (retry and self.retry.should_retry(retry_code(err), failures)):
                     raise from_rpc_error(err) from None
             await asyncio.sleep(self.retry.delay(failures))
             failures += 1
@@ -137,7 +147,7 @@ class AsyncClient:
             info = await self.model(model, version)
             _convert.state_map(initial_state, info, req.initial_state)
             _convert.state_map(parameters, info, req.parameters, parameters=True)
-        return AsyncSession(self, await self._call(self._stub.OpenSession, req))
+        return await self._open(req)
 
     def session(
         self,
@@ -151,8 +161,23 @@ class AsyncClient:
 
     async def restore(self, snapshot: bytes, model: str = "") -> AsyncSession:
         """Open a new session from a snapshot (``AsyncSession.snapshot()``, possibly from another replica)."""
-        req = pb.OpenSessionRequest(model=model, snapshot=snapshot)
-        return AsyncSession(self, await self._call(self._stub.OpenSession, req))
+        return await self._open(pb.OpenSessionRequest(model=model, snapshot=snapshot))
+
+    async def _open(self, req: pb.OpenSessionRequest) -> AsyncSession:
+        """OpenSession with an id of our choosing, sent as the routing header too (see Client._open)."""
+        req.session_id = _base.new_session_id()
+        metadata = _base.with_session(self._metadata, req.session_id)
+        try:
+            response = await self._call(self._stub.OpenSession, req, metadata=metadata)
+        except RnnServeError as err:
+            if err.code != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+            state = await self._call(
+                self._stub.GetState, pb.SessionRequest(session_id=req.session_id), metadata=metadata
+            )
+            info = await self._call(self._stub.GetModel, pb.GetModelRequest(name=state.model, version=state.version))
+            response = _base.reopened(req.session_id, state, info)
+        return AsyncSession(self, response)
 
     def multi_stream(self) -> AsyncMultiStream:
         """A stream carrying steps of many sessions per message (``async with``)."""
@@ -209,7 +234,7 @@ class AsyncSession(_base.SessionBase):
     """The asyncio twin of ``Session``: the same methods, awaited."""
 
     def __init__(self, client: AsyncClient, response: pb.OpenSessionResponse) -> None:
-        super().__init__(response)
+        super().__init__(response, client._metadata)
         self._client = client
         self._stepping: asyncio.Lock | None = None  # made on first use, inside the running loop
 
@@ -225,7 +250,9 @@ class AsyncSession(_base.SessionBase):
             return
         self._closed = True
         try:
-            await self._client._call(self._client._stub.CloseSession, pb.SessionRequest(session_id=self.id))
+            await self._client._call(
+                self._client._stub.CloseSession, pb.SessionRequest(session_id=self.id), metadata=self._metadata
+            )
         except RnnServeError as err:
             if err.code != grpc.StatusCode.NOT_FOUND:
                 raise
@@ -243,7 +270,7 @@ class AsyncSession(_base.SessionBase):
             self._stepping = asyncio.Lock()
         async with self._stepping:  # unary steps take turns: each is numbered from those acknowledged before
             req = self._step_request(x, chunk=chunk, outputs=outputs, step_index=self.steps + 1)
-            resp = await self._client._call(self._client._stub.Step, req, timeout)
+            resp = await self._client._call(self._client._stub.Step, req, timeout, metadata=self._metadata)
             self.steps = resp.steps
         return _convert.outputs(resp.outputs)
 
@@ -324,11 +351,13 @@ class AsyncSession(_base.SessionBase):
         failures = 0
         try:
             while True:
-                call = client._stub.StreamStep(metadata=client._metadata)
+                call = client._stub.StreamStep(metadata=self._metadata)
                 sender = asyncio.create_task(send(call))
                 try:
                     while (response := await call.read()) is not grpc.aio.EOF:
                         for result in response.results:
+                            if result.code == _base.MOVED_CODE:
+                                raise _base.SessionMovedError(result.message)
                             out = self._stream_result(result, unacked.ack())
                             failures = 0
                             yield out
@@ -338,7 +367,10 @@ class AsyncSession(_base.SessionBase):
                     code = grpc.StatusCode.UNAVAILABLE  # the server ended the stream before answering every step
                     error: RnnServeError = RnnServeError(code, "the server ended the stream", session_id=self.id)
                 except grpc.aio.AioRpcError as err:
-                    code, error = err.code(), from_rpc_error(err)
+                    code, error = retry_code(err), from_rpc_error(err)
+                except _base.SessionMovedError as moved:
+                    code = grpc.StatusCode.ABORTED
+                    error = RnnServeError(code, str(moved), session_id=self.id)
                 finally:
                     sender.cancel()
                     call.cancel()
@@ -359,12 +391,12 @@ class AsyncSession(_base.SessionBase):
         """Reset the recurrent state to the model's initial value, or to ``state``."""
         req = pb.ResetSessionRequest(session_id=self.id)
         self._state_request(state, req.state)
-        await self._client._call(self._client._stub.ResetSession, req)
+        await self._client._call(self._client._stub.ResetSession, req, metadata=self._metadata)
         self.steps = 0  # the next step is numbered 1 again
 
     async def _get_state(self) -> pb.SessionState:
         req = pb.SessionRequest(session_id=self.id)
-        resp = await self._client._call(self._client._stub.GetState, req)
+        resp = await self._client._call(self._client._stub.GetState, req, metadata=self._metadata)
         self.steps = resp.steps
         return resp
 
@@ -376,7 +408,7 @@ class AsyncSession(_base.SessionBase):
         """Replace the recurrent state (all or some of the states, by name)."""
         req = pb.SetStateRequest(session_id=self.id)
         self._state_request(state, req.state)
-        await self._client._call(self._client._stub.SetState, req)
+        await self._client._call(self._client._stub.SetState, req, metadata=self._metadata)
 
     async def snapshot(self) -> bytes:
         """An opaque snapshot of the whole session."""
@@ -385,7 +417,7 @@ class AsyncSession(_base.SessionBase):
     async def restore(self, snapshot: bytes) -> None:
         """Put this session back to a snapshot taken earlier."""
         req = pb.SetStateRequest(session_id=self.id, snapshot=snapshot)
-        await self._client._call(self._client._stub.SetState, req)
+        await self._client._call(self._client._stub.SetState, req, metadata=self._metadata)
         await self._get_state()  # the snapshot carries its step count
 
 
@@ -453,7 +485,7 @@ class AsyncMultiStream:
                     code = grpc.StatusCode.UNAVAILABLE
                     error = RnnServeError(code, "the server ended the stream")
                 except grpc.aio.AioRpcError as err:
-                    code, error = err.code(), from_rpc_error(err)
+                    code, error = retry_code(err), from_rpc_error(err)
                 self._call.cancel()
                 if not (_base.all_indexed(request) and retry.should_retry(code, failures)):
                     self._closed = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeAlias
 
@@ -54,6 +55,34 @@ def normalize_metadata(metadata: Metadata | None, token: str | None = None) -> t
     return tuple((str(k).lower(), str(v)) for k, v in items)
 
 
+ROUTING_HEADER = "x-session-id"
+"""Metadata naming the session on every session call and stream: the gateway routes on it (README: Deployment)."""
+
+
+class SessionMovedError(Exception):
+    """A stream result said ABORTED: the session moved to another replica (server/durability.py). The stream
+    is reopened, through the gateway, and resumes at that step."""
+
+
+MOVED_CODE = grpc.StatusCode.ABORTED.value[0]
+
+
+def new_session_id() -> str:
+    """A random session id the client proposes on OpenSession (128 bits, URL-safe, as the server's own)."""
+    return secrets.token_urlsafe(16)
+
+
+def with_session(metadata: tuple[tuple[str, str], ...] | None, session_id: str) -> tuple[tuple[str, str], ...]:
+    """``metadata`` plus the routing header for ``session_id``."""
+    return (*(metadata or ()), (ROUTING_HEADER, session_id))
+
+
+def reopened(session_id: str, state: pb.SessionState, model: pb.ModelInfo) -> pb.OpenSessionResponse:
+    """The answer an OpenSession would have given, rebuilt for a session whose OpenSession landed but whose
+    answer was lost (its retry got ALREADY_EXISTS: the id is random, so only our own attempt can hold it)."""
+    return pb.OpenSessionResponse(session_id=session_id, model=model, steps=state.steps)
+
+
 def health_call(channel: Any, service: str) -> tuple[Any, Any]:
     """The standard health service's Check method on ``channel`` and the request for ``service``."""
     try:
@@ -88,8 +117,10 @@ class SessionBase:
     model: ModelInfo
     steps: int
 
-    def __init__(self, response: pb.OpenSessionResponse) -> None:
+    def __init__(self, response: pb.OpenSessionResponse, metadata: tuple[tuple[str, str], ...] | None) -> None:
         self.id = response.session_id
+        # Every call about this session carries its id as metadata, for the gateway's session affinity.
+        self._metadata = with_session(metadata, self.id)
         self.model = _convert.model_info(response.model)
         self.steps = response.steps
         self._closed = False

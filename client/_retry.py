@@ -1,7 +1,8 @@
 """When and how long the clients wait before retrying a call, and what a resumed stream must resend.
 
-Only UNAVAILABLE (no connection, a dropped one, a server restarting) and DEADLINE_EXCEEDED are retried: every
-other status is the server's answer and would be the same again. Steps are safe to resend because each carries
+Only UNAVAILABLE (no connection, a dropped one, a server restarting), DEADLINE_EXCEEDED and ABORTED (the
+session moved to another replica behind the gateway, which the retry reaches) are retried: every other status
+is the server's answer and would be the same again. Steps are safe to resend because each carries
 its session's ``step_index``: the server answers a repeat of an applied step from its replay cache instead of
 stepping twice (README "Exactly-once steps and retries").
 """
@@ -16,7 +17,25 @@ import grpc
 
 from rnnserve.proto import rnnserve_pb2 as pb
 
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED})
+
+
+# grpc core's own messages for a stream that broke under it (never an rnnserve server's words).
+_TRANSPORT_BREAKS = ("RST_STREAM", "Internal error from Core", "Stream removed")
+
+
+def retry_code(err: grpc.RpcError) -> grpc.StatusCode | None:
+    """The status a failed call counts as for retrying. A proxy (the gateway) whose replica died mid-call
+    resets the HTTP/2 stream, which grpc reports as INTERNAL ("Received RST_STREAM", or in asyncio "Internal
+    error from Core"): a broken connection, not the server's answer, so it counts as UNAVAILABLE."""
+    code = err.code()
+    if code == grpc.StatusCode.INTERNAL and any(m in (err.details() or "") for m in _TRANSPORT_BREAKS):
+        return grpc.StatusCode.UNAVAILABLE
+    if code == grpc.StatusCode.CANCELLED:
+        # Our own cancellation never gets here (the clients stop before asking); this one is a server ending
+        # its calls at the end of its shutdown grace: like a dropped connection.
+        return grpc.StatusCode.UNAVAILABLE
+    return code
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from numpy.typing import ArrayLike
 from rnnserve.client import _base, _convert, _predict
 from rnnserve.client._errors import RnnServeError, from_rpc_error
 from rnnserve.client._predict import PredictResult
-from rnnserve.client._retry import RetryPolicy, Unacknowledged
+from rnnserve.client._retry import RetryPolicy, Unacknowledged, retry_code
 from rnnserve.client._types import BatchResult, ModelInfo, Stats, UnloadResult
 from rnnserve.proto import rnnserve_pb2 as pb
 from rnnserve.proto import rnnserve_pb2_grpc as pb_grpc
@@ -72,17 +72,25 @@ class Client:
     # -- plumbing ------------------------------------------------------------------------------------
 
     def _call(
-        self, method: Callable[..., _R], request: Any, timeout: float | None = _DEFAULT, *, retry: bool = True
+        self,
+        method: Callable[..., _R],
+        request: Any,
+        timeout: float | None = _DEFAULT,
+        *,
+        retry: bool = True,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> _R:
         """One unary call; UNAVAILABLE and DEADLINE_EXCEEDED are retried (``timeout`` is per attempt)."""
         failures = 0
         while True:
             try:
                 return method(
-                    request, timeout=self.timeout if timeout is _DEFAULT else timeout, metadata=self._metadata
+                    request,
+                    timeout=self.timeout if timeout is _DEFAULT else timeout,
+                    metadata=self._metadata if metadata is None else metadata,
                 )
             except grpc.RpcError as err:
-                if not (retry and self.retry.should_retry(err.code(), failures)):
+                if not (retry and self.retry.should_retry(retry_code(err), failures)):
                     raise from_rpc_error(err) from None
             time.sleep(self.retry.delay(failures))
             failures += 1
@@ -161,7 +169,7 @@ class Client:
             info = self.model(model, version)
             _convert.state_map(initial_state, info, req.initial_state)
             _convert.state_map(parameters, info, req.parameters, parameters=True)
-        return Session(self, self._call(self._stub.OpenSession, req))
+        return self._open(req)
 
     def session(
         self,
@@ -175,8 +183,23 @@ class Client:
 
     def restore(self, snapshot: bytes, model: str = "") -> Session:
         """Open a new session from a snapshot (``Session.snapshot()``, possibly from another replica)."""
-        req = pb.OpenSessionRequest(model=model, snapshot=snapshot)
-        return Session(self, self._call(self._stub.OpenSession, req))
+        return self._open(pb.OpenSessionRequest(model=model, snapshot=snapshot))
+
+    def _open(self, req: pb.OpenSessionRequest) -> Session:
+        """OpenSession with an id of our choosing, sent as the routing header too, so that behind a gateway
+        the session is opened on the replica its later calls reach. A retry whose first attempt had landed
+        gets ALREADY_EXISTS (nobody else can hold a random id): the session is then looked up instead."""
+        req.session_id = _base.new_session_id()
+        metadata = _base.with_session(self._metadata, req.session_id)
+        try:
+            response = self._call(self._stub.OpenSession, req, metadata=metadata)
+        except RnnServeError as err:
+            if err.code != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+            state = self._call(self._stub.GetState, pb.SessionRequest(session_id=req.session_id), metadata=metadata)
+            info = self._call(self._stub.GetModel, pb.GetModelRequest(name=state.model, version=state.version))
+            response = _base.reopened(req.session_id, state, info)
+        return Session(self, response)
 
     def multi_stream(self) -> MultiStream:
         """A stream carrying steps of many sessions per message (see MultiStream)."""
@@ -227,7 +250,7 @@ class Session(_base.SessionBase):
     """
 
     def __init__(self, client: Client, response: pb.OpenSessionResponse) -> None:
-        super().__init__(response)
+        super().__init__(response, client._metadata)
         self._client = client
         # Unary steps of one session take turns: each is numbered from the steps acknowledged before it.
         self._stepping = threading.Lock()
@@ -244,7 +267,9 @@ class Session(_base.SessionBase):
             return
         self._closed = True
         try:
-            self._client._call(self._client._stub.CloseSession, pb.SessionRequest(session_id=self.id))
+            self._client._call(
+                self._client._stub.CloseSession, pb.SessionRequest(session_id=self.id), metadata=self._metadata
+            )
         except RnnServeError as err:
             if err.code != grpc.StatusCode.NOT_FOUND:
                 raise
@@ -266,7 +291,7 @@ class Session(_base.SessionBase):
         """
         with self._stepping:
             req = self._step_request(x, chunk=chunk, outputs=outputs, step_index=self.steps + 1)
-            resp = self._client._call(self._client._stub.Step, req, timeout)
+            resp = self._client._call(self._client._stub.Step, req, timeout, metadata=self._metadata)
             self.steps = resp.steps
         return _convert.outputs(resp.outputs)
 
@@ -311,10 +336,12 @@ class Session(_base.SessionBase):
         failures = 0
         try:
             while True:
-                call = client._stub.StreamStep(box.requests(), metadata=client._metadata)
+                call = client._stub.StreamStep(box.requests(), metadata=self._metadata)
                 try:
                     for response in call:
                         for result in response.results:
+                            if result.code == _base.MOVED_CODE:
+                                raise _base.SessionMovedError(result.message)
                             out = self._stream_result(result, box.ack())
                             failures = 0
                             yield out
@@ -324,7 +351,10 @@ class Session(_base.SessionBase):
                     code = grpc.StatusCode.UNAVAILABLE  # the server ended the stream before answering every step
                     error: RnnServeError = RnnServeError(code, "the server ended the stream", session_id=self.id)
                 except grpc.RpcError as err:
-                    code, error = err.code(), from_rpc_error(err)
+                    code, error = retry_code(err), from_rpc_error(err)
+                except _base.SessionMovedError as moved:
+                    code = grpc.StatusCode.ABORTED
+                    error = RnnServeError(code, str(moved), session_id=self.id)
                 finally:
                     call.cancel()  # a no-op once finished; stops the server's work when the caller stops early
                 if not client.retry.should_retry(code, failures):
@@ -340,11 +370,13 @@ class Session(_base.SessionBase):
         """Reset the recurrent state to the model's initial value, or to ``state``."""
         req = pb.ResetSessionRequest(session_id=self.id)
         self._state_request(state, req.state)
-        self._client._call(self._client._stub.ResetSession, req)
+        self._client._call(self._client._stub.ResetSession, req, metadata=self._metadata)
         self.steps = 0  # the next step is numbered 1 again
 
     def _get_state(self) -> pb.SessionState:
-        resp = self._client._call(self._client._stub.GetState, pb.SessionRequest(session_id=self.id))
+        resp = self._client._call(
+            self._client._stub.GetState, pb.SessionRequest(session_id=self.id), metadata=self._metadata
+        )
         self.steps = resp.steps
         return resp
 
@@ -356,7 +388,7 @@ class Session(_base.SessionBase):
         """Replace the recurrent state (all or some of the states, by name)."""
         req = pb.SetStateRequest(session_id=self.id)
         self._state_request(state, req.state)
-        self._client._call(self._client._stub.SetState, req)
+        self._client._call(self._client._stub.SetState, req, metadata=self._metadata)
 
     def snapshot(self) -> bytes:
         """An opaque snapshot of the whole session, for ``restore`` here or ``Client.restore`` anywhere."""
@@ -365,7 +397,7 @@ class Session(_base.SessionBase):
     def restore(self, snapshot: bytes) -> None:
         """Put this session back to a snapshot taken earlier."""
         req = pb.SetStateRequest(session_id=self.id, snapshot=snapshot)
-        self._client._call(self._client._stub.SetState, req)
+        self._client._call(self._client._stub.SetState, req, metadata=self._metadata)
         self._get_state()  # the snapshot carries its step count
 
 
@@ -550,7 +582,7 @@ class MultiStream:
                     code = grpc.StatusCode.UNAVAILABLE
                     error = RnnServeError(code, "the server ended the stream")
                 except grpc.RpcError as err:
-                    code, error = err.code(), from_rpc_error(err)
+                    code, error = retry_code(err), from_rpc_error(err)
                 self._requests.put(None)
                 self._call.cancel()
                 if not (_base.all_indexed(request) and retry.should_retry(code, failures)):

@@ -105,6 +105,10 @@ def run(args: argparse.Namespace) -> int:
             )
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.workers > 1 or settings.gateway_port is not None:
+        from rnnserve.server.workers import supervise
+
+        return supervise(settings)
     try:
         asyncio.run(serve(settings))
     except FileNotFoundError as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -164,6 +164,12 @@ class DataPlane:
     async def get_state(self, session_id: str) -> SessionStateView:
         await self._restored(session_id)
         session = self.sessions.get(session_id)
+        if await self.persistence.stale(session):
+            # Replicas share the store and this copy is behind it (the session moved and came back): a read
+            # (a snapshot) must not hand out an old state. Steps need no such check: their write is refused.
+            self.persistence.moved(session)
+            await self._restored(session_id)
+            session = self.sessions.get(session_id)
         model = session.model
 
         def read() -> SessionStateView:
@@ -220,11 +226,30 @@ class DataPlane:
                 raise
 
     # ---- durable sessions (server/durability.py) --------------------------------------------------------
-    def restore_missing(self, session_ids: Iterable[str]) -> Awaitable[None] | None:
-        """Sessions this server does not hold may be in the session store (the server restarted): an
-        awaitable that restores those it has, or None when every id is held here (no await on the hot path)."""
+    def restore_missing(self, session_ids: Sequence[str], step_indices: Sequence[int] = ()) -> Awaitable[None] | None:
+        """Sessions this server does not hold may be in the session store (the server restarted, or the gateway
+        sent the session here): an awaitable that restores those it has, or None when there is nothing to do
+        (no await on the hot path). ``step_indices`` (one per id, 0: none) also catch a copy here that is
+        behind the store: a step numbered past the copy's next one, on a shared store, means the session may
+        have moved on elsewhere, so the store is asked, and a stale copy is replaced by the stored session."""
         missing = [sid for sid in session_ids if sid and not self.sessions.known(sid)]
-        return self.persistence.restore(missing, self) if missing else None
+        behind: list[Session] = []
+        if step_indices and self.persistence.store.durable:
+            for sid, index in zip(session_ids, step_indices, strict=False):
+                session = self.sessions.peek(sid)
+                if session is not None and index > session.next_index and self.persistence.durable(session):
+                    behind.append(session)
+        if not behind:
+            return self.persistence.restore(missing, self) if missing else None
+        return self._catch_up(missing, behind)
+
+    async def _catch_up(self, missing: list[str], behind: list[Session]) -> None:
+        for session in behind:
+            if await self.persistence.stale(session):
+                self.persistence.moved(session)
+                missing.append(session.id)
+        if missing:
+            await self.persistence.restore(missing, self)
 
     async def _restored(self, session_id: str) -> None:
         if (pending := self.restore_missing((session_id,))) is not None:

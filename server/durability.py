@@ -168,6 +168,21 @@ class Persistence:
 
         future.add_done_callback(refused)
 
+    async def stale(self, session: Session) -> bool:
+        """Whether another replica changed ``session`` since this server last wrote or read it (one store round
+        trip, in order with its writes; a store that outlives no process is never shared: False)."""
+        if not self.store.durable or not self.durable(session) or session.revision == MOVED:
+            return False
+
+        def check() -> bool:
+            try:
+                (stored,) = self.store.revisions([session.id])
+            except StoreUnavailable:
+                return False  # a read is still served (from this copy) while the store is down
+            return stored != 0 and stored != session.revision
+
+        return await self._run(check)
+
     def moved_many(self, sessions: Iterable[Session]) -> None:
         for session in sessions:
             self.moved(session)

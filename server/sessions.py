@@ -123,6 +123,10 @@ class SessionManager:
             self._per_client[owner] += 1
         return session
 
+    def peek(self, session_id: str) -> Session | None:
+        """The session if held here, without an owner check or counting as a use (internal lookups)."""
+        return self._sessions.get(session_id)
+
     def get(self, session_id: str) -> Session:
         session = self._sessions.get(session_id)
         principal = current_principal()

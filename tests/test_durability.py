@@ -10,8 +10,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +20,7 @@ import numpy as np
 import pytest
 import redis
 from conftest import TINY_INPUT, TINY_OUTPUT, ServerHandle, build_tiny_repository, tiny_expected
+from redis_server import RedisServer, needs_redis
 
 from rnnserve.bench.procs import ServerProcess, rnnserve_server
 from rnnserve.manifest import Durability, ModelManifest
@@ -33,11 +32,6 @@ from rnnserve.server.store import SessionRecord, StoreUnavailable, open_store
 from rnnserve.server.store.codec import decode_record, encode_record
 from rnnserve.tensors import from_proto, to_proto
 
-needs_redis = pytest.mark.skipif(
-    shutil.which("redis-server") is None,
-    reason="redis-server is not on PATH (scripts/setup.sh --system or `apt-get install redis-server` installs it)",
-)
-
 MODELS = {
     "gru_every": Durability(mode="every-step"),
     "gru_periodic": Durability(mode="periodic", every_steps=4),
@@ -47,38 +41,6 @@ MODELS = {
 
 
 # ---- fixtures -------------------------------------------------------------------------------------------------
-class RedisServer:
-    """A throwaway redis-server on a free loopback port, no persistence of its own."""
-
-    def __init__(self) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> RedisServer:
-        cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(host="127.0.0.1", port=self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server on port {self.port} did not start") from None
-                time.sleep(0.02)
-        client.close()
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-
-
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
     server = RedisServer().start()
@@ -404,3 +366,57 @@ def test_close_and_expiry_delete_the_record(durable_repository, redis_server, se
         redis.Redis.from_url(redis_server.url).pexpire(f"rnnserve:session:{idle}", 60_000)
         assert eventually(lambda: server.server.sessions.expired == 1 and store.keys() == [])
     store.close()
+
+
+@needs_redis
+@pytest.mark.parametrize("numbered", [True, False], ids=["step_index", "unnumbered"])
+def test_a_stale_replica_never_steps_an_old_state(durable_repository, redis_server, server_factory, numbered):
+    """Two replicas share the store and the session goes A -> B -> A -> B (as a gateway's ring changes), so each
+    time it comes back the replica's copy is stale. A numbered step shows it (its step_index is past the copy):
+    the replica asks the store and resumes from it. An unnumbered step is computed on the copy, but its write
+    is refused: ABORTED, nothing applied, the copy dropped, and the retry resumes from the store. A read of a
+    stale copy reloads it first."""
+    xs = np.random.default_rng(11).standard_normal((8, TINY_INPUT)).astype(np.float32)
+    a = server_factory(durable_repository, session_store=redis_server.url)
+    b = server_factory(durable_repository, session_store=redis_server.url)
+    (ch_a, stub_a), (ch_b, stub_b) = stub_for(a.address), stub_for(b.address)
+
+    def step(stub: pb_grpc.RnnServeStub, sid: str, t: int) -> np.ndarray:
+        request = pb.StepRequest(session_id=sid, inputs={"x": to_proto(xs[t])}, step_index=t + 1 if numbered else 0)
+        return from_proto(stub.Step(request, timeout=10).outputs["y"])
+
+    def moved(stub: pb_grpc.RnnServeStub, sid: str, t: int) -> list[np.ndarray]:
+        if not numbered:
+            with pytest.raises(grpc.RpcError) as info:
+                step(stub, sid, t)
+            assert info.value.code() == grpc.StatusCode.ABORTED, info.value
+            assert "another replica" in info.value.details() and "retry" in info.value.details()
+        return [step(stub, sid, t)]
+
+    with ch_a, ch_b:
+        sid = stub_a.OpenSession(pb.OpenSessionRequest(model="gru_every")).session_id
+        ys = [step(stub_a, sid, t) for t in range(3)]
+        ys += [step(stub_b, sid, t) for t in range(3, 6)]  # B loads it from the store
+        ys += moved(stub_a, sid, 6)  # A's copy is at step 3
+        ys += moved(stub_b, sid, 7)  # B's at step 6
+        assert stub_a.GetState(pb.SessionRequest(session_id=sid)).steps == 8  # not A's stale 7
+        assert steps_of(stub_b, sid) == 8
+    np.testing.assert_allclose(np.stack(ys), tiny_expected(xs)[0], atol=1e-5)
+
+
+@needs_redis
+def test_client_chosen_ids_are_unique_across_replicas(durable_repository, redis_server, server_factory):
+    a = server_factory(durable_repository, session_store=redis_server.url)
+    b = server_factory(durable_repository, session_store=redis_server.url)
+    (ch_a, stub_a), (ch_b, stub_b) = stub_for(a.address), stub_for(b.address)
+    sid = "client-chosen-id-0123456789"
+    with ch_a, ch_b:
+        assert stub_a.OpenSession(pb.OpenSessionRequest(model="gru_every", session_id=sid)).session_id == sid
+        for stub in (stub_a, stub_b):  # here, and at a replica that only the store tells
+            with pytest.raises(grpc.RpcError) as info:
+                stub.OpenSession(pb.OpenSessionRequest(model="gru_every", session_id=sid))
+            assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS, info.value
+        assert steps_of(stub_a, sid) == 0  # the refused opens changed nothing
+        with pytest.raises(grpc.RpcError) as info:
+            stub_a.OpenSession(pb.OpenSessionRequest(model="gru_every", session_id="short"))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "session_id" in info.value.details()

@@ -143,15 +143,16 @@ class RnnServeServicer:
             models=stats, open_sessions=len(self.dp.sessions), expired_sessions=self.dp.sessions.expired
         )
 
-    async def _restored(self, session_ids: Sequence[str]) -> None:
-        """Sessions only the session store holds (this server restarted) are restored before the call goes on."""
-        if (restoring := self.dp.restore_missing(session_ids)) is not None:
+    async def _restored(self, session_ids: Sequence[str], step_indices: Sequence[int] = ()) -> None:
+        """Sessions only the session store holds (this server restarted, or the gateway moved them here), or
+        whose copy here is behind it (they moved and came back), are loaded before the call goes on."""
+        if (restoring := self.dp.restore_missing(session_ids, step_indices)) is not None:
             await restoring
 
     # ---- steps ------------------------------------------------------------------------------------------
     async def Step(self, request: pb.StepRequest, context) -> pb.StepResponse:
         self.limits.check_steps(request.num_steps or 1)
-        await self._restored((request.session_id,))
+        await self._restored((request.session_id,), (request.step_index,))
         model, future = self.dp.submit_step(
             request.session_id, self.limits.tensors(request.inputs), request.num_steps, request.step_index
         )
@@ -198,7 +199,12 @@ class RnnServeServicer:
                         )
                         continue
                     # Before queueing anything of the message, so its steps stay in order.
-                    await self._restored([s.session_id for s in message.steps] + list(message.batch.session_ids))
+                    batch_ids = list(message.batch.session_ids)
+                    await self._restored(
+                        [s.session_id for s in message.steps] + batch_ids,
+                        [s.step_index for s in message.steps]
+                        + (list(message.batch.step_indices) or [0] * len(batch_ids)),
+                    )
                     entries = []
                     for step in message.steps:
                         try:

@@ -93,6 +93,10 @@ class SessionStore(ABC):
     def keys(self) -> list[str]:
         """The session ids held (for tests and tools: it walks the whole store)."""
 
+    def revisions(self, session_ids: Sequence[str]) -> list[int]:
+        """Each session's stored revision (0: none), without reading the records."""
+        return [r.revision if r is not None else 0 for r in self.get_many(session_ids)]
+
     def get(self, session_id: str) -> SessionRecord | None:
         return self.get_many([session_id])[0]
 

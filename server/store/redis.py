@@ -136,6 +136,15 @@ class RedisStore(SessionStore):
             records.append(record)
         return records
 
+    def revisions(self, session_ids: Sequence[str]) -> list[int]:
+        def get() -> list:
+            pipe = self._client.pipeline(transaction=False)
+            for sid in session_ids:
+                pipe.hget(PREFIX + sid, "r")
+            return pipe.execute()
+
+        return [int(r or 0) for r in self._call("reading revisions", get)] if session_ids else []
+
     def delete_many(self, session_ids: Sequence[str], expect: Expect = None, writer: str = "") -> None:
         if not session_ids:
             return
