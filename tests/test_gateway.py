@@ -325,3 +325,33 @@ def test_workers_refuse_a_store_that_is_not_shared(tiny_repository: Path) -> Non
     )
     assert done.returncode == 2
     assert "--session-store redis://" in done.stderr
+
+
+def test_gateway_command_prints_and_checks_its_config() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rnnserve.cli",
+            "gateway",
+            "--replica",
+            "10.0.0.1:50051",
+            "--replica",
+            "10.0.0.2:50051",
+            "--print",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "hash $http_x_session_id consistent;" in done.stdout
+    assert "server 10.0.0.1:50051 max_fails=1" in done.stdout and "server 10.0.0.2:50051" in done.stdout
+    assert "grpc_pass grpc://rnnserve;" in done.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "rnnserve.cli", "gateway", "--replica", "no-port", "--print"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert bad.returncode == 2 and "expected host:port" in bad.stderr
