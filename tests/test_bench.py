@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,11 @@ import pytest
 
 from rnnserve.bench import report
 
-ROWS = ("compute", "transport", "sessions", "multiplexed", "chunked")
+ROWS = ("compute", "transport", "sessions", "multiplexed", "chunked", "scale")
+# The scale phase (N server processes behind the gateway versus one) needs both; CI installs them.
+HAVE_SCALE = shutil.which("redis-server") is not None and (
+    shutil.which("nginx") is not None or os.access("/usr/sbin/nginx", os.X_OK)
+)
 
 
 def _ratios(row: dict) -> dict[str, float]:
@@ -72,6 +78,44 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
     idle = result["idle"]
     assert math.isfinite(idle["ratio"]) and idle["ratio"] > 0 and idle["bytes_per_session"] > 0
     assert {t["target"].split()[0] for t in result["targets"]} == {"4", "multiplexed", "1-session", "idle"}
+    if HAVE_SCALE:
+        _check_scale_rows(result, workers=2, sessions=4)
+        assert "scale: 2 workers behind the gateway do " in done.stdout
+    else:
+        assert result["scale"] == [] and "apt-get install redis-server nginx" in result["skipped"]["scale"]
+
+
+def _check_scale_rows(result: dict, *, workers: int, sessions: int) -> None:
+    """One plain server on redis, 1 worker behind the gateway, N workers behind it; every ratio measured."""
+    assert "scale" not in result["skipped"]
+    direct, one, many = result["scale"]
+    assert [(r["processes"], r["gateway"]) for r in (direct, one, many)] == [(1, False), (1, True), (workers, True)]
+    assert {r["sessions"] for r in result["scale"]} == {sessions}
+    assert many["server_procs"] == workers and one["server_procs"] == 1
+    assert set(_ratios(direct)) == {"ratio"} and direct["ratio_to"].startswith(f"rnnserve sessions N={sessions}")
+    assert set(_ratios(one)) == {"ratio", "ratio_direct"} and one["ratio_to"].startswith("scale ")
+    assert set(_ratios(many)) == {"ratio"} and one["label"] in many["ratio_to"]
+    for row in (one, many):
+        assert row["gateway_cpu_us_per_step"] >= 0 and row["store_cpu_us_per_step"] >= 0
+        assert row["mean_batch"] >= 1
+    # The workers' peak RSS is summed: N Python processes hold more than one.
+    assert many["server_peak_rss_mib"] > one["server_peak_rss_mib"]
+
+
+def test_bench_scale_skipped_without_redis(tmp_path: Path) -> None:
+    """Without redis-server the scale phase says what to install and is recorded as skipped; the bench passes."""
+    out = tmp_path / "bench.json"
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    cmd = [sys.executable, "-m", "rnnserve.cli", "bench", "--quick", "--phases", "scale", "--json", str(out)]
+    env = {**os.environ, "PATH": str(empty)}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    assert "phase scale SKIPPED: redis-server" in done.stderr and "apt-get install redis-server nginx" in done.stderr
+    assert "scale: skipped: redis-server" in done.stdout
+    result = json.loads(out.read_text())
+    assert result["errors"] == [] and result["scale"] == [] and result["sessions"] == []
+    assert "apt-get install redis-server nginx" in result["skipped"]["scale"]
 
 
 def _load_row(shape: str, n: int, steps_per_s: float, p50: float = 1.0) -> dict:
@@ -113,3 +157,44 @@ def test_ratios_and_targets() -> None:
     }
     text = report.markdown_table({**result, "peer": []})
     assert text.count("\n") == 2 + len(compute) + 3 + 2 + 1 + 1
+
+
+def _scale_row(label: str, processes: int, gateway: bool, steps_per_s: float) -> dict:
+    return {
+        "phase": "scale",
+        "shape": "sessions",
+        "label": label,
+        "sessions": 256,
+        "processes": processes,
+        "gateway": gateway,
+        "steps_per_s": steps_per_s,
+    }
+
+
+def test_scale_ratios() -> None:
+    def fresh() -> list[dict]:
+        return [
+            _scale_row("N=256, 1 process, no gateway", 1, False, 3000),
+            _scale_row("N=256, 1 worker + gateway", 1, True, 2400),
+            _scale_row("N=256, 4 workers + gateway", 4, True, 6000),
+        ]
+
+    rows = fresh()
+    result = {"sessions": [_load_row("sessions", 64, 3000), _load_row("sessions", 256, 4000)], "scale": rows}
+    report.add_scale_ratios(result)
+    direct, one, many = rows
+    assert direct["ratio"] == pytest.approx(0.75)  # the store's cost: vs the plain N=256 row
+    assert one["ratio"] == pytest.approx(0.8)  # the gateway hop: vs the same server on the same store
+    assert one["ratio_direct"] == pytest.approx(0.6)  # gateway and store together
+    assert many["ratio"] == pytest.approx(2.5) and "scale-out gain" in many["ratio_to"]
+    (line,) = report.scale_summary(result)
+    assert line.startswith("scale: 4 workers behind the gateway do 2.50x the steps/s of 1 (6,000 vs 2,400)")
+    assert "0.60x of rnnserve sessions N=256" in line
+    # Without the plain row of the same size (not measured in this run) there is no ratio to it.
+    alone = {"sessions": [], "scale": fresh()}
+    report.add_scale_ratios(alone)
+    assert "ratio" not in alone["scale"][0] and "ratio_direct" not in alone["scale"][1]
+    assert alone["scale"][2]["ratio"] == pytest.approx(2.5)
+    assert report.scale_summary({"skipped": {"scale": "nginx not installed"}}) == [
+        "scale: skipped: nginx not installed"
+    ]

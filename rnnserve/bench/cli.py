@@ -3,7 +3,9 @@
 Phases: (1) compute ceiling, the artifact called in-process at batch 1..max; (2) transport ceiling, a bare
 grpc.aio echo service with rnnserve's message sizes and the same client; (3) rnnserve with N sessions, one
 closed-loop stream each; (4) multiplexed messages and chunked timesteps; (5) idle capacity, memory per open
-session. Every row carries its ratio to the relevant ceiling; the summary marks the Triton-style targets.
+session; (6) scale-out, N server processes behind the nginx gateway versus one (needs redis-server and nginx;
+skipped, with the reason, without them). Every row carries its ratio to the relevant ceiling; the summary marks
+the Triton-style targets.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ DEFAULTS: dict[str, Any] = {
     "max_steps": 3_000,
     "compute_seconds": 1.0,
     "phase_timeout": 300.0,
+    "scale_sessions": 256,
+    "scale_workers": 0,  # 0: the CPU count, at least 2
 }
 QUICK: dict[str, Any] = {
     "sessions": [1, 4],
@@ -46,8 +50,19 @@ QUICK: dict[str, Any] = {
     "max_steps": 200,
     "compute_seconds": 0.05,
     "phase_timeout": 60.0,
+    "scale_sessions": 4,
+    "scale_workers": 2,
 }
-PHASES = ("transport", "rnnserve", "idle")
+# The phases --phases and --skip choose from; the compute ceiling always runs (every other ceiling's base).
+PHASES = ("transport", "rnnserve", "idle", "scale")
+
+
+def _phase_list(text: str) -> list[str]:
+    values = [v for v in text.replace(",", " ").split() if v]
+    unknown = [v for v in values if v not in PHASES]
+    if unknown or not values:
+        raise argparse.ArgumentTypeError(f"expected phases out of {', '.join(PHASES)}, got {text!r}")
+    return values
 
 
 def _int_list(text: str) -> list[int]:
@@ -109,6 +124,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ARG",
         help="extra `rnnserve serve` argument (repeatable), e.g. --server-arg=--max-queue-delay-us=200",
     )
+    load.add_argument(
+        "--scale-sessions",
+        type=int,
+        metavar="N",
+        help="sessions of the scale phase, one stream each, as the per-session rows (default 256)",
+    )
+    load.add_argument(
+        "--scale-workers",
+        type=int,
+        metavar="N",
+        help="server processes of the scale phase's multi-process row (default: the CPU count, at least 2)",
+    )
+    load.add_argument(
+        "--phases",
+        type=_phase_list,
+        metavar="P,P,...",
+        help=f"run only these phases (of {','.join(PHASES)}; default all); the compute ceiling always runs",
+    )
     load.add_argument("--skip", action="append", default=[], choices=PHASES, help="skip a phase (repeatable)")
 
     out = parser.add_argument_group("output")
@@ -165,20 +198,30 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     chosen["client_procs"] = args.client_procs or max(1, min(4, cpus // 2))
     if args.quick and not args.client_procs:
         chosen["client_procs"] = 1
+    if not chosen["scale_workers"]:
+        chosen["scale_workers"] = max(2, cpus)
     return chosen
 
 
 def run(args: argparse.Namespace) -> int:
     from rnnserve.bench import model as models
     from rnnserve.bench import report
-    from rnnserve.bench.measure import Bench, BenchConfig
+    from rnnserve.bench.measure import Bench, BenchConfig, PhaseSkipped
     from rnnserve.bench.progress import Progress
 
     settings = _settings(args)
     cfg = BenchConfig(steps=args.steps, server_args=list(args.server_arg), **settings)
-    if cfg.chunk < 1 or cfg.max_batch < 1 or cfg.idle_sessions < 1 or cfg.mux_sessions < 1 or cfg.chunk_sessions < 1:
+    sizes = (cfg.chunk, cfg.max_batch, cfg.idle_sessions, cfg.mux_sessions, cfg.chunk_sessions, cfg.scale_sessions)
+    if min(sizes) < 1:
         print("rnnserve bench: --chunk, --max-batch and session counts must be positive", file=sys.stderr)
         return 2
+    if cfg.scale_workers < 2:
+        print(
+            "rnnserve bench: --scale-workers must be at least 2 (the row compares N processes with one)",
+            file=sys.stderr,
+        )
+        return 2
+    chosen = [p for p in (args.phases or PHASES) if p not in args.skip]
     progress = Progress(enabled=not args.quiet)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="rnnserve-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -198,7 +241,9 @@ def run(args: argparse.Namespace) -> int:
         "multiplexed": [],
         "chunked": [],
         "idle": None,
+        "scale": [],
         "peer": [],
+        "skipped": {},
         "errors": [],
     }
     try:
@@ -220,16 +265,16 @@ def run(args: argparse.Namespace) -> int:
         bench = Bench(bench_model, repository, workdir, cfg, progress)
         bench.start()
         phases = [("compute", bench.compute)]
-        if "transport" not in args.skip:
-            phases.append(("transport", bench.transport))
-        if "rnnserve" not in args.skip:
-            phases.append(("rnnserve", bench.rnnserve))
-        if "idle" not in args.skip:
-            phases.append(("idle", bench.idle))
+        methods = {"transport": bench.transport, "rnnserve": bench.rnnserve, "idle": bench.idle, "scale": bench.scale}
+        phases += [(name, methods[name]) for name in PHASES if name in chosen]
         for name, phase in phases:
             progress.log(f"phase {name}")
             try:
                 rows = phase()
+            except PhaseSkipped as exc:
+                progress.log(f"phase {name} SKIPPED: {exc}")
+                result["skipped"][name] = str(exc)
+                continue
             except Exception as exc:  # one failed phase must not lose the others' numbers
                 progress.log(f"phase {name} FAILED: {exc}")
                 result["errors"].append(f"{name}: {exc}")
@@ -257,6 +302,7 @@ def run(args: argparse.Namespace) -> int:
 
     if result["compute"]:
         report.add_ratios(result)
+    report.add_scale_ratios(result)
     result["targets"] = report.targets(result) if result["compute"] else []
     print(report.markdown_report(result) if args.markdown else report.text_report(result))
     if args.json:

@@ -4,7 +4,10 @@ A pool of ``--client-procs`` spawned processes stays up for the whole bench; eac
 over them. Every stream is closed-loop: message t+1 goes out when message t's response has arrived, as a
 stateful session cannot run ahead. The workers use raw method handles on pre-serialized request bytes
 (a few input variants per stream, cycled), so per message the client only writes bytes, reads bytes and
-parses the response to check every result's status; the transport ceiling runs this very code.
+parses the response to check every result's status; the transport ceiling runs this very code. As the client
+SDK does, the client proposes each session's id on OpenSession and sends it as ``x-session-id`` metadata there,
+on the session's stream and on CloseSession, so that behind the gateway every call of a session reaches one
+replica (a server without a gateway ignores it).
 
 A phase goes: setup (open sessions, open streams, ``warmup`` untimed round trips each) -> ``ready`` ->
 the parent snapshots server counters and says ``go`` -> timed part -> ``done`` (parent snapshots again) ->
@@ -30,6 +33,7 @@ from rnnserve.bench.model import InputDesc, random_batch
 
 SERVICE = "/rnnserve.v1.RnnServe/"
 SHAPE_KEY = "x-bench-shape"  # echo.SHAPE_KEY; not imported so workers need not import the echo module
+SESSION_KEY = "x-session-id"  # rnnserve.gateway.HEADER: the gateway routes a session's calls by it
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -117,8 +121,19 @@ def _step_messages(spec: LoadSpec, session_ids: list[str], rng: np.random.Genera
     return messages
 
 
-async def _unary_many(channel, method: str, requests: list[Any], concurrency: int, parse: Callable) -> list[Any]:
-    """Send every request (``concurrency`` in flight); the responses, in order."""
+def _session_metadata(request: Any) -> tuple[tuple[str, str], ...]:
+    return ((SESSION_KEY, request.session_id),)
+
+
+async def _unary_many(
+    channel,
+    method: str,
+    requests: list[Any],
+    concurrency: int,
+    parse: Callable,
+    metadata: Callable[[Any], tuple[tuple[str, str], ...]] | None = None,
+) -> list[Any]:
+    """Send every request (``concurrency`` in flight, each with ``metadata(request)``); the responses, in order."""
     call = channel.unary_unary(
         SERVICE + method, request_serializer=lambda m: m.SerializeToString(), response_deserializer=parse
     )
@@ -130,7 +145,7 @@ async def _unary_many(channel, method: str, requests: list[Any], concurrency: in
         while next_index < len(requests):
             i = next_index
             next_index += 1
-            results[i] = await call(requests[i], timeout=60)
+            results[i] = await call(requests[i], timeout=60, metadata=metadata(requests[i]) if metadata else None)
 
     await asyncio.gather(*(lane() for _ in range(max(1, min(concurrency, len(requests))))))
     return results
@@ -147,7 +162,11 @@ class _Stream:
         self.messages = _step_messages(spec, session_ids, rng)
         method = channel.stream_stream(SERVICE + "StreamStep", request_serializer=None, response_deserializer=None)
         self.columnar = spec.columnar
-        self.call = method(metadata=((SHAPE_KEY, f"{self.expected},{spec.chunk},{int(spec.columnar)}"),))
+        metadata = [(SHAPE_KEY, f"{self.expected},{spec.chunk},{int(spec.columnar)}")]
+        if self.expected == 1:
+            # Behind the gateway a session's stream must reach the replica its OpenSession did (as the SDK does).
+            metadata.append((SESSION_KEY, session_ids[0]))
+        self.call = method(metadata=tuple(metadata))
         self.sent = 0
 
     async def round_trip(self) -> int:
@@ -185,14 +204,23 @@ async def _phase_steps(spec: LoadSpec, index: int, procs: int, commands: mp.Queu
     mine = _share(spec.sessions, index, procs)
     async with grpc.aio.insecure_channel(spec.address, options=CHANNEL_OPTIONS) as channel:
         if spec.target == "rnnserve":
+            # The client proposes each session's id and sends it as x-session-id, as the client SDK does, so that
+            # behind the gateway OpenSession lands on the replica that the session's later calls hash to.
+            requests = [
+                pb.OpenSessionRequest(model=spec.model, version=spec.version, session_id=secrets.token_urlsafe(16))
+                for _ in range(mine)
+            ]
             opened = await _unary_many(
                 channel,
                 "OpenSession",
-                [pb.OpenSessionRequest(model=spec.model, version=spec.version) for _ in range(mine)],
+                requests,
                 spec.concurrency,
                 pb.OpenSessionResponse.FromString,
+                _session_metadata,
             )
             ids = [r.session_id for r in opened]
+            if ids != [r.session_id for r in requests]:
+                raise PhaseError("the server did not keep the proposed session ids")
         else:
             ids = [secrets.token_hex(16) for _ in range(mine)]
         streams = [_Stream(channel, spec, ids[i : i + spec.group], rng) for i in range(0, len(ids), spec.group)]
@@ -229,6 +257,7 @@ async def _phase_steps(spec: LoadSpec, index: int, procs: int, commands: mp.Queu
                 [pb.SessionRequest(session_id=sid) for sid in ids],
                 spec.concurrency,
                 pb.CloseSessionResponse.FromString,
+                _session_metadata,
             )
         payload = {
             "steps": messages * per_message * len(ids),

@@ -1,15 +1,18 @@
 """The bench's phases: compute ceiling, transport ceiling, rnnserve (per-session streams, multiplexed,
-chunked), idle capacity, and the optional Triton peer. Each returns plain dict rows for the report."""
+chunked), idle capacity, scale-out (N processes behind the gateway versus one) and the optional Triton peer.
+Each returns plain dict rows for the report."""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
 import math
+import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -38,6 +41,8 @@ class BenchConfig:
     max_steps: int
     steps: int | None = None
     server_args: list[str] = field(default_factory=list)
+    scale_sessions: int = 256
+    scale_workers: int = 2
 
     def steps_for(self, sessions: int) -> int:
         """Timesteps per session for a phase of ``sessions``: about ``step_budget`` steps in all."""
@@ -55,6 +60,10 @@ class BenchConfig:
         # The batch sizes the ratios refer to are measured even when they are not powers of two.
         sizes |= {min(n, self.max_batch) for n in (*self.sessions, self.mux_sessions, self.chunk_sessions)}
         return sorted(sizes)
+
+
+class PhaseSkipped(RuntimeError):
+    """A phase that cannot run here (a missing program); the reason says what to install."""
 
 
 @dataclass
@@ -109,20 +118,40 @@ class Bench:
         )
 
     def _run_load(
-        self, label: str, spec: LoadSpec, server: procs.ServerProcess, *, stats: Callable[[], Any] | None = None
+        self,
+        label: str,
+        spec: LoadSpec,
+        server: procs.ServerProcess,
+        *,
+        stats: Callable[[], Any] | None = None,
+        pids: Sequence[int] | None = None,
+        others: dict[str, Sequence[int]] | None = None,
     ) -> tuple[LoadResult, dict[str, Any]]:
-        """One load phase against ``server`` with its CPU, peak RSS and (rnnserve) batch statistics."""
+        """One load phase against ``server`` with its CPU, peak RSS and (rnnserve) batch statistics.
+
+        ``pids``: the server's processes (default: ``server`` itself), whose CPU and peak RSS are summed;
+        ``others``: more processes by role (the gateway, the session store), whose CPU per step is reported as
+        ``{role}_cpu_us_per_step``."""
         before, after = ServerSample(), ServerSample()
         mem: dict[str, int] = {}
+        server_pids = list(pids) if pids is not None else [server.pid]
+        roles = {"server": server_pids, **(others or {})}
+        cpu0: dict[str, float] = {}
+        cpu1: dict[str, float] = {}
 
         def on_start() -> None:
-            procs.reset_peak_rss(server.pid)
-            before.cpu_s = procs.cpu_seconds(server.pid)
+            for pid in server_pids:
+                procs.reset_peak_rss(pid)
+            cpu0.update({role: _cpu(ids) for role, ids in roles.items()})
+            before.cpu_s = cpu0["server"]
             before.stats = stats() if stats else None
 
         def on_done() -> None:
-            after.cpu_s = procs.cpu_seconds(server.pid)
-            mem.update(procs.memory(server.pid))
+            cpu1.update({role: _cpu(ids) for role, ids in roles.items()})
+            after.cpu_s = cpu1["server"]
+            for pid in server_pids:
+                for key, value in procs.memory(pid).items():
+                    mem[key] = mem.get(key, 0) + value
             after.stats = stats() if stats else None
 
         total = spec.sessions * spec.steps if spec.kind == "steps" else spec.sessions
@@ -146,6 +175,11 @@ class Bench:
             "server_rss_mib": mem.get("VmRSS", 0) / 2**20,
             "server_peak_rss_mib": mem.get("VmHWM", 0) / 2**20,
         }
+        if pids is not None:
+            extra["server_procs"] = len(server_pids)
+        for role in others or {}:
+            used = cpu1[role] - cpu0[role]
+            extra[f"{role}_cpu_us_per_step"] = 1e6 * used / count if count else math.nan
         if before.stats is not None and after.stats is not None:
             extra.update(_batch_stats(before.stats, after.stats))
         self.progress.log(
@@ -279,12 +313,117 @@ class Bench:
             "state_bytes": raw,
         }
 
+    # ---- 6. scale-out: N processes behind the gateway versus one ----------------------------------------------
+    def scale(self) -> list[Row]:
+        """The per-session-stream load (``scale_sessions`` sessions) against ``rnnserve serve --workers 1`` and
+        ``--workers N`` behind the nginx gateway, both on a throwaway redis-server with ``--durability
+        every-step`` (what ``--workers`` requires), and against one plain server on the same store (no gateway),
+        which separates the store's cost from the gateway hop's."""
+        from rnnserve import gateway
+
+        missing = [] if shutil.which("redis-server") else ["redis-server"]
+        try:
+            gateway.find_nginx()
+        except FileNotFoundError:
+            missing.append("nginx")
+        if missing:
+            raise PhaseSkipped(
+                f"{' and '.join(missing)} not installed (`apt-get install redis-server nginx` installs both)"
+            )
+        cfg = self.cfg
+        n, workers = cfg.scale_sessions, cfg.scale_workers
+        steps = cfg.steps_for(n)
+        rows = []
+        redis = procs.RedisServer(self.workdir).start()
+        try:
+            self.progress.log(f"  redis-server on port {redis.port} (pid {redis.pid})")
+            store = ["--session-store", redis.url(0), "--durability", "every-step"]
+            direct = procs.rnnserve_server(
+                self.repository, self.workdir, tag="scale-direct", max_sessions=n + 64, extra=[*store, *cfg.server_args]
+            )
+            with self.server(direct) as srv, _StatsClient(srv.address, self.model.name) as stats:
+                label = f"N={n}, 1 process, no gateway"
+                spec = self._spec(srv.address, "rnnserve", n, steps=steps)
+                result, extra = self._run_load(
+                    f"scale {label}", spec, srv, stats=stats.get, others={"store": [redis.pid]}
+                )
+                rows.append(_scale_row(label, spec, result, extra, processes=1, gateway=False))
+            for count, db in ((1, 1), (workers, 2)):
+                supervisor = procs.rnnserve_workers(
+                    self.repository,
+                    self.workdir,
+                    tag=f"scale-{count}",
+                    workers=count,
+                    store_url=redis.url(db),
+                    max_sessions=n + 64,
+                    extra=cfg.server_args,
+                )
+                with self.server(supervisor) as sup:
+                    _wait_ready(sup.address, self.model.name, timeout=30)
+                    addresses = sup.worker_addresses()
+                    with _StatsClient(addresses, self.model.name) as stats:
+                        label = f"N={n}, {count} worker{'s' if count > 1 else ''} + gateway"
+                        spec = self._spec(sup.address, "rnnserve", n, steps=steps)
+                        result, extra = self._run_load(
+                            f"scale {label}",
+                            spec,
+                            sup,
+                            stats=stats.get,
+                            pids=sup.workers(),
+                            others={"gateway": sup.gateway(), "store": [redis.pid]},
+                        )
+                    rows.append(_scale_row(label, spec, result, extra, processes=count, gateway=True))
+        finally:
+            redis.stop()
+        return rows
+
+
+def _cpu(pids: Sequence[int]) -> float:
+    """CPU seconds of ``pids`` together (a process gone meanwhile counts 0)."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            total += procs.cpu_seconds(pid)
+    return total
+
+
+def _wait_ready(address: str, model: str, timeout: float) -> None:
+    """Until ListModels answers through ``address`` (the supervisor names the gateway's port as nginx starts)."""
+    import grpc
+
+    from rnnserve.proto import rnnserve_pb2 as pb
+    from rnnserve.proto import rnnserve_pb2_grpc as pb_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.RnnServeStub(channel)
+        while True:
+            try:
+                models = stub.ListModels(pb.ListModelsRequest(), timeout=2)
+            except grpc.RpcError as exc:
+                if time.monotonic() > deadline:
+                    raise PhaseError(f"{address} did not answer within {timeout:.0f} s: {exc}") from None
+                time.sleep(0.1)
+                continue
+            if not any(m.name == model for m in models.models):
+                raise PhaseError(f"{address} does not serve {model!r}")
+            return
+
+
+def _scale_row(
+    label: str, spec: LoadSpec, result: LoadResult, extra: dict[str, Any], *, processes: int, gateway: bool
+) -> Row:
+    row = _load_row("scale", label, spec, result, extra, phase="sessions")
+    row.update(processes=processes, gateway=gateway, session_store="redis, durability every-step")
+    return row
+
 
 class _StatsClient:
-    """GetStats for one model from the bench process (a sync channel; this process sends no load)."""
+    """GetStats for one model from the bench process (sync channels; this process sends no load). Several
+    addresses (the workers behind a gateway, each asked directly): their counters summed."""
 
-    def __init__(self, address: str, model: str):
-        self.address = address
+    def __init__(self, address: str | Sequence[str], model: str):
+        self.addresses = [address] if isinstance(address, str) else list(address)
         self.model = model
 
     def __enter__(self) -> _StatsClient:
@@ -293,17 +432,25 @@ class _StatsClient:
         from rnnserve.proto import rnnserve_pb2 as pb
         from rnnserve.proto import rnnserve_pb2_grpc as pb_grpc
 
-        self._channel = grpc.insecure_channel(self.address)
-        self._stub = pb_grpc.RnnServeStub(self._channel)
+        self._channels = [grpc.insecure_channel(a) for a in self.addresses]
+        self._stubs = [pb_grpc.RnnServeStub(c) for c in self._channels]
         self._request = pb.StatsRequest(model=self.model)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def get(self) -> Any:
-        response = self._stub.GetStats(self._request, timeout=30)
-        return response.models[0] if response.models else None
+        found = []
+        for stub in self._stubs:
+            response = stub.GetStats(self._request, timeout=30)
+            if response.models:
+                found.append(response.models[0])
+        if len(self._stubs) == 1:
+            return found[0] if found else None
+        keys = ("steps", "batches", "compute_ns", "queue_ns")
+        return SimpleNamespace(**{k: sum(getattr(m, k) for m in found) for k in keys}) if found else None
 
 
 def _batch_stats(before: Any, after: Any) -> dict[str, Any]:

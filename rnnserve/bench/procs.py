@@ -122,7 +122,13 @@ def rnnserve_server(
     repository: Path, workdir: Path, *, tag: str, max_sessions: int, extra: Sequence[str] = ()
 ) -> ServerProcess:
     port_file = workdir / f"{tag}.port"
-    cmd = [
+    cmd = _serve_command(repository, port_file, max_sessions, extra)
+    return ServerProcess(f"rnnserve serve ({tag})", cmd, port_file, workdir / f"{tag}.log")
+
+
+def _serve_command(repository: Path, port_file: Path, max_sessions: int, extra: Sequence[str]) -> list[str]:
+    """``rnnserve serve`` on a free loopback port, as every bench server runs (1 intra-op thread, short grace)."""
+    return [
         sys.executable,
         "-m",
         "rnnserve.cli",
@@ -145,10 +151,161 @@ def rnnserve_server(
         "WARNING",
         *extra,
     ]
-    return ServerProcess(f"rnnserve serve ({tag})", cmd, port_file, workdir / f"{tag}.log")
 
 
 def echo_server(manifest_dir: Path, workdir: Path) -> ServerProcess:
     port_file = workdir / "echo.port"
     cmd = [sys.executable, "-m", "rnnserve.bench.echo", "--model-dir", str(manifest_dir), "--port-file", str(port_file)]
     return ServerProcess("echo server", cmd, port_file, workdir / "echo.log")
+
+
+# ---- the multi-process row: `rnnserve serve --workers N --gateway-port P` on a throwaway redis-server ---------
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (from /proc/*/stat)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks after boot): with the pid, it names one process (pids are reused)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+class RedisServer:
+    """A throwaway ``redis-server`` on a free loopback port, persisting nothing (the bench's session store)."""
+
+    def __init__(self, workdir: Path, binary: str = "redis-server"):
+        self.binary = binary
+        self.workdir = workdir
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        import socket
+
+        self.port = free_port()
+        cmd = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        cmd += ["--dir", str(self.workdir)]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis-server on port {self.port} did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+class Supervisor(ServerProcess):
+    """``rnnserve serve --workers N --gateway-port P``: its port file names the gateway's port. ``workers()`` and
+    ``gateway()`` find its worker and nginx processes in /proc; ``stop()`` gives it time to drain them, then
+    kills any of them (by pid, as recorded at start) that outlived it."""
+
+    min_grace = 30.0
+
+    def __init__(self, name: str, cmd: Sequence[str], port_file: Path, log_file: Path, workers: int):
+        super().__init__(name, cmd, port_file, log_file)
+        self.expected_workers = workers
+        self._descendants: dict[int, int | None] = {}
+
+    def start(self, timeout: float = 120.0) -> Supervisor:
+        super().start(timeout)
+        self._descendants = {pid: start_time(pid) for pid in self.workers() + self.gateway()}
+        if len(self.workers()) != self.expected_workers:
+            self.stop()
+            raise RuntimeError(f"{self.name}: expected {self.expected_workers} workers, found {self.workers()}")
+        return self
+
+    def workers(self) -> list[int]:
+        return [p for p in children(self.pid) if any("rnnserve.cli" in a for a in cmdline(p))]
+
+    def gateway(self) -> list[int]:
+        """nginx's master and worker processes."""
+        masters = [p for p in children(self.pid) if any("nginx" in a for a in cmdline(p)[:1])]
+        return masters + [c for m in masters for c in children(m)]
+
+    def worker_addresses(self) -> list[str]:
+        """Each worker's own address (from the port file named on its command line)."""
+        out = []
+        for pid in self.workers():
+            args = cmdline(pid)
+            port_file = Path(args[args.index("--port-file") + 1])
+            out.append(f"127.0.0.1:{int(port_file.read_text().split()[0])}")
+        return out
+
+    def stop(self, grace: float = 5.0) -> None:
+        super().stop(max(grace, self.min_grace))
+        for pid, started in self._descendants.items():
+            if started is not None and start_time(pid) == started:  # the supervisor died before stopping it
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        self._descendants = {}
+
+
+def rnnserve_workers(
+    repository: Path,
+    workdir: Path,
+    *,
+    tag: str,
+    workers: int,
+    store_url: str,
+    max_sessions: int,
+    extra: Sequence[str] = (),
+) -> Supervisor:
+    """``workers`` rnnserve processes behind the nginx gateway (on a free port), sharing ``store_url`` with
+    ``--durability every-step``: the deployment the scale-out design runs on one machine."""
+    port_file = workdir / f"{tag}.port"
+    scale_out = ["--workers", str(workers), "--gateway-port", str(free_port())]
+    scale_out += ["--session-store", store_url, "--durability", "every-step"]
+    cmd = _serve_command(repository, port_file, max_sessions, [*scale_out, *extra])
+    name = f"rnnserve serve --workers {workers} + gateway ({tag})"
+    return Supervisor(name, cmd, port_file, workdir / f"{tag}.log", workers)

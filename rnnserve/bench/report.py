@@ -8,7 +8,7 @@ from typing import Any
 Row = dict[str, Any]
 LATENCY_SLACK_MS = 0.3  # 1-session p50 may exceed transport p50 + batch-1 compute by this much
 IDLE_FACTOR, IDLE_SLACK = 1.2, 2048  # idle memory per session <= 1.2 x raw state + 2 KiB
-PHASES = ("compute", "transport", "sessions", "multiplexed", "chunked", "idle", "peer")
+PHASES = ("compute", "transport", "sessions", "multiplexed", "chunked", "idle", "scale", "peer")
 
 
 def _ratio(value: float, ceiling: float) -> float:
@@ -59,6 +59,58 @@ def add_ratios(result: dict[str, Any]) -> None:
     if idle:
         idle["ratio"] = _ratio(idle["bytes_per_session"], idle["state_bytes"] + IDLE_SLACK)
         idle["ratio_to"] = "raw state bytes + 2 KiB"
+
+
+def add_scale_ratios(result: dict[str, Any]) -> None:
+    """The multi-process rows' ratios (in place). Their ceilings are measured by the scale phase itself: N workers
+    behind the gateway against 1 worker behind it (the scale-out gain); 1 worker behind the gateway against one
+    plain server on the same redis store (the gateway hop) and, when this run measured it, against the plain
+    memory-store row with the same session count (gateway and store together); the plain redis row against
+    that row too (the store's cost)."""
+    rows = result.get("scale") or []
+    direct = next((r for r in rows if not r["gateway"]), None)
+    one = next((r for r in rows if r["gateway"] and r["processes"] == 1), None)
+    if direct is None and one is None:
+        return
+    n = (direct or one)["sessions"]  # type: ignore[index]
+    plain = next((r for r in result.get("sessions", []) if r["sessions"] == n and "steps_per_s" in r), None)
+    plain_to = f"rnnserve sessions N={n} (no gateway, memory store)"
+    if direct is not None and plain is not None:
+        direct["ratio"] = _ratio(direct["steps_per_s"], plain["steps_per_s"])
+        direct["ratio_to"] = f"{plain_to}: the store's cost"
+    if one is not None:
+        if direct is not None:
+            one["ratio"] = _ratio(one["steps_per_s"], direct["steps_per_s"])
+            one["ratio_to"] = f"scale {direct['label']}: the gateway hop"
+        if plain is not None:
+            one["ratio_direct"] = _ratio(one["steps_per_s"], plain["steps_per_s"])
+            one["ratio_direct_to"] = f"{plain_to}: gateway + store"
+    for row in rows:
+        if row["gateway"] and row["processes"] > 1 and one is not None:
+            row["ratio"] = _ratio(row["steps_per_s"], one["steps_per_s"])
+            row["ratio_to"] = f"scale {one['label']} (scale-out gain)"
+
+
+def scale_summary(result: dict[str, Any]) -> list[str]:
+    """One line on the multi-process rows (or why they were skipped)."""
+    skipped = (result.get("skipped") or {}).get("scale")
+    if skipped:
+        return [f"scale: skipped: {skipped}"]
+    rows = result.get("scale") or []
+    one = next((r for r in rows if r["gateway"] and r["processes"] == 1), None)
+    many = [r for r in rows if r["gateway"] and r["processes"] > 1 and "ratio" in r]
+    if one is None or not many:
+        return []
+    row = many[-1]
+    line = (
+        f"scale: {row['processes']} workers behind the gateway do {_fmt(row['ratio'], '.2f')}x the steps/s of 1 "
+        f"({_fmt(row['steps_per_s'], ',.0f')} vs {_fmt(one['steps_per_s'], ',.0f')})"
+    )
+    if "ratio" in one:
+        line += f"; 1 worker behind the gateway: {_fmt(one['ratio'], '.2f')}x of the same server without it"
+    if "ratio_direct" in one:
+        line += f", {_fmt(one['ratio_direct'], '.2f')}x of {one['ratio_direct_to'].split(':')[0]}"
+    return [line]
 
 
 def targets(result: dict[str, Any]) -> list[Row]:
@@ -141,7 +193,7 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
                 row["ratio_to"],
             ]
         )
-    for kind in ("transport", "sessions", "multiplexed", "chunked", "peer"):
+    for kind in ("transport", "sessions", "multiplexed", "chunked", "scale", "peer"):
         for row in result.get(kind, []):
             if "steps_per_s" not in row:
                 lines.append([kind, row["label"], "-", "", "", "", "", "", "-", row.get("error", "")])
@@ -151,6 +203,11 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
                 vs += f"; p50 {row['latency_ratio']:.2f}x of {row['latency_ratio_to']}"
             if "ratio_transport" in row:
                 vs += f"; {row['ratio_transport']:.2f}x transport"
+            if "ratio_direct" in row:
+                vs += f"; {row['ratio_direct']:.2f}x {row['ratio_direct_to']}"
+            if kind == "scale":
+                cpu = [f"{role} {_fmt(row.get(f'{role}_cpu_us_per_step'), ',.0f')}" for role in ("gateway", "store")]
+                vs += f" [CPU us/step: {', '.join(c for c in cpu if not c.endswith(' -'))}]"
             lines.append(
                 [
                     "rnnserve " + kind if kind in ("sessions", "multiplexed", "chunked") else kind,
@@ -194,6 +251,7 @@ def markdown_table(result: dict[str, Any]) -> str:
 def markdown_report(result: dict[str, Any]) -> str:
     lines = [markdown_table(result), ""]
     lines += [f"- **{'PASS' if t['pass'] else 'FAIL'}** {t['target']}: {t['detail']}" for t in result["targets"]]
+    lines += [f"- {line}" for line in scale_summary(result)]
     lines += [f"- ERROR {err}" for err in result.get("errors", [])]
     return "\n".join(lines)
 
@@ -217,6 +275,10 @@ def text_report(result: dict[str, Any]) -> str:
     lines.append("targets:")
     for t in result["targets"]:
         lines.append(f"  {'PASS' if t['pass'] else 'FAIL'}  {t['target']}: {t['detail']}")
+    summary = scale_summary(result)
+    if summary:
+        lines.append("")
+        lines += summary
     for err in result.get("errors", []):
         lines.append(f"  ERROR {err}")
     return "\n".join(lines)
