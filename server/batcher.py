@@ -43,7 +43,7 @@ class JobGroup:
     """The steps of one StepBatch message: answered together through one future and a countdown, rather
     than a future per step (the columnar fast path)."""
 
-    __slots__ = ("errors", "future", "outputs", "remaining", "steps")
+    __slots__ = ("errors", "future", "outputs", "remaining", "stacked", "steps")
 
     def __init__(self, size: int, future: asyncio.Future):
         self.future = future
@@ -51,6 +51,9 @@ class JobGroup:
         self.outputs: list[list[np.ndarray] | None] = [None] * size
         self.steps = [0] * size
         self.errors: dict[int, BaseException] = {}
+        # Set when the whole group ran as one batch, rows in order: each output as the model returned it,
+        # batch axis first, so the response encodes it as is (``outputs`` then stays unset).
+        self.stacked: list[np.ndarray] | None = None
 
     def finish(self, index: int, outputs: list[np.ndarray] | None, steps: int, error: BaseException | None) -> None:
         if error is not None:
@@ -125,6 +128,8 @@ class StepJob:
 
     def step_input(self, name: str) -> np.ndarray:
         arr = self.inputs[name]
+        if self.group is not None:
+            return arr[self.index]  # a StepBatch row: the inputs are the message's stacked tensors
         return arr[self.done] if self.num_steps else arr
 
 
@@ -322,8 +327,9 @@ class Batcher:
             error: BaseException | None = None
             per_output: list[np.ndarray] = []
             refused: set[int] = set()
+            whole = self._whole_group(jobs)
             try:
-                per_output, refused = await loop.run_in_executor(self._executor, self._compute, jobs)
+                per_output, refused = await loop.run_in_executor(self._executor, self._compute, jobs, whole)
             except RnnServeError as exc:
                 error = exc
             except Exception as exc:
@@ -332,20 +338,28 @@ class Batcher:
             compute_ns = time.perf_counter_ns() - t0
             if error is None:
                 self.stats.record(len(batch), compute_ns, queue_ns)
-            self._complete(batch, jobs, per_output, error, refused)
+            if whole and error is None and not refused:
+                self._complete_group(batch, jobs, per_output, time.monotonic())
+            else:
+                self._complete(batch, jobs, per_output, error, refused)
         finally:
             self._slots.release()
             self._wakeup.set()
 
-    def _compute(self, jobs: Sequence[StepJob]) -> tuple[list[np.ndarray], set[int]]:
+    def _compute(self, jobs: Sequence[StepJob], whole: bool = False) -> tuple[list[np.ndarray], set[int]]:
         """Worker thread: gather, run, scatter. Returns each data output with the batch axis first, and the
-        rows whose session another replica changed (durable store refused the write: not applied)."""
+        rows whose session another replica changed (durable store refused the write: not applied). ``whole``:
+        the batch is one StepBatch message, rows in order, whose stacked inputs are fed as they are."""
         model = self.model
         n = len(jobs)
         slots = np.fromiter((j.session.slot for j in jobs), dtype=np.intp, count=n)
         feeds: dict[str, np.ndarray] = {}
         for spec in model.manifest.inputs:
-            feeds[spec.name] = np.stack([j.step_input(spec.name) for j in jobs], axis=spec.batch_axis)
+            if whole:
+                stacked = jobs[0].inputs[spec.name]  # rows first
+                feeds[spec.name] = np.moveaxis(stacked, 0, spec.batch_axis) if spec.batch_axis else stacked
+            else:
+                feeds[spec.name] = np.stack([j.step_input(spec.name) for j in jobs], axis=spec.batch_axis)
         # States and per-session parameters share the slab; constants are fed as configured.
         for spec, value in zip(model.slab.specs, model.slab.gather(slots), strict=True):
             feeds[spec.name] = value
@@ -419,6 +433,39 @@ class Batcher:
                     job.finish(session.steps)
             session.last_used = now
             self._settle(session)
+
+    @staticmethod
+    def _whole_group(jobs: list[StepJob]) -> bool:
+        """Whether the batch is exactly one StepBatch message, rows in order (the columnar fast path)."""
+        group = jobs[0].group
+        if group is None or len(jobs) != len(group.outputs):
+            return False
+        return all(job.group is group and job.index == i for i, job in enumerate(jobs))
+
+    def _complete_group(
+        self, batch: list[Session], jobs: list[StepJob], per_output: list[np.ndarray], now: float
+    ) -> None:
+        """``_complete`` for a batch that is one whole StepBatch: the outputs go to the response as the model
+        returned them, and each row only books its step (no per-row output slices)."""
+        group = jobs[0].group
+        assert group is not None
+        group.stacked = per_output
+        for i, (session, job) in enumerate(zip(batch, jobs, strict=True)):
+            session.pending.popleft()
+            self.queued_steps -= 1
+            job.done = 1
+            session.steps += 1
+            group.steps[i] = session.steps
+            if job.step_index and session.replay is not None:
+                session.replay.append((job.step_index, 0, job.fingerprint, [[o[i].copy() for o in per_output]]))
+            if job.followers:
+                job.outputs.append([o[i] for o in per_output])
+                for follow in job.followers:
+                    follow(job.outputs, session.steps, None)
+            session.last_used = now
+            self._settle(session)
+        group.remaining = 0
+        _resolve(group.future, group)
 
     def _settle(self, session: Session) -> None:
         """After a session's turn: requeue it if it has work, else mark it idle (and free it if closed)."""

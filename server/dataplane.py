@@ -356,14 +356,12 @@ class DataPlane:
         for i, exc in errors.items():
             group.finish(i, None, 0, exc)
         batcher = self._batcher_of(model)
-        names = list(checked)
         for i, session in enumerate(sessions):
             if session is not None and i not in errors:
-                rows = {name: checked[name][i] for name in names}
                 index = step_indices[i] if step_indices else 0
                 print_ = 0
                 if index:
-                    print_ = exactly_once.fingerprint(rows)
+                    print_ = exactly_once.fingerprint({name: value[i] for name, value in checked.items()})
                     try:
                         earlier = exactly_once.admit(session, index, 0, print_)
                     except FailedPrecondition as exc:
@@ -372,7 +370,8 @@ class DataPlane:
                     if earlier is not None:
                         exactly_once.answer_row(earlier, group, i)
                         continue
-                batcher.enqueue(session, StepJob(session, rows, 0, None, group, i, index, print_))
+                # A row's job reads its inputs from the message's stacked tensors (StepJob.step_input).
+                batcher.enqueue(session, StepJob(session, checked, 0, None, group, i, index, print_))
                 exactly_once.queued(session, 0, index, self.replay_window)
         return model, future
 

@@ -112,6 +112,12 @@ def batch_result(result: pb.StepBatchResult, model: LoadedModel | None, group, n
     result.codes.extend(codes)
     result.messages.extend(messages)
     result.steps.extend(group.steps)
+    if model is not None and group.stacked is not None:
+        # The whole message ran as one batch: each output is already stacked by row.
+        for spec, value in zip(model.manifest.outputs, group.stacked, strict=True):
+            if not wanted or spec.name in wanted:
+                to_proto(value, result.outputs[spec.name])
+        return
     done = [o for o in group.outputs if o is not None]
     if model is None or not done:
         return
