@@ -356,6 +356,14 @@ class DataPlane:
         for i, exc in errors.items():
             group.finish(i, None, 0, exc)
         batcher = self._batcher_of(model)
+        if not step_indices and len(set(session_ids)) == n:
+            # Unnumbered rows of distinct sessions (the common columnar message): queued together. A row's job
+            # reads its inputs from the message's stacked tensors (StepJob.step_input).
+            rows = [(i, s) for i, s in enumerate(sessions) if s is not None and i not in errors]
+            batcher.enqueue_rows([s for _, s in rows], [StepJob(s, checked, 0, None, group, i) for i, s in rows])
+            for _, session in rows:
+                session.next_index += 1  # exactly_once.queued, for an unnumbered single step
+            return model, future
         for i, session in enumerate(sessions):
             if session is not None and i not in errors:
                 index = step_indices[i] if step_indices else 0
@@ -370,7 +378,6 @@ class DataPlane:
                     if earlier is not None:
                         exactly_once.answer_row(earlier, group, i)
                         continue
-                # A row's job reads its inputs from the message's stacked tensors (StepJob.step_input).
                 batcher.enqueue(session, StepJob(session, checked, 0, None, group, i, index, print_))
                 exactly_once.queued(session, 0, index, self.replay_window)
         return model, future
