@@ -174,6 +174,10 @@ class RuntimeSettings(_Strict):
     device: Literal["cpu", "cuda"] | None = None
     intra_op_threads: int | None = Field(default=None, ge=0)
     inter_op_threads: int | None = Field(default=None, ge=0)
+    concurrent_batches: int | None = Field(default=None, ge=1)
+    """Batches of this model computing at once, each on its own worker thread, over disjoint sessions; with
+    more than one, the ready sessions are split across the free ones (at least 32 per batch). Unset: the
+    server's ``--concurrent-batches`` (default 1)."""
 
 
 # A TorchScript argument or result: a tensor's name, or a tuple of names (one level, e.g. an LSTM's (h, c)).

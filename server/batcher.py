@@ -144,6 +144,10 @@ class ControlJob:
         self.steps = steps  # the session's step count once it ran (a reset: 0); None: unchanged
 
 
+SPLIT_MIN = 32
+"""The smallest batch that ready sessions are split into for concurrent batches (smaller ones lose more to
+per-call overhead than they gain from overlapping)."""
+
 # Upper bounds of the batch-size histogram's buckets (sizes 1, 2-3, 4-7, ...; the last one open), and of the
 # per-step queue-delay and latency buckets (50 us .. 10 s) that server/metrics.py exports.
 BATCH_SIZE_BOUNDS = [2 ** (i + 1) - 1 for i in range(11)]
@@ -228,6 +232,7 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"model-{model.key}")
         self._task: asyncio.Task | None = None
         self._inflight: set[asyncio.Task] = set()
+        self._computing = 0  # batches dispatched and not yet completed
 
     # ---- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -285,13 +290,25 @@ class Batcher:
             if not batch:
                 self._slots.release()
                 continue
+            self._computing += 1
             task = asyncio.get_running_loop().create_task(self._execute(batch))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
+    def _batch_limit(self) -> int:
+        """How many sessions the next batch may take: ``max_batch_size``, or with several batches allowed at
+        once, an even share of the ready sessions per free slot (at least SPLIT_MIN), so that they compute
+        side by side instead of one full batch leaving the other slots idle."""
+        if self.concurrency == 1:
+            return self.max_batch_size
+        free = self.concurrency - self._computing
+        share = -(-len(self.ready) // max(free, 1))
+        return min(self.max_batch_size, max(SPLIT_MIN, share))
+
     def _take_batch(self) -> list[Session]:
         batch: list[Session] = []
-        while self.ready and len(batch) < self.max_batch_size:
+        limit = self._batch_limit()
+        while self.ready and len(batch) < limit:
             session = self.ready.popleft()
             # Control jobs at the head run now: the session is not in flight, so its state is settled.
             # A unary Step whose caller has gone (deadline passed, cancelled) before it started is dropped: it
@@ -356,6 +373,7 @@ class Batcher:
             else:
                 self._complete(batch, jobs, per_output, error, refused)
         finally:
+            self._computing -= 1
             self._slots.release()
             self._wakeup.set()
 

@@ -37,6 +37,7 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--max-queue-delay-us": ("max_queue_delay_us", {"type": int, "metavar": "US"}),
     "--device": ("device", {"choices": ["cpu", "cuda"]}),
     "--intra-op-threads": ("intra_op_threads", {"type": int, "metavar": "N"}),
+    "--concurrent-batches": ("concurrent_batches", {"type": int, "metavar": "N"}),
     "--watch": (
         "watch_interval",
         {"type": float, "nargs": "?", "const": 2.0, "metavar": "SECONDS", "help": "(--watch alone: every 2 s)"},

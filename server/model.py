@@ -33,8 +33,10 @@ class LoadedModel:
         max_batch_size: int | None = None,
         max_queue_delay_us: int | None = None,
         durability: str | None = None,
+        concurrent_batches: int = 1,
     ):
         self.manifest = manifest
+        self.concurrent_batches = concurrent_batches
         # The manifest's durability, else the server's default (--durability), else none.
         self.durability: Durability = (
             manifest.durability
@@ -117,7 +119,12 @@ class LoadedModel:
                     )
 
     def start(self) -> None:
-        self.batcher = Batcher(self, max_batch_size=self.max_batch_size, max_queue_delay_us=self.max_queue_delay_us)
+        self.batcher = Batcher(
+            self,
+            max_batch_size=self.max_batch_size,
+            max_queue_delay_us=self.max_queue_delay_us,
+            concurrency=self.concurrent_batches,
+        )
         self.batcher.start()
 
     async def stop(self) -> None:

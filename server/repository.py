@@ -7,6 +7,7 @@ is kept in the listing as FAILED with its error, and the server goes on serving 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -48,8 +49,10 @@ class ModelRepository:
         max_batch_size: int | None = None,
         max_queue_delay_us: int | None = None,
         durability: str | None = None,
+        concurrent_batches: int | None = None,
     ):
         self.root = root
+        self.concurrent_batches = concurrent_batches  # for manifests that set none; None: auto (_concurrency)
         self.durability = durability  # for manifests that set none (--durability)
         self.device = device
         self.threads = threads
@@ -118,6 +121,7 @@ class ModelRepository:
             max_batch_size=self.max_batch_size,
             max_queue_delay_us=self.max_queue_delay_us,
             durability=self.durability,
+            concurrent_batches=settings.concurrent_batches or self.concurrent_batches or _concurrency(runtime.device),
         )
         model.self_check()
         if self.persistence is not None:
@@ -147,3 +151,9 @@ class ModelRepository:
 
     def versions(self, name: str) -> list[int]:
         return sorted(v for (n, v) in self.models if n == name)
+
+
+def _concurrency(device: str) -> int:
+    """Concurrent batches when neither the manifest nor the server says: on a CPU with cores to spare, two,
+    so one batch computes while the event loop completes the other; on a GPU one (it wants large batches)."""
+    return 2 if device == "cpu" and (os.cpu_count() or 1) >= 2 else 1

@@ -45,6 +45,12 @@ class ServerSettings(BaseSettings):
             raise ValueError(f"expected 'memory' or redis://HOST:PORT/DB, got {value!r}")
         return value
 
+    concurrent_batches: int | None = Field(default=None, ge=1)
+    """Batches of one model version computing at once, each on its own worker thread, over disjoint sessions,
+    for models whose manifest does not say. Above 1, ready sessions are split across the free ones, so on a
+    multi-core CPU the model's calls overlap each other and the event loop's work. Unset: 2 for a CPU model
+    on a machine with 2 or more cores, else 1 (a GPU wants one large batch)."""
+
     durability: Literal["none", "every-step"] | None = None
     """Durability of every model whose manifest does not set its own: ``every-step`` writes each batch's new
     states to the session store before answering, which is what lets another replica behind a gateway take

@@ -106,3 +106,20 @@ def test_steps_and_batch_in_one_message(stub):
     assert response.results[0].steps == 1 and list(response.batch.steps) == [2, 1]
     expected_a = tiny_expected(np.stack([xs[0], xs[0]]))[0][1]
     assert np.abs(from_proto(response.batch.outputs["y"])[0] - expected_a).max() <= 1e-5
+
+
+@pytest.mark.parametrize(("concurrent", "expected_max"), [(1, 64), (2, 32)])
+def test_concurrent_batches_split_ready_sessions(server_factory, tiny_repository, concurrent, expected_max):
+    """--concurrent-batches 2 splits 64 ready sessions into two batches of 32 that compute side by side (the
+    whole-message fast path does not apply to a half): the outputs equal each session's eager run."""
+    server = server_factory(tiny_repository, concurrent_batches=concurrent)
+    n, steps = 64, 5
+    xs = np.random.default_rng(5).standard_normal((n, steps, TINY_INPUT)).astype(np.float32)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.RnnServeStub(channel)
+        ids = [_open(stub) for _ in range(n)]
+        ys = np.stack([from_proto(_batch(stub, ids, xs[:, t]).outputs["y"]) for t in range(steps)], axis=1)
+        (stats,) = [m for m in stub.GetStats(pb.StatsRequest(model="gru")).models if m.steps]
+    assert stats.max_batch == expected_max and stats.steps == n * steps
+    for i in range(0, n, 9):
+        np.testing.assert_allclose(ys[i], tiny_expected(xs[i])[0], atol=1e-5)

@@ -37,6 +37,7 @@ class RnnServer:
             max_batch_size=settings.max_batch_size,
             max_queue_delay_us=settings.max_queue_delay_us,
             durability=settings.durability,
+            concurrent_batches=settings.concurrent_batches,
         )
         self.sessions = SessionManager(max_sessions=settings.max_sessions, ttl=settings.session_ttl)
         self.dataplane = DataPlane(
