@@ -2,11 +2,12 @@
 (rnnserve/gateway.py), a real redis-server as the shared session store, and three `rnnserve serve` replicas
 with ``--durability every-step``.
 
-Each test streams 100 sessions through the gateway with the client SDK (half over StreamStep, half with unary
-Steps, so both kinds of call are routed by ``x-session-id``), does something unkind to the replicas mid-run,
-and checks every session's outputs against the eager PyTorch model and its final step count, then, once the
-replicas have shut down and written what they hold, that the store holds every session at its last step
-(a stale replica overwriting a newer state would show as an older step count).
+Each test streams 100 sessions through the gateway with the client SDK over StreamStep, beside 24 sessions
+that use unary Steps (each call is routed on its own by ``x-session-id``, so they follow a ring change at
+once). It does something unkind to the replicas mid-run and checks every session's outputs against the eager
+PyTorch model and its final step count. Once the replicas have shut down and written what they hold, it checks
+that the store holds every session at its last step (a stale replica overwriting a newer state would show as
+an older step count).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ needs_nginx = pytest.mark.skipif(
 )
 pytestmark = [needs_redis, needs_nginx, pytest.mark.timeout(240)]
 
-SESSIONS, STEPS = 100, 30
+STREAMING, UNARY, STEPS = 100, 24, 30  # sessions streaming over StreamStep, sessions stepping with unary Step
+SESSIONS = STREAMING + UNARY
 PACE = 0.02  # seconds between a session's steps: the run lasts long enough for the fault to land mid-stream
 
 
@@ -136,9 +138,12 @@ def workload() -> tuple[np.ndarray, np.ndarray]:
     return xs, np.stack([tiny_expected(x)[0] for x in xs])
 
 
-def drive(address: str, xs: np.ndarray, fault: Callable[[], None], at: float = 0.3) -> tuple[list[str], np.ndarray]:
-    """Run every session through the gateway; ``fault`` runs (on a thread) once ``at`` of all steps are done.
-    Returns the session ids and their outputs, (sessions, steps, out)."""
+def drive(
+    address: str, xs: np.ndarray, fault: Callable[[], None], at: float = 0.3, streaming: int = STREAMING
+) -> tuple[list[str], np.ndarray]:
+    """Run every session through the gateway, the first ``streaming`` over StreamStep and the others with unary
+    Steps; ``fault`` runs (on a thread) once ``at`` of all steps are done. Returns the session ids and their
+    outputs, (sessions, steps, out)."""
 
     async def main() -> tuple[list[str], list[np.ndarray]]:
         done = 0
@@ -156,7 +161,7 @@ def drive(address: str, xs: np.ndarray, fault: Callable[[], None], at: float = 0
             async def one(i: int) -> tuple[str, np.ndarray]:
                 session = await client.open_session("gru")
                 ys = []
-                if i % 2 == 0:
+                if i < streaming:
 
                     async def paced():
                         for x in xs[i]:
@@ -296,8 +301,8 @@ def test_workers_flag_runs_workers_behind_the_gateway(tiny_repository: Path, tmp
         def kill_worker() -> None:
             os.kill(workers[0], signal.SIGKILL)
 
-        few = slice(0, 20)
-        _, ys = drive(supervisor.address, xs[few], kill_worker, at=0.3)
+        few = np.r_[0:12, STREAMING : STREAMING + 8]  # streaming and unary sessions
+        _, ys = drive(supervisor.address, xs[few], kill_worker, at=0.3, streaming=12)
         np.testing.assert_allclose(ys, expected[few], atol=1e-5)
         # The supervisor brings the killed worker back on its port.
         deadline = time.monotonic() + 30
