@@ -277,6 +277,12 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             await self._slots.acquire()
+            # Another batch while one computes only for a crowd: a few ready sessions wait for the running
+            # batch instead, so that a trickle forms fewer, larger batches (cheaper per step) rather than many
+            # small ones side by side.
+            while self._computing and len(self.ready) < SPLIT_MIN:
+                self._wakeup.clear()
+                await self._wakeup.wait()
             if self.max_queue_delay and len(self.ready) < self.max_batch_size:
                 # Give other sessions a moment to join; a full batch goes at once.
                 deadline = time.perf_counter() + self.max_queue_delay

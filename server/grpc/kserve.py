@@ -183,7 +183,6 @@ class KServeServicer:
                 f"model '{model.name}' takes whole sequences in one request: send it without sequence_id"
             )
         step = {name: arr[0] for name, arr in inputs.items()}
-        model.check_inputs(step, 0)  # the data plane's own checks (NaN/Inf...), before the sequence changes
         key = (client, model.name, flags.id)
         if flags.start:
             old = self.sequences.pop(key)
@@ -197,6 +196,7 @@ class KServeServicer:
                 raise missing_start(flags.id, model.name)
             session = found
         try:
+            # The data plane's own checks (NaN/Inf...) run here: a refused START is undone just below.
             step_model, future = self.dp.submit_step(session.id, step, 0)
         except Exception:
             if flags.start:
@@ -208,11 +208,13 @@ class KServeServicer:
             # new session; the session itself closes once this step is done.
             self.sequences.pop(key)
             future.add_done_callback(lambda _: self._close(session))
-        return asyncio.ensure_future(self._sequence_response(request, step_model, future, wanted))
+        return self._sequence_response(request, step_model, future, wanted)
 
     async def _sequence_response(
         self, request: kpb.ModelInferRequest, model: LoadedModel, future: asyncio.Future, wanted: list[str]
     ) -> kpb.ModelInferResponse:
+        # A coroutine, not a task: the stream's writer awaits it in order, and a task per step costs more
+        # than the step's own bookkeeping. The step itself is queued already (``submit``).
         result = self.dp.step_result(model, await future, 0)
         return self._response(request, model, {k: v[None] for k, v in result.outputs.items()}, wanted)
 
@@ -286,6 +288,8 @@ class KServeServicer:
                 item = queue.get_nowait()
                 if isinstance(item, tuple) and isinstance(item[1], asyncio.Future):
                     item[1].cancel()
+                elif isinstance(item, tuple) and asyncio.iscoroutine(item[1]):
+                    item[1].close()  # a queued step's response nobody awaits (the step itself still applies)
 
     @staticmethod
     def _stream_error(request: kpb.ModelInferRequest | None, exc: Exception) -> kpb.ModelStreamInferResponse:

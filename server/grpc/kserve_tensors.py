@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -63,7 +64,7 @@ def _decode(tensor: kpb.ModelInferRequest.InferInputTensor, raw: bytes | None) -
     shape = tuple(tensor.shape)
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"input '{tensor.name}': negative dimension in shape {list(shape)}")
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)  # Python ints: no overflow, and no numpy call per request
     if raw is not None:
         if len(raw) != count * dtype.itemsize:
             raise InvalidArgument(
