@@ -198,3 +198,40 @@ def test_scale_ratios() -> None:
     assert report.scale_summary({"skipped": {"scale": "nginx not installed"}}) == [
         "scale: skipped: nginx not installed"
     ]
+
+
+def test_peer_rows_compare_the_same_client() -> None:
+    """--peer triton: rnnserve driven by the peer's own load generator is compared with Triton row by row
+    (throughput and server CPU per step), and the peer targets are judged on those ratios."""
+
+    def peer(label: str, sessions: int, steps_per_s: float, cpu: float) -> dict:
+        return {"phase": "peer", "label": f"{label} N={sessions}", "sessions": sessions, "steps_per_s": steps_per_s,
+                "server_cpu_us_per_step": cpu}  # fmt: skip
+
+    result = {
+        "compute": [{"phase": "compute", "label": "batch 1", "batch": 1, "call_ms": 0.3, "steps_per_s": 3000.0}],
+        "transport": [_load_row("sessions", 64, 8000)],
+        "sessions": [],
+        "multiplexed": [],
+        "chunked": [],
+        "idle": None,
+        "peer": [
+            peer("triton", 64, 2000, 400),
+            peer("triton", 256, 2500, 300),
+            peer("rnnserve (tritonclient)", 64, 3200, 180),
+            peer("rnnserve (tritonclient)", 256, 2000, 450),
+            {"phase": "peer", "label": "triton N=1024", "sessions": 1024, "error": "load.py failed"},
+        ],
+    }
+    report.add_ratios(result)
+    triton64, _, ours64, ours256, _ = result["peer"]
+    assert triton64["ratio"] == pytest.approx(0.25) and triton64["ratio_to"] == "transport N=64"
+    assert ours64["ratio"] == pytest.approx(1.6) and ours64["cpu_ratio"] == pytest.approx(0.45)
+    assert ours256["ratio"] == pytest.approx(0.8) and "same client" in ours256["ratio_to"]
+    got = {t["target"]: t["pass"] for t in report.targets(result)}
+    assert got == {
+        "rnnserve (tritonclient) N=64 >= 1.5x Triton's steps/s": True,
+        "rnnserve (tritonclient) N=64 <= 0.5x Triton's server CPU per step": True,
+        "rnnserve (tritonclient) N=256 >= 1.5x Triton's steps/s": False,
+        "rnnserve (tritonclient) N=256 <= 0.5x Triton's server CPU per step": False,
+    }

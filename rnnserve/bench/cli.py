@@ -287,9 +287,11 @@ def run(args: argparse.Namespace) -> int:
             else:
                 result[name] = rows
         if args.peer == "triton":
-            from rnnserve.bench.triton import triton_rows
+            from rnnserve.bench.triton import rnnserve_rows, triton_rows
 
-            result["peer"] = triton_rows(progress, timeout=cfg.phase_timeout)
+            result["peer"] = triton_rows(progress, timeout=cfg.phase_timeout) + rnnserve_rows(
+                progress, repository, bench_model.name, workdir, timeout=cfg.phase_timeout
+            )
     except KeyboardInterrupt:
         print("rnnserve bench: interrupted", file=sys.stderr)
         return 130

@@ -49,8 +49,19 @@ def add_ratios(result: dict[str, Any]) -> None:
             echo = transport.get((kind, row["label"]))
             if echo is not None:
                 row["ratio_transport"] = _ratio(row["steps_per_s"], echo["steps_per_s"])
+    triton = {
+        r["sessions"]: r for r in result.get("peer", []) if r["label"].startswith("triton") and "steps_per_s" in r
+    }
     for row in result.get("peer", []):
         if "steps_per_s" not in row:
+            continue
+        peer = triton.get(row["sessions"]) if row["label"].startswith("rnnserve") else None
+        if peer is not None:
+            # The same client against both servers: throughput and server CPU per step against Triton's.
+            row["ratio"] = _ratio(row["steps_per_s"], peer["steps_per_s"])
+            row["ratio_to"] = f"{peer['label']} (same client)"
+            if row.get("server_cpu_us_per_step") and peer.get("server_cpu_us_per_step"):
+                row["cpu_ratio"] = _ratio(row["server_cpu_us_per_step"], peer["server_cpu_us_per_step"])
             continue
         echo = transport.get(("sessions", f"N={row['sessions']}"))
         row["ratio"] = _ratio(row["steps_per_s"], echo["steps_per_s"] if echo else math.nan)
@@ -149,6 +160,23 @@ def targets(result: dict[str, Any]) -> list[Row]:
                 f"{p50:.3f} vs {budget:.3f} ms",
             )
         )
+    for row in result.get("peer", []):
+        if "same client" in row.get("ratio_to", ""):
+            out.append(
+                _target(
+                    f"{row['label']} >= 1.5x Triton's steps/s",
+                    row["ratio"] >= 1.5,
+                    f"{row['ratio']:.2f}x ({row['steps_per_s']:,.0f} steps/s, {row['ratio_to']})",
+                )
+            )
+            if "cpu_ratio" in row:
+                out.append(
+                    _target(
+                        f"{row['label']} <= 0.5x Triton's server CPU per step",
+                        row["cpu_ratio"] <= 0.5,
+                        f"{row['cpu_ratio']:.2f}x ({row['server_cpu_us_per_step']:,.0f} us/step)",
+                    )
+                )
     idle = result.get("idle")
     if idle:
         limit = IDLE_FACTOR * idle["state_bytes"] + IDLE_SLACK
@@ -203,6 +231,8 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
                 vs += f"; p50 {row['latency_ratio']:.2f}x of {row['latency_ratio_to']}"
             if "ratio_transport" in row:
                 vs += f"; {row['ratio_transport']:.2f}x transport"
+            if "cpu_ratio" in row:
+                vs += f"; server CPU/step {row['cpu_ratio']:.2f}x"
             if "ratio_direct" in row:
                 vs += f"; {row['ratio_direct']:.2f}x {row['ratio_direct_to']}"
             if kind == "scale":

@@ -1,4 +1,5 @@
-"""``--peer triton``: Triton's sequence batcher on the same LSTM, driven by the peer's own load generator.
+"""``--peer triton``: Triton's sequence batcher on the same LSTM, and rnnserve's KServe endpoint on the same
+model, both driven by the peer's own load generator (tritonclient), so the client is identical.
 
 Needs the venv that ``PEER_DIR/setup.sh`` builds (``/tmp/venv-triton``); never part of CI. The peer's
 ``load.py`` multiplexes all sequences over one stream with its own (tritonclient) client, so its numbers sit
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,12 +32,108 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+PEER_MODEL = "lstm_step"  # the name the peer's load.py asks for
+
+
+def _missing(peer_dir: Path, venv: Path) -> str | None:
+    python = venv / "bin" / "python"
+    if not python.exists() or not (peer_dir / "serve.sh").exists():
+        return f"no {python} (run {peer_dir}/setup.sh first)"
+    return None
+
+
+def _load(
+    python: Path, peer_dir: Path, port: int, pid: int, sessions: int, steps: int, timeout: float, label: str
+) -> dict[str, Any]:
+    """One run of the peer's load generator against ``port``; a row for the report."""
+    cmd = [
+        str(python),
+        str(peer_dir / "load.py"),
+        "--url",
+        f"127.0.0.1:{port}",
+        "--sessions",
+        str(sessions),
+        "--steps",
+        str(steps),
+        "--server-pid",
+        str(pid),
+        "--timeout",
+        str(timeout),
+    ]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 120)
+        rec = json.loads(done.stdout.strip().splitlines()[-1])
+    except subprocess.TimeoutExpired as exc:
+        return {"phase": "peer", "label": label, "sessions": sessions, "error": f"load.py: {exc}"}
+    except (json.JSONDecodeError, IndexError):
+        why = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"phase": "peer", "label": label, "sessions": sessions, "error": f"load.py failed: {why[:300]}"}
+    if rec.get("errors"):
+        return {"phase": "peer", "label": label, "sessions": sessions, "error": f"load.py: {rec['errors'][:1]}"}
+    cpu = rec.get("server_cpu_s")
+    return {
+        "phase": "peer",
+        "label": label,
+        "sessions": sessions,
+        "steps_per_session": steps,
+        "steps_per_s": rec["steps_per_s"],
+        "p50_ms": rec["p50_ms"],
+        "p99_ms": rec["p99_ms"],
+        "server_cpu_us_per_step": 1e6 * cpu / (sessions * steps) if cpu is not None else None,
+        "mean_batch": rec.get("server_mean_batch"),
+        "max_abs_err": rec.get("max_abs_err"),
+        "client_cpu_s": rec.get("client_cpu_s"),
+    }
+
+
+def rnnserve_rows(
+    progress: Progress,
+    repository: Path,
+    model: str,
+    workdir: Path,
+    *,
+    peer_dir: Path = DEFAULT_PEER_DIR,
+    venv: Path = DEFAULT_VENV,
+    timeout: float = 300.0,
+) -> list[dict[str, Any]]:
+    """The peer's own load generator (tritonclient: ModelStreamInfer with sequence ids) against rnnserve's
+    KServe endpoint, serving the bench model under the peer's model name: the identical client for both
+    servers, as the rows of ``triton_rows`` use. load.py checks the outputs against its own torch reference."""
+    reason = _missing(peer_dir, venv)
+    if reason is not None:
+        progress.log(f"peer rnnserve (tritonclient) skipped: {reason}")
+        return [{"phase": "peer", "label": "rnnserve (tritonclient)", "error": reason}]
+    from rnnserve.bench.procs import rnnserve_server
+    from rnnserve.manifest import ModelManifest
+
+    source = max((p for p in (repository / model).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    target = workdir / "peer-repository" / PEER_MODEL / "1"
+    shutil.rmtree(target.parent, ignore_errors=True)
+    shutil.copytree(source, target)
+    manifest = ModelManifest.read(target)
+    manifest.model_copy(update={"name": PEER_MODEL, "version": 1}).write(target)
+    server = rnnserve_server(target.parent.parent, workdir, tag="peer-rnnserve", max_sessions=100_000).start()
+    rows = []
+    try:
+        for sessions, steps in RUNS:
+            label = f"rnnserve (tritonclient) N={sessions}"
+            progress.log(f"  peer {label}, {steps} steps each")
+            rows.append(
+                _load(venv / "bin" / "python", peer_dir, server.port, server.pid, sessions, steps, timeout, label)
+            )
+            if "steps_per_s" in rows[-1]:
+                progress.log(f"  peer {label}: {rows[-1]['steps_per_s']:,.0f} steps/s")
+    finally:
+        server.stop()
+    return rows
+
+
 def triton_rows(
     progress: Progress, *, peer_dir: Path = DEFAULT_PEER_DIR, venv: Path = DEFAULT_VENV, timeout: float = 300.0
 ) -> list[dict[str, Any]]:
     python = venv / "bin" / "python"
-    if not python.exists() or not (peer_dir / "serve.sh").exists():
-        reason = f"no {python} (run {peer_dir}/setup.sh first)"
+    reason = _missing(peer_dir, venv)
+    if reason is not None:
         progress.log(f"peer triton skipped: {reason}")
         return [{"phase": "peer", "label": "triton", "error": reason}]
     port = _free_port()
@@ -55,43 +153,9 @@ def triton_rows(
         for sessions, steps in RUNS:
             label = f"triton N={sessions}"
             progress.log(f"  peer {label}, {steps} steps each")
-            cmd = [
-                str(python),
-                str(peer_dir / "load.py"),
-                "--url",
-                f"127.0.0.1:{port}",
-                "--sessions",
-                str(sessions),
-                "--steps",
-                str(steps),
-                "--server-pid",
-                str(pid),
-                "--timeout",
-                str(timeout),
-            ]
-            try:
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 120)
-                rec = json.loads(done.stdout.strip().splitlines()[-1])
-            except (subprocess.TimeoutExpired, json.JSONDecodeError, IndexError) as exc:
-                rows.append({"phase": "peer", "label": label, "sessions": sessions, "error": f"load.py: {exc}"})
-                continue
-            cpu = rec.get("server_cpu_s")
-            rows.append(
-                {
-                    "phase": "peer",
-                    "label": label,
-                    "sessions": sessions,
-                    "steps_per_session": steps,
-                    "steps_per_s": rec["steps_per_s"],
-                    "p50_ms": rec["p50_ms"],
-                    "p99_ms": rec["p99_ms"],
-                    "server_cpu_us_per_step": 1e6 * cpu / (sessions * steps) if cpu is not None else None,
-                    "mean_batch": rec.get("server_mean_batch"),
-                    "max_abs_err": rec.get("max_abs_err"),
-                    "client_cpu_s": rec.get("client_cpu_s"),
-                }
-            )
-            progress.log(f"  peer {label}: {rec['steps_per_s']:,.0f} steps/s")
+            rows.append(_load(python, peer_dir, port, pid, sessions, steps, timeout, label))
+            if "steps_per_s" in rows[-1]:
+                progress.log(f"  peer {label}: {rows[-1]['steps_per_s']:,.0f} steps/s")
     finally:
         # serve.sh starts tritonserver with setsid: its process group also holds the Python backend stub.
         with contextlib.suppress(ProcessLookupError):
