@@ -32,7 +32,11 @@ class TorchScriptRuntime(Runtime):
     def _tensor(self, value) -> torch.Tensor:
         if isinstance(value, torch.Tensor):
             return value.to(self._torch_device)
-        return torch.from_numpy(np.ascontiguousarray(value)).to(self._torch_device)
+        array = np.ascontiguousarray(value)
+        if not array.flags.writeable:
+            # A request's bytes (a whole StepBatch tensor is fed as is): torch wants memory it may write.
+            array = array.copy()
+        return torch.from_numpy(array).to(self._torch_device)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         args = [
