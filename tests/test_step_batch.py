@@ -123,3 +123,41 @@ def test_concurrent_batches_split_ready_sessions(server_factory, tiny_repository
     assert stats.max_batch == expected_max and stats.steps == n * steps
     for i in range(0, n, 9):
         np.testing.assert_allclose(ys[i], tiny_expected(xs[i])[0], atol=1e-5)
+
+
+def test_list_form_messages_keep_per_step_results(stub):
+    """A list-form message of many single steps runs as one columnar group (server/grpc/servicers.py) and
+    must answer exactly as step by step: per-step codes, request ids, step counts and outputs; a bad step
+    fails alone and changes nothing; an unknown session gets NOT_FOUND."""
+    n, steps = 16, 3
+    ids = [_open(stub) for _ in range(n)]
+    xs = np.random.default_rng(9).standard_normal((n, steps, TINY_INPUT)).astype(np.float32)
+    bad = xs[5, 1].copy()
+    bad[0] = np.nan
+
+    def message(t: int) -> pb.StreamStepRequest:
+        out = pb.StreamStepRequest()
+        for i, sid in enumerate(ids):
+            x = bad if (i == 5 and t == 1) else xs[i, t]
+            out.steps.add(session_id=sid, inputs={"x": to_proto(x)}, request_id=f"{i}-{t}")
+        out.steps.add(session_id="0" * 32, inputs={"x": to_proto(xs[0, t])}, request_id="ghost")
+        return out
+
+    responses = list(stub.StreamStep(iter([message(t) for t in range(steps)])))
+    ys = np.zeros((n, steps, 2), np.float32)
+    for t, response in enumerate(responses):
+        results = list(response.results)
+        assert [r.request_id for r in results] == [f"{i}-{t}" for i in range(n)] + ["ghost"]
+        assert results[-1].code == grpc.StatusCode.NOT_FOUND.value[0]
+        for i, r in enumerate(results[:-1]):
+            if i == 5 and t == 1:
+                assert r.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "NaN or Inf" in r.message
+                continue
+            assert r.code == 0, r.message
+            assert r.steps == t + (0 if i == 5 and t == 2 else 1)
+            ys[i, t] = from_proto(r.outputs["y"])
+    assert _steps(stub, ids[5]) == steps - 1 and _steps(stub, ids[0]) == steps
+    for i in (0, 7, 15):
+        np.testing.assert_allclose(ys[i], tiny_expected(xs[i])[0], atol=1e-5)
+    applied = np.stack([xs[5, 0], xs[5, 2]])  # the NaN step changed nothing
+    np.testing.assert_allclose(ys[5, [0, 2]], tiny_expected(applied)[0], atol=1e-5)

@@ -6,8 +6,10 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 
 import grpc
+import numpy as np
 
 from rnnserve.proto import rnnserve_pb2 as pb
 from rnnserve.server.dataplane import DataPlane
@@ -205,6 +207,11 @@ class RnnServeServicer:
                         [s.step_index for s in message.steps]
                         + (list(message.batch.step_indices) or [0] * len(batch_ids)),
                     )
+                    grouped = self._steps_as_group(message.steps)
+                    if grouped is not None:
+                        batch_part = self._submit_batch(message) if message.HasField("batch") else None
+                        await queue.put((grouped, batch_part))
+                        continue
                     entries = []
                     for step in message.steps:
                         try:
@@ -228,6 +235,9 @@ class RnnServeServicer:
                     await context.abort(code, message)
                 entries, batch = item
                 response = pb.StreamStepResponse()
+                if isinstance(entries, _Grouped):
+                    await self._answer_grouped(response, entries)
+                    entries = ()
                 for step, model, future, extra in entries:
                     result = response.results.add(session_id=step.session_id, request_id=step.request_id)
                     try:
@@ -250,6 +260,64 @@ class RnnServeServicer:
         finally:
             reader.cancel()
 
+    def _steps_as_group(self, steps: Sequence[pb.StepRequest]) -> _Grouped | None:
+        """A list-form message of single steps of distinct sessions, with the same input names, shapes and
+        dtypes and the same requested outputs, runs as one columnar group: one input check for the message,
+        one batch, the model's stacked outputs (the StepBatch fast path). Each step keeps its own result, code
+        and message. None: anything else (or anything a step would be refused for), which takes the per-step
+        path, so every error reads exactly as it does there."""
+        if len(steps) < GROUP_MIN:
+            return None
+        first = steps[0]
+        wanted = list(first.outputs)
+        ids = [s.session_id for s in steps]
+        if len(set(ids)) != len(ids) or any(s.num_steps or list(s.outputs) != wanted for s in steps):
+            return None
+        # One model for all (the list form allows several; a StepBatch does not), and outputs it has.
+        # (An unknown session fails alone in the group, NOT_FOUND, as it would alone.)
+        known = [session for sid in ids if (session := self.dp.sessions.peek(sid)) is not None]
+        if not known or any(session.model is not known[0].model for session in known):
+            return None
+        model = known[0].model
+        try:
+            wanted_checked = _check_wanted(model, wanted)
+            decoded = [self.limits.tensors(s.inputs) for s in steps]
+        except Exception:
+            return None
+        names = decoded[0].keys()
+        shapes = {n: (a.shape, a.dtype) for n, a in decoded[0].items()}
+        for arrays in decoded:
+            if arrays.keys() != names or any((a.shape, a.dtype) != shapes[n] for n, a in arrays.items()):
+                return None
+        stacked = {n: np.stack([arrays[n] for arrays in decoded]) for n in names}
+        indices = [s.step_index for s in steps]
+        try:
+            batch_model, future = self.dp.submit_batch(ids, stacked, indices if any(indices) else ())
+        except Exception:
+            return None  # refused as a whole (nothing was queued): the per-step path says why, step by step
+        return _Grouped(steps, batch_model, future, wanted_checked)
+
+    async def _answer_grouped(self, response: pb.StreamStepResponse, grouped: _Grouped) -> None:
+        group = await asyncio.shield(grouped.future)  # see the per-step path: a broken stream drops nothing
+        model = grouped.model
+        names = [o.name for o in model.manifest.outputs] if model is not None else []
+        for i, step in enumerate(grouped.steps):
+            result = response.results.add(session_id=step.session_id, request_id=step.request_id)
+            error = group.errors.get(i)
+            if error is not None:
+                code, msg = to_status(error)
+                self.rejected[("StreamStep", code.name)] += 1
+                result.code = code.value[0]
+                result.message = msg
+                continue
+            result.steps = group.steps[i]
+            if group.stacked is not None:
+                outputs = {n: group.stacked[j][i] for j, n in enumerate(names)}
+            else:
+                row = group.outputs[i]
+                outputs = dict(zip(names, row, strict=True)) if row is not None else {}
+            converters.fill_outputs(result.outputs, outputs, grouped.wanted)
+
     def _submit_batch(self, message: pb.StreamStepRequest) -> tuple:
         batch = message.batch
         ids = list(batch.session_ids)
@@ -271,6 +339,20 @@ class RnnServeServicer:
             result.steps.extend([0] * len(ids))
             return
         converters.batch_result(result, model, await future, len(ids), wanted)
+
+
+GROUP_MIN = 8
+"""Single steps in one list-form message from which they run as a columnar group (fewer: per step)."""
+
+
+@dataclass
+class _Grouped:
+    """A list-form message's steps submitted as one columnar group (``_steps_as_group``)."""
+
+    steps: Sequence[pb.StepRequest]
+    model: LoadedModel | None
+    future: asyncio.Future
+    wanted: list[str]
 
 
 # name -> (request type, response type, streaming?)
