@@ -85,3 +85,19 @@ def test_tritonclient_example_runs_as_written(examples_server):
     assert len(by_id) == 20
     for seq in ("1", "user-7"):
         np.testing.assert_allclose(np.concatenate([by_id[f"{seq}/{t}"] for t in range(10)]), np.concatenate(ys))
+
+
+def test_scale_out_command_parses_as_written():
+    """The one-machine scale-out command (README: Scaling out) is valid `rnnserve serve` syntax and means what
+    the text says: 4 workers from port 50061, nginx on 50051, a shared redis store, every-step durability."""
+    import shlex
+
+    from rnnserve.cli import build_parser
+    from rnnserve.server.cli import settings_from_args
+
+    block = _block("redis-server --daemonize yes", "bash").replace("\\\n", " ")
+    line = next(ln.split("#")[0] for ln in block.splitlines() if ln.startswith("rnnserve serve"))
+    args = build_parser(only="serve").parse_args(shlex.split(line)[1:])
+    settings = settings_from_args(args)
+    assert (settings.workers, settings.port, settings.gateway_port) == (4, 50061, 50051)
+    assert settings.session_store == "redis://127.0.0.1:6379/0" and settings.durability == "every-step"
