@@ -277,10 +277,10 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             await self._slots.acquire()
-            # Another batch while one computes only for a crowd: a few ready sessions wait for the running
-            # batch instead, so that a trickle forms fewer, larger batches (cheaper per step) rather than many
-            # small ones side by side.
-            while self._computing and len(self.ready) < SPLIT_MIN:
+            # Another batch while one computes only for a crowd (a full batch, for a model whose batches are
+            # smaller than SPLIT_MIN): a few ready sessions wait for the running batch instead, so that a trickle
+            # forms fewer, larger batches (cheaper per step) rather than many small ones side by side.
+            while self._computing and len(self.ready) < min(SPLIT_MIN, self.max_batch_size):
                 self._wakeup.clear()
                 await self._wakeup.wait()
             if self.max_queue_delay and len(self.ready) < self.max_batch_size:
