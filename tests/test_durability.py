@@ -62,9 +62,11 @@ def durable_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextlib.contextmanager
-def serving(repository: Path, workdir: Path, redis: RedisServer, tag: str) -> Iterator[ServerProcess]:
+def serving(
+    repository: Path, workdir: Path, redis: RedisServer, tag: str, extra: tuple[str, ...] = ()
+) -> Iterator[ServerProcess]:
     proc = rnnserve_server(
-        repository, workdir, tag=tag, max_sessions=1000, extra=["--session-store", redis.url]
+        repository, workdir, tag=tag, max_sessions=1000, extra=["--session-store", redis.url, *extra]
     ).start()
     try:
         yield proc
@@ -225,14 +227,18 @@ def test_every_step_sessions_survive_kill_9(durable_repository, redis_server, tm
     n, total, window, kill_at = 200, 24, 4, 10
     xs = np.random.default_rng(5).standard_normal((n, total, TINY_INPUT)).astype(np.float32)
     ys = np.full((n, total, TINY_OUTPUT), np.nan, np.float32)
-    with serving(durable_repository, tmp_path, redis_server, "first") as first:
+    # One batch at a time, so each StepBatch message (all 200 sessions) is one batch and one store write, and
+    # every session resumes at the same step. (With concurrent batches a message may be split in two, and a
+    # kill between their writes leaves the halves one step apart: still each at or past its acknowledged step.)
+    one_batch = ("--concurrent-batches", "1")
+    with serving(durable_repository, tmp_path, redis_server, "first", one_batch) as first:
         channel, stub = stub_for(first.address)
         with channel:
             ids = [stub.OpenSession(pb.OpenSessionRequest(model="gru_every")).session_id for _ in range(n)]
             # Killed right after step kill_at is answered, with up to `window` later steps in flight.
             acked = stream(stub, ids, xs, ys, 1, window=window, after=lambda t: t == kill_at and kill9(first))
         assert kill_at <= acked < kill_at + window
-    with serving(durable_repository, tmp_path, redis_server, "second") as second:
+    with serving(durable_repository, tmp_path, redis_server, "second", one_batch) as second:
         channel, stub = stub_for(second.address)
         with channel:
             # Each session is back (restored from Redis on first use) at its last acknowledged step, or past it
