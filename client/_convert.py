@@ -83,6 +83,7 @@ def stats(msg: pb.StatsResponse) -> Stats:
             open_sessions=m.open_sessions,
             compute_ns=m.compute_ns,
             queue_ns=m.queue_ns,
+            inline_batches=m.inline_batches,
         )
         for m in msg.models
     )

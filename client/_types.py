@@ -86,6 +86,7 @@ class ModelStats:
     open_sessions: int = 0
     compute_ns: int = 0
     queue_ns: int = 0
+    inline_batches: int = 0  # of the batches, those the server ran on its event loop (no thread hop)
 
     @property
     def mean_batch(self) -> float:

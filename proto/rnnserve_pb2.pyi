@@ -489,7 +489,7 @@ class StatsRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelStats(_message.Message):
-    __slots__ = ("name", "version", "steps", "batches", "max_batch", "batch_histogram", "open_sessions", "compute_ns", "queue_ns")
+    __slots__ = ("name", "version", "steps", "batches", "max_batch", "batch_histogram", "open_sessions", "compute_ns", "queue_ns", "inline_batches")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -499,6 +499,7 @@ class ModelStats(_message.Message):
     OPEN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_NS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
+    INLINE_BATCHES_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     steps: int
@@ -508,7 +509,8 @@ class ModelStats(_message.Message):
     open_sessions: int
     compute_ns: int
     queue_ns: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., steps: _Optional[int] = ..., batches: _Optional[int] = ..., max_batch: _Optional[int] = ..., batch_histogram: _Optional[_Iterable[int]] = ..., open_sessions: _Optional[int] = ..., compute_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ...) -> None: ...
+    inline_batches: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., steps: _Optional[int] = ..., batches: _Optional[int] = ..., max_batch: _Optional[int] = ..., batch_histogram: _Optional[_Iterable[int]] = ..., open_sessions: _Optional[int] = ..., compute_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ..., inline_batches: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("models", "open_sessions", "expired_sessions")

@@ -81,6 +81,7 @@ class StepJob:
         "group",
         "index",
         "inputs",
+        "keep",
         "num_steps",
         "outputs",
         "session",
@@ -98,6 +99,7 @@ class StepJob:
         index: int = 0,
         step_index: int = 0,
         fingerprint: int = 0,
+        keep: bool = False,
     ):
         self.session = session
         self.inputs = inputs
@@ -112,6 +114,10 @@ class StepJob:
         self.fingerprint = fingerprint  # of the inputs: tells a retry from another step reusing the index
         # Retries of this step that arrived while it was queued: each gets this job's result.
         self.followers: list[Follower] | None = None
+        # Applies even if its caller stops waiting (a stream's step: the steps queued behind it still apply,
+        # so dropping this one would leave a gap); otherwise a step whose caller left before it started is
+        # dropped, like a step never sent.
+        self.keep = keep
 
     def finish(self, steps: int = 0, error: BaseException | None = None) -> None:
         if self.group is not None:
@@ -148,6 +154,13 @@ SPLIT_MIN = 32
 """The smallest batch that ready sessions are split into for concurrent batches (smaller ones lose more to
 per-call overhead than they gain from overlapping)."""
 
+INLINE_MAX = 4
+"""Batches of at most this many sessions, with no other batch of the model computing, run on the event loop
+instead of a worker thread (see Batcher._run), while such batches take under INLINE_BUDGET_NS; 0: never."""
+INLINE_BUDGET_NS = 1_000_000
+"""A model whose small batches take longer than this runs them on a worker thread: the event loop must not
+stall for long (other streams, health checks and the other models wait on it)."""
+
 # Upper bounds of the batch-size histogram's buckets (sizes 1, 2-3, 4-7, ...; the last one open), and of the
 # per-step queue-delay and latency buckets (50 us .. 10 s) that server/metrics.py exports.
 BATCH_SIZE_BOUNDS = [2 ** (i + 1) - 1 for i in range(11)]
@@ -168,6 +181,7 @@ class BatchStats:
     queue_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS_NS) + 1))
     latency_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS_NS) + 1))
     latency_ns: int = 0
+    inline: int = 0  # of ``batches``: those run on the event loop (Batcher._run)
 
     def record(self, size: int, compute_ns: int, queue_ns: int) -> None:
         self.steps += size
@@ -186,6 +200,7 @@ def _abandoned(job: StepJob | ControlJob) -> bool:
     """A step not started whose own future is cancelled: its RPC ended (deadline, cancel) while it queued."""
     return (
         type(job) is StepJob
+        and not job.keep
         and job.done == 0
         and job.future is not None
         and job.future.cancelled()
@@ -217,8 +232,17 @@ def _resolve(future: asyncio.Future, result: Any = None, error: BaseException | 
 
 
 class Batcher:
-    def __init__(self, model: LoadedModel, *, max_batch_size: int, max_queue_delay_us: int, concurrency: int = 1):
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        max_batch_size: int,
+        max_queue_delay_us: int,
+        concurrency: int = 1,
+        inline_max: int = INLINE_MAX,
+    ):
         self.model = model
+        self.inline_max = inline_max
         self.max_batch_size = max_batch_size
         self.max_queue_delay = max_queue_delay_us / 1e6
         self.concurrency = concurrency
@@ -233,6 +257,8 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._inflight: set[asyncio.Task] = set()
         self._computing = 0  # batches dispatched and not yet completed
+        # Moving average of small batches' compute time (ns); 0 until one ran on a worker thread.
+        self._small_ns = 0
 
     # ---- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -297,6 +323,12 @@ class Batcher:
                 self._slots.release()
                 continue
             self._computing += 1
+            if self._computing == 1 and len(batch) <= self.inline_max and self._may_inline():
+                # A small batch with nothing else computing runs right here on the event loop: its model call
+                # is shorter than the two cross-thread wakeups (to a worker and back) it would otherwise pay,
+                # which is most of a lone session's step latency. Steps arriving meanwhile form the next batch.
+                self._execute_inline(batch)
+                continue
             task = asyncio.get_running_loop().create_task(self._execute(batch))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
@@ -350,38 +382,88 @@ class Batcher:
             batch.append(session)
         return batch
 
+    def _may_inline(self) -> bool:
+        # Only for a model whose small batches are quick, and not when the batch waits on the store: an every-step
+        # write is a network round trip, which must not stall the event loop.
+        model = self.model
+        return (
+            0 < self._small_ns < INLINE_BUDGET_NS
+            and model.runtime.device == "cpu"  # a GPU's small batches are kernel launches: not measured here
+            and (model.persistence is None or model.durability.mode != "every-step")
+        )
+
+    def _begin(self, batch: list[Session]) -> tuple[list[StepJob], bool, int]:
+        jobs: list[StepJob] = [s.pending[0] for s in batch]  # type: ignore[misc]
+        for job in jobs:
+            if job.num_steps > 1 and job.done == 0 and job.start_state is None:
+                # A chunk about to start: remember where it began so a failure midway can roll back.
+                job.start_state = self.model.slab.read(job.session.slot)
+        return jobs, self._whole_group(jobs), time.perf_counter_ns()
+
+    def _failure(self, exc: Exception, size: int) -> RnnServeError:
+        if isinstance(exc, RnnServeError):
+            return exc
+        log.exception("model %s failed on a batch of %d", self.model.key, size)
+        return Internal(f"model {self.model.key} failed: {exc}")
+
+    def _end(
+        self,
+        batch: list[Session],
+        jobs: list[StepJob],
+        whole: bool,
+        t0: int,
+        per_output: list[np.ndarray],
+        refused: set[int],
+        error: BaseException | None,
+        model_ns: int = 0,
+        inline: bool = False,
+    ) -> None:
+        compute_ns = time.perf_counter_ns() - t0
+        if error is None:
+            self.stats.record(len(batch), compute_ns, sum(t0 - s.ready_since for s in batch))
+            self.stats.inline += inline
+            if len(batch) <= self.inline_max:
+                # The call itself, without the thread hops around it: what running it inline would cost.
+                self._small_ns = model_ns if not self._small_ns else (7 * self._small_ns + model_ns) // 8
+        if whole and error is None and not refused:
+            self._complete_group(batch, jobs, per_output, time.monotonic())
+        else:
+            self._complete(batch, jobs, per_output, error, refused)
+
+    def _execute_inline(self, batch: list[Session]) -> None:
+        try:
+            jobs, whole, t0 = self._begin(batch)
+            try:
+                per_output, refused, model_ns = self._timed_compute(jobs, whole)
+            except Exception as exc:
+                self._end(batch, jobs, whole, t0, [], set(), self._failure(exc, len(batch)))
+            else:
+                self._end(batch, jobs, whole, t0, per_output, refused, None, model_ns, inline=True)
+        finally:
+            self._computing -= 1
+            self._slots.release()
+
     async def _execute(self, batch: list[Session]) -> None:
         try:
-            jobs: list[StepJob] = [s.pending[0] for s in batch]  # type: ignore[misc]
-            for job in jobs:
-                if job.num_steps > 1 and job.done == 0 and job.start_state is None:
-                    # A chunk about to start: remember where it began so a failure midway can roll back.
-                    job.start_state = self.model.slab.read(job.session.slot)
-            t0 = time.perf_counter_ns()
-            queue_ns = sum(t0 - s.ready_since for s in batch)
+            jobs, whole, t0 = self._begin(batch)
             loop = asyncio.get_running_loop()
-            error: BaseException | None = None
-            per_output: list[np.ndarray] = []
-            refused: set[int] = set()
-            whole = self._whole_group(jobs)
             try:
-                per_output, refused = await loop.run_in_executor(self._executor, self._compute, jobs, whole)
-            except RnnServeError as exc:
-                error = exc
+                per_output, refused, model_ns = await loop.run_in_executor(
+                    self._executor, self._timed_compute, jobs, whole
+                )
             except Exception as exc:
-                log.exception("model %s failed on a batch of %d", self.model.key, len(batch))
-                error = Internal(f"model {self.model.key} failed: {exc}")
-            compute_ns = time.perf_counter_ns() - t0
-            if error is None:
-                self.stats.record(len(batch), compute_ns, queue_ns)
-            if whole and error is None and not refused:
-                self._complete_group(batch, jobs, per_output, time.monotonic())
+                self._end(batch, jobs, whole, t0, [], set(), self._failure(exc, len(batch)))
             else:
-                self._complete(batch, jobs, per_output, error, refused)
+                self._end(batch, jobs, whole, t0, per_output, refused, None, model_ns)
         finally:
             self._computing -= 1
             self._slots.release()
             self._wakeup.set()
+
+    def _timed_compute(self, jobs: Sequence[StepJob], whole: bool) -> tuple[list[np.ndarray], set[int], int]:
+        t0 = time.perf_counter_ns()
+        per_output, refused = self._compute(jobs, whole)
+        return per_output, refused, time.perf_counter_ns() - t0
 
     def _compute(self, jobs: Sequence[StepJob], whole: bool = False) -> tuple[list[np.ndarray], set[int]]:
         """Worker thread: gather, run, scatter. Returns each data output with the batch axis first, and the

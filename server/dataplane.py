@@ -270,7 +270,13 @@ class DataPlane:
 
     # ---- steps ------------------------------------------------------------------------------------------
     def submit_step(
-        self, session_id: str, inputs: Mapping[str, np.ndarray], num_steps: int, step_index: int = 0
+        self,
+        session_id: str,
+        inputs: Mapping[str, np.ndarray],
+        num_steps: int,
+        step_index: int = 0,
+        *,
+        keep: bool = False,
     ) -> tuple[LoadedModel, asyncio.Future]:
         """Validate and queue one step (or chunk). Returns its model and a future for ``step_result``.
 
@@ -295,7 +301,7 @@ class DataPlane:
         batcher = self._batcher(session)
         self.limits.check_queue(batcher.queued_steps, num_steps or 1, model.key)
         future = asyncio.get_running_loop().create_future()
-        batcher.enqueue(session, StepJob(session, checked, num_steps, future, None, 0, step_index, print_))
+        batcher.enqueue(session, StepJob(session, checked, num_steps, future, None, 0, step_index, print_, keep))
         exactly_once.queued(session, num_steps, step_index, self.replay_window)
         return model, future
 

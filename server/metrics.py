@@ -56,6 +56,11 @@ class RnnServeCollector:
         mv = ["model", "version"]
         steps = CounterMetricFamily("rnnserve_steps", "Timesteps computed", labels=mv)
         batches = CounterMetricFamily("rnnserve_batches", "Model calls (batches) that succeeded", labels=mv)
+        inline = CounterMetricFamily(
+            "rnnserve_inline_batches",
+            "Of the batches, those run on the event loop (small batches of a quick model: no thread hop)",
+            labels=mv,
+        )
         compute = CounterMetricFamily("rnnserve_compute_seconds", "Seconds spent in model calls", labels=mv)
         batch_size = HistogramMetricFamily("rnnserve_batch_size", "Sessions per model call", labels=mv)
         queue = HistogramMetricFamily(
@@ -82,6 +87,7 @@ class RnnServeCollector:
             queued.add_metric(labels, batcher.queued_steps)
             steps.add_metric(labels, s.steps)
             batches.add_metric(labels, s.batches)
+            inline.add_metric(labels, s.inline)
             compute.add_metric(labels, s.compute_ns / 1e9)
             batch_size.add_metric(labels, list(zip(size_bounds, _cumulative(list(s.histogram)), strict=True)), s.steps)
             queue.add_metric(
@@ -90,7 +96,7 @@ class RnnServeCollector:
             latency.add_metric(
                 labels, list(zip(time_bounds, _cumulative(list(s.latency_buckets)), strict=True)), s.latency_ns / 1e9
             )
-        yield from (steps, batches, compute, batch_size, queue, latency, open_sessions, queued)
+        yield from (steps, batches, inline, compute, batch_size, queue, latency, open_sessions, queued)
 
         evictions = CounterMetricFamily(
             "rnnserve_session_evictions",

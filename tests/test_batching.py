@@ -69,3 +69,29 @@ def test_random_concurrent_streams_equal_each_session_alone(server_factory, tiny
     assert stats.batches < stats.steps / 4, (stats.batches, stats.steps)
     assert stats.max_batch >= 16
     assert sum(stats.batch_histogram) == stats.batches
+    assert stats.inline_batches < stats.batches  # the large batches went to worker threads
+
+
+def test_a_lone_session_steps_on_the_event_loop(server_factory, tiny_repository):
+    # A lone session's batches of one run on the event loop once the first (on a worker thread) showed them
+    # quick; a single-step stream and unary steps still equal eager, and a refused step changes nothing.
+    server = server_factory(tiny_repository)
+    xs = np.random.default_rng(5).standard_normal((30, TINY_INPUT)).astype(np.float32)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.RnnServeStub(channel)
+        sid = stub.OpenSession(pb.OpenSessionRequest(model="gru")).session_id
+
+        def request(x: np.ndarray) -> pb.StepRequest:
+            return pb.StepRequest(session_id=sid, inputs={"x": to_proto(x)})
+
+        ys = [from_proto(stub.Step(request(x)).outputs["y"]) for x in xs[:10]]
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Step(request(np.full(TINY_INPUT, np.nan, np.float32)))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        for response in stub.StreamStep(pb.StreamStepRequest(steps=[request(x)]) for x in xs[10:]):
+            assert response.results[0].code == 0, response.results[0].message
+            ys.append(from_proto(response.results[0].outputs["y"]))
+        stats = stub.GetStats(pb.StatsRequest(model="gru")).models[0]
+    assert np.abs(np.stack(ys) - tiny_expected(xs)[0]).max() <= 1e-5
+    assert stats.steps == stats.batches == 30
+    assert 25 <= stats.inline_batches < 30, stats.inline_batches

@@ -221,14 +221,24 @@ def test_peer_rows_compare_the_same_client() -> None:
             peer("rnnserve (tritonclient)", 64, 3200, 180),
             peer("rnnserve (tritonclient)", 256, 2000, 450),
             {"phase": "peer", "label": "triton N=1024", "sessions": 1024, "error": "load.py failed"},
+            peer("echo (tritonclient)", 64, 4000, 150),
+            peer("echo (tritonclient)", 256, 3000, 120),
         ],
     }
     report.add_ratios(result)
-    triton64, _, ours64, ours256, _ = result["peer"]
+    triton64, _, ours64, ours256, _, echo64, echo256 = result["peer"]
     assert triton64["ratio"] == pytest.approx(0.25) and triton64["ratio_to"] == "transport N=64"
     assert ours64["ratio"] == pytest.approx(1.6) and ours64["cpu_ratio"] == pytest.approx(0.45)
     assert ours256["ratio"] == pytest.approx(0.8) and "same client" in ours256["ratio_to"]
-    got = {t["target"]: t["pass"] for t in report.targets(result)}
+    # The echo (the Python gRPC floor under the same client) is compared with Triton too, and each rnnserve
+    # row with the echo of its size.
+    assert echo64["ratio"] == pytest.approx(2.0) and echo256["cpu_ratio"] == pytest.approx(0.4)
+    assert ours64["ratio_echo"] == pytest.approx(0.8) and ours256["ratio_echo"] == pytest.approx(2000 / 3000)
+    judged = report.targets(result)
+    details = {t["target"]: t["detail"] for t in judged}
+    assert details["rnnserve (tritonclient) N=256 >= 1.5x Triton's steps/s"].endswith("a bare Python gRPC echo: 1.20x")
+    assert details["rnnserve (tritonclient) N=256 <= 0.5x Triton's server CPU per step"].endswith("echo: 0.40x")
+    got = {t["target"]: t["pass"] for t in judged}
     assert got == {
         "rnnserve (tritonclient) N=64 >= 1.5x Triton's steps/s": True,
         "rnnserve (tritonclient) N=64 <= 0.5x Triton's server CPU per step": True,

@@ -323,6 +323,28 @@ def test_graceful_shutdown_keeps_none_sessions_once(durable_repository, redis_se
     np.testing.assert_allclose(np.stack(ys), tiny_expected(xs)[0], atol=1e-5)
 
 
+@needs_redis
+def test_every_step_batches_never_run_on_the_event_loop(durable_repository, redis_server, server_factory):
+    """An every-step batch waits on a store round trip, so it always runs on a worker thread, however quick the
+    model; the same lone session of a `none` model steps on the event loop (Batcher._run)."""
+    xs = np.random.default_rng(12).standard_normal((12, TINY_INPUT)).astype(np.float32)
+    server = server_factory(durable_repository, session_store=redis_server.url)
+    # As if its batches were measured quick (a store round trip alone can exceed the inline budget here).
+    server.server.repository.models[("gru_every", 1)].batcher._small_ns = 1
+
+    def step(stub: pb_grpc.RnnServeStub, sid: str, x: np.ndarray) -> np.ndarray:
+        return from_proto(stub.Step(pb.StepRequest(session_id=sid, inputs={"x": to_proto(x)})).outputs["y"])
+
+    channel, stub = stub_for(server.address)
+    with channel:
+        for model in ("gru_every", "gru_none"):
+            sid = stub.OpenSession(pb.OpenSessionRequest(model=model)).session_id
+            np.testing.assert_allclose(np.stack([step(stub, sid, x) for x in xs]), tiny_expected(xs)[0], atol=1e-5)
+        stats = {m.name: m for m in stub.GetStats(pb.StatsRequest()).models}
+    assert stats["gru_every"].batches == 12 and stats["gru_every"].inline_batches == 0
+    assert stats["gru_none"].batches == 12 and stats["gru_none"].inline_batches >= 8
+
+
 # ---- store failure, close, expiry -----------------------------------------------------------------------------
 @needs_redis
 def test_store_failure_fails_the_step_and_changes_nothing(durable_repository, redis_server, server_factory):

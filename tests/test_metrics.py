@@ -52,6 +52,8 @@ def test_metrics_match_get_stats(server_factory, tiny_repository):
         m = scrape(port)
         assert m["rnnserve_steps_total"][gru] == stats[("gru", 1)].steps == 17
         assert m["rnnserve_batches_total"][gru] == stats[("gru", 1)].batches
+        # Lone sessions' steps: after the first batch (measured on a worker thread), small ones run inline.
+        assert 0 < m["rnnserve_inline_batches_total"][gru] == stats[("gru", 1)].inline_batches
         assert m["rnnserve_batch_size_count"][gru] == stats[("gru", 1)].batches
         assert m["rnnserve_batch_size_sum"][gru] == 17
         assert m["rnnserve_batch_size_bucket"][L(model="gru", version="1", le="+Inf")] == stats[("gru", 1)].batches

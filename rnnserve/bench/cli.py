@@ -287,10 +287,12 @@ def run(args: argparse.Namespace) -> int:
             else:
                 result[name] = rows
         if args.peer == "triton":
-            from rnnserve.bench.triton import rnnserve_rows, triton_rows
+            from rnnserve.bench.triton import echo_rows, rnnserve_rows, triton_rows
 
-            result["peer"] = triton_rows(progress, timeout=cfg.phase_timeout) + rnnserve_rows(
-                progress, repository, bench_model.name, workdir, timeout=cfg.phase_timeout
+            result["peer"] = (
+                triton_rows(progress, timeout=cfg.phase_timeout)
+                + rnnserve_rows(progress, repository, bench_model.name, workdir, timeout=cfg.phase_timeout)
+                + echo_rows(progress, repository, bench_model.name, workdir, timeout=cfg.phase_timeout)
             )
     except KeyboardInterrupt:
         print("rnnserve bench: interrupted", file=sys.stderr)

@@ -6,7 +6,12 @@ of exactly the size rnnserve would send: one result per step carrying the model'
 generator names the message shape once per stream in metadata (``x-bench-shape: STEPS_PER_MESSAGE,CHUNK``).
 What it reaches is what Python gRPC itself carries on this machine with this client.
 
-    python -m rnnserve.bench.echo --model-dir REPO/NAME/VERSION --port-file F
+It also answers Triton's ``ModelStreamInfer`` (and the ``ModelStatistics`` call the peer's load generator
+makes), for ``--peer triton``: each ``ModelInferRequest`` is parsed for its id only, which the client matches
+responses by, and answered with the model's outputs' worth of zero bytes. That is the floor any Python gRPC
+server pays per step under the peer's tritonclient load.
+
+    python -m rnnserve.bench.echo --model-dir REPO/NAME/VERSION --port-file F [--kserve-model NAME]
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import grpc
 import numpy as np
 
 from rnnserve.manifest import ModelManifest
+from rnnserve.proto import kserve_grpc_service_pb2 as kpb
 from rnnserve.proto import rnnserve_pb2 as pb
+from rnnserve.server.grpc.kserve_tensors import DATATYPES
 from rnnserve.tensors import to_proto
 
 SHAPE_KEY = "x-bench-shape"
@@ -72,8 +79,38 @@ class Echo:
             yield response
 
 
-async def serve(model_dir: Path, port_file: Path, host: str) -> None:
-    echo = Echo(ModelManifest.read(model_dir))
+class KServeEcho:
+    """Triton's streaming inference, answered without a model (see the module docstring)."""
+
+    def __init__(self, manifest: ModelManifest, model_name: str):
+        self.model_name = model_name
+        response = kpb.ModelStreamInferResponse()
+        infer = response.infer_response
+        infer.model_name, infer.model_version = model_name, "1"
+        for spec in manifest.outputs:
+            shape = [1, *(1 if d == -1 else d for d in spec.session_shape)]
+            infer.outputs.add(name=spec.name, datatype=DATATYPES[spec.dtype], shape=shape)
+            infer.raw_output_contents.append(np.zeros(shape, dtype=spec.dtype).tobytes())
+        self._template = response
+
+    async def stream_infer(self, request_iterator: AsyncIterator[bytes], context) -> AsyncIterator[bytes]:
+        template = self._template
+        async for raw in request_iterator:
+            response = kpb.ModelStreamInferResponse()
+            response.CopyFrom(template)
+            response.infer_response.id = kpb.ModelInferRequest.FromString(raw).id
+            yield response.SerializeToString()
+
+    async def statistics(self, raw: bytes, context) -> bytes:
+        reply = kpb.ModelStatisticsResponse()
+        reply.model_stats.add(name=self.model_name, version="1")
+        return reply.SerializeToString()
+
+
+async def serve(model_dir: Path, port_file: Path, host: str, kserve_model: str) -> None:
+    manifest = ModelManifest.read(model_dir)
+    echo = Echo(manifest)
+    kserve = KServeEcho(manifest, kserve_model or manifest.name)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -82,8 +119,15 @@ async def serve(model_dir: Path, port_file: Path, host: str) -> None:
         ]
     )
     handler = grpc.stream_stream_rpc_method_handler(echo.stream_step)  # raw bytes both ways
+    kserve_handlers = {
+        "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(kserve.stream_infer),
+        "ModelStatistics": grpc.unary_unary_rpc_method_handler(kserve.statistics),
+    }
     server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("rnnserve.v1.RnnServe", {"StreamStep": handler}),)
+        (
+            grpc.method_handlers_generic_handler("rnnserve.v1.RnnServe", {"StreamStep": handler}),
+            grpc.method_handlers_generic_handler("inference.GRPCInferenceService", kserve_handlers),
+        )
     )
     port = server.add_insecure_port(f"{host}:0")
     await server.start()
@@ -101,8 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-dir", type=Path, required=True, help="REPO/NAME/VERSION (for the output sizes)")
     parser.add_argument("--port-file", type=Path, required=True)
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--kserve-model", default="", help="model name Triton clients use (default: the manifest's)")
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.model_dir, args.port_file, args.host))
+    asyncio.run(serve(args.model_dir, args.port_file, args.host, args.kserve_model))
 
 
 if __name__ == "__main__":

@@ -153,9 +153,11 @@ def _serve_command(repository: Path, port_file: Path, max_sessions: int, extra: 
     ]
 
 
-def echo_server(manifest_dir: Path, workdir: Path) -> ServerProcess:
+def echo_server(manifest_dir: Path, workdir: Path, kserve_model: str = "") -> ServerProcess:
     port_file = workdir / "echo.port"
     cmd = [sys.executable, "-m", "rnnserve.bench.echo", "--model-dir", str(manifest_dir), "--port-file", str(port_file)]
+    if kserve_model:
+        cmd += ["--kserve-model", kserve_model]
     return ServerProcess("echo server", cmd, port_file, workdir / "echo.log")
 
 

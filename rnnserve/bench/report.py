@@ -52,10 +52,14 @@ def add_ratios(result: dict[str, Any]) -> None:
     triton = {
         r["sessions"]: r for r in result.get("peer", []) if r["label"].startswith("triton") and "steps_per_s" in r
     }
+    floor = {r["sessions"]: r for r in result.get("peer", []) if r["label"].startswith("echo") and "steps_per_s" in r}
     for row in result.get("peer", []):
         if "steps_per_s" not in row:
             continue
-        peer = triton.get(row["sessions"]) if row["label"].startswith("rnnserve") else None
+        peer = triton.get(row["sessions"]) if row["label"].startswith(("rnnserve", "echo")) else None
+        echo = floor.get(row["sessions"]) if row["label"].startswith("rnnserve") else None
+        if echo is not None:  # what Python gRPC alone carries with this client: the ceiling for this row
+            row["ratio_echo"] = _ratio(row["steps_per_s"], echo["steps_per_s"])
         if peer is not None:
             # The same client against both servers: throughput and server CPU per step against Triton's.
             row["ratio"] = _ratio(row["steps_per_s"], peer["steps_per_s"])
@@ -160,21 +164,27 @@ def targets(result: dict[str, Any]) -> list[Row]:
                 f"{p50:.3f} vs {budget:.3f} ms",
             )
         )
+    floors = {r["sessions"]: r for r in result.get("peer", []) if r["label"].startswith("echo") and "ratio" in r}
     for row in result.get("peer", []):
-        if "same client" in row.get("ratio_to", ""):
+        if row["label"].startswith("rnnserve") and "same client" in row.get("ratio_to", ""):
+            echo = floors.get(row["sessions"])
+            # The bare echo's own ratios say whether the target is within Python gRPC's reach at all.
+            floor = f"; a bare Python gRPC echo: {echo['ratio']:.2f}x" if echo else ""
             out.append(
                 _target(
                     f"{row['label']} >= 1.5x Triton's steps/s",
                     row["ratio"] >= 1.5,
-                    f"{row['ratio']:.2f}x ({row['steps_per_s']:,.0f} steps/s, {row['ratio_to']})",
+                    f"{row['ratio']:.2f}x ({row['steps_per_s']:,.0f} steps/s, {row['ratio_to']}){floor}",
                 )
             )
             if "cpu_ratio" in row:
+                echo_cpu = echo.get("cpu_ratio") if echo else None
+                cpu_floor = f"; a bare Python gRPC echo: {echo_cpu:.2f}x" if echo_cpu is not None else ""
                 out.append(
                     _target(
                         f"{row['label']} <= 0.5x Triton's server CPU per step",
                         row["cpu_ratio"] <= 0.5,
-                        f"{row['cpu_ratio']:.2f}x ({row['server_cpu_us_per_step']:,.0f} us/step)",
+                        f"{row['cpu_ratio']:.2f}x ({row['server_cpu_us_per_step']:,.0f} us/step){cpu_floor}",
                     )
                 )
     idle = result.get("idle")

@@ -43,9 +43,18 @@ def _missing(peer_dir: Path, venv: Path) -> str | None:
 
 
 def _load(
-    python: Path, peer_dir: Path, port: int, pid: int, sessions: int, steps: int, timeout: float, label: str
+    python: Path,
+    peer_dir: Path,
+    port: int,
+    pid: int,
+    sessions: int,
+    steps: int,
+    timeout: float,
+    label: str,
+    check: bool = True,
 ) -> dict[str, Any]:
-    """One run of the peer's load generator against ``port``; a row for the report."""
+    """One run of the peer's load generator against ``port``; a row for the report. ``check=False``: skip
+    the reference check (the echo answers zeros)."""
     cmd = [
         str(python),
         str(peer_dir / "load.py"),
@@ -59,6 +68,7 @@ def _load(
         str(pid),
         "--timeout",
         str(timeout),
+        *(() if check else ("--no-check",)),
     ]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 120)
@@ -86,6 +96,28 @@ def _load(
     }
 
 
+def _newest(repository: Path, model: str) -> Path:
+    return max((p for p in (repository / model).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+
+
+def _runs(
+    progress: Progress, server: Any, name: str, peer_dir: Path, venv: Path, timeout: float, check: bool
+) -> list[dict[str, Any]]:
+    """The peer's RUNS against a started server process, which is stopped afterwards."""
+    rows = []
+    try:
+        for sessions, steps in RUNS:
+            label = f"{name} N={sessions}"
+            progress.log(f"  peer {label}, {steps} steps each")
+            python = venv / "bin" / "python"
+            rows.append(_load(python, peer_dir, server.port, server.pid, sessions, steps, timeout, label, check))
+            if "steps_per_s" in rows[-1]:
+                progress.log(f"  peer {label}: {rows[-1]['steps_per_s']:,.0f} steps/s")
+    finally:
+        server.stop()
+    return rows
+
+
 def rnnserve_rows(
     progress: Progress,
     repository: Path,
@@ -106,26 +138,34 @@ def rnnserve_rows(
     from rnnserve.bench.procs import rnnserve_server
     from rnnserve.manifest import ModelManifest
 
-    source = max((p for p in (repository / model).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
     target = workdir / "peer-repository" / PEER_MODEL / "1"
     shutil.rmtree(target.parent, ignore_errors=True)
-    shutil.copytree(source, target)
+    shutil.copytree(_newest(repository, model), target)
     manifest = ModelManifest.read(target)
     manifest.model_copy(update={"name": PEER_MODEL, "version": 1}).write(target)
     server = rnnserve_server(target.parent.parent, workdir, tag="peer-rnnserve", max_sessions=100_000).start()
-    rows = []
-    try:
-        for sessions, steps in RUNS:
-            label = f"rnnserve (tritonclient) N={sessions}"
-            progress.log(f"  peer {label}, {steps} steps each")
-            rows.append(
-                _load(venv / "bin" / "python", peer_dir, server.port, server.pid, sessions, steps, timeout, label)
-            )
-            if "steps_per_s" in rows[-1]:
-                progress.log(f"  peer {label}: {rows[-1]['steps_per_s']:,.0f} steps/s")
-    finally:
-        server.stop()
-    return rows
+    return _runs(progress, server, "rnnserve (tritonclient)", peer_dir, venv, timeout, check=True)
+
+
+def echo_rows(
+    progress: Progress,
+    repository: Path,
+    model: str,
+    workdir: Path,
+    *,
+    peer_dir: Path = DEFAULT_PEER_DIR,
+    venv: Path = DEFAULT_VENV,
+    timeout: float = 300.0,
+) -> list[dict[str, Any]]:
+    """The floor: the bench's echo service answering ModelStreamInfer without a model (rnnserve/bench/echo.py),
+    under the same tritonclient load. No Python gRPC server can do better with this client on this machine."""
+    reason = _missing(peer_dir, venv)
+    if reason is not None:
+        return [{"phase": "peer", "label": "echo (tritonclient)", "error": reason}]
+    from rnnserve.bench.procs import echo_server
+
+    server = echo_server(_newest(repository, model), workdir, kserve_model=PEER_MODEL).start()
+    return _runs(progress, server, "echo (tritonclient)", peer_dir, venv, timeout, check=False)
 
 
 def triton_rows(

@@ -139,6 +139,7 @@ class RnnServeServicer:
                     open_sessions=m.open_sessions,
                     compute_ns=s.compute_ns,
                     queue_ns=s.queue_ns,
+                    inline_batches=s.inline,
                 )
             )
         return pb.StatsResponse(
@@ -202,11 +203,13 @@ class RnnServeServicer:
                         continue
                     # Before queueing anything of the message, so its steps stay in order.
                     batch_ids = list(message.batch.session_ids)
-                    await self._restored(
+                    restoring = self.dp.restore_missing(
                         [s.session_id for s in message.steps] + batch_ids,
                         [s.step_index for s in message.steps]
                         + (list(message.batch.step_indices) or [0] * len(batch_ids)),
                     )
+                    if restoring is not None:  # (no coroutine per message when there is nothing to restore)
+                        await restoring
                     grouped = self._steps_as_group(message.steps)
                     if grouped is not None:
                         batch_part = self._submit_batch(message) if message.HasField("batch") else None
@@ -216,7 +219,11 @@ class RnnServeServicer:
                     for step in message.steps:
                         try:
                             model, future = self.dp.submit_step(
-                                step.session_id, self.limits.tensors(step.inputs), step.num_steps, step.step_index
+                                step.session_id,
+                                self.limits.tensors(step.inputs),
+                                step.num_steps,
+                                step.step_index,
+                                keep=True,
                             )
                             entries.append((step, model, future, _check_wanted(model, step.outputs)))
                         except Exception as exc:  # reported in this step's result
@@ -243,9 +250,9 @@ class RnnServeServicer:
                     try:
                         if model is None:
                             raise extra
-                        # Shielded: a broken stream must not cancel (and so drop) the one step it waits for
-                        # while the steps queued after it apply.
-                        value = await asyncio.shield(future)
+                        # Submitted with keep: a broken stream cancelling this future does not drop the step
+                        # (the steps queued after it apply).
+                        value = await future
                         out = self.dp.step_result(model, value, step.num_steps)
                         result.steps = out.steps
                         converters.fill_outputs(result.outputs, out.outputs, extra)
@@ -298,7 +305,7 @@ class RnnServeServicer:
         return _Grouped(steps, batch_model, future, wanted_checked)
 
     async def _answer_grouped(self, response: pb.StreamStepResponse, grouped: _Grouped) -> None:
-        group = await asyncio.shield(grouped.future)  # see the per-step path: a broken stream drops nothing
+        group = await grouped.future  # a group's rows have no futures of their own: cancelling drops nothing
         model = grouped.model
         names = [o.name for o in model.manifest.outputs] if model is not None else []
         for i, step in enumerate(grouped.steps):
