@@ -157,6 +157,8 @@ per-call overhead than they gain from overlapping)."""
 INLINE_MAX = 4
 """Batches of at most this many sessions, with no other batch of the model computing, run on the event loop
 instead of a worker thread (see Batcher._run), while such batches take under INLINE_BUDGET_NS; 0: never."""
+INLINE_BUSY = 0.5
+"""... and while the model computes less than this share of the time (a light load)."""
 INLINE_BUDGET_NS = 1_000_000
 """A model whose small batches take longer than this runs them on a worker thread: the event loop must not
 stall for long (other streams, health checks and the other models wait on it)."""
@@ -259,6 +261,10 @@ class Batcher:
         self._computing = 0  # batches dispatched and not yet completed
         # Moving average of small batches' compute time (ns); 0 until one ran on a worker thread.
         self._small_ns = 0
+        # Moving average of the share of time the model spends computing (per batch: its model time over the
+        # time since the previous batch ended), and when the last batch ended.
+        self._busy = 0.0
+        self._last_end_ns = 0
 
     # ---- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -388,6 +394,9 @@ class Batcher:
         model = self.model
         return (
             0 < self._small_ns < INLINE_BUDGET_NS
+            # A model busy most of the time has steps arriving while it computes: on a worker thread they queue
+            # up meanwhile and form the next batch, where inline calls would keep every batch at one step.
+            and self._busy < INLINE_BUSY
             and model.runtime.device == "cpu"  # a GPU's small batches are kernel launches: not measured here
             and (model.persistence is None or model.durability.mode != "every-step")
         )
@@ -418,7 +427,12 @@ class Batcher:
         model_ns: int = 0,
         inline: bool = False,
     ) -> None:
-        compute_ns = time.perf_counter_ns() - t0
+        end = time.perf_counter_ns()
+        compute_ns = end - t0
+        if self._last_end_ns and model_ns:
+            busy = min(1.0, model_ns / max(end - self._last_end_ns, 1))
+            self._busy += (busy - self._busy) / 8
+        self._last_end_ns = end
         if error is None:
             self.stats.record(len(batch), compute_ns, sum(t0 - s.ready_since for s in batch))
             self.stats.inline += inline
