@@ -161,7 +161,7 @@ INLINE_BUSY = 0.5
 """... and while the model computes less than this share of the time (a light load)."""
 INLINE_BUDGET_NS = 1_000_000
 """A model whose small batches take longer than this runs them on a worker thread: the event loop must not
-stall for long (other streams, health checks and the other models wait on it)."""
+stall for long (other streams, health checks and the other models wait on it). --inline-budget-us sets it."""
 
 # Upper bounds of the batch-size histogram's buckets (sizes 1, 2-3, 4-7, ...; the last one open), and of the
 # per-step queue-delay and latency buckets (50 us .. 10 s) that server/metrics.py exports.
@@ -242,9 +242,11 @@ class Batcher:
         max_queue_delay_us: int,
         concurrency: int = 1,
         inline_max: int = INLINE_MAX,
+        inline_budget_ns: int = INLINE_BUDGET_NS,
     ):
         self.model = model
         self.inline_max = inline_max
+        self.inline_budget_ns = inline_budget_ns
         self.max_batch_size = max_batch_size
         self.max_queue_delay = max_queue_delay_us / 1e6
         self.concurrency = concurrency
@@ -393,7 +395,7 @@ class Batcher:
         # write is a network round trip, which must not stall the event loop.
         model = self.model
         return (
-            0 < self._small_ns < INLINE_BUDGET_NS
+            0 < self._small_ns < self.inline_budget_ns
             # A model busy most of the time has steps arriving while it computes: on a worker thread they queue
             # up meanwhile and form the next batch, where inline calls would keep every batch at one step.
             and self._busy < INLINE_BUSY

@@ -38,6 +38,7 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--device": ("device", {"choices": ["cpu", "cuda"]}),
     "--intra-op-threads": ("intra_op_threads", {"type": int, "metavar": "N"}),
     "--concurrent-batches": ("concurrent_batches", {"type": int, "metavar": "N"}),
+    "--inline-budget-us": ("inline_budget_us", {"type": int, "metavar": "US"}),
     "--watch": (
         "watch_interval",
         {"type": float, "nargs": "?", "const": 2.0, "metavar": "SECONDS", "help": "(--watch alone: every 2 s)"},

@@ -277,8 +277,17 @@ class DataPlane:
         step_index: int = 0,
         *,
         keep: bool = False,
+        checked: bool = False,
+        future: asyncio.Future | None = None,
+        outputs: Sequence[str] = (),
     ) -> tuple[LoadedModel, asyncio.Future]:
         """Validate and queue one step (or chunk). Returns its model and a future for ``step_result``.
+
+        ``checked``: the transport already matched the inputs to the model's names, dtypes and per-session
+        shapes, in manifest order (the KServe fast path); only the NaN/Inf check is left to run here.
+        ``future``: the future to complete (a stream writer's own wait future, server/grpc/streams.py); the one
+        returned is another when the step is a repeat answered from its earlier result. ``outputs``: the ones
+        the response is to carry; an unknown name refuses the step.
 
         Everything that can be rejected is rejected here, before the step is queued: a refused step never
         reaches the batcher and so never touches the session's state. A ``step_index`` repeating an earlier
@@ -286,10 +295,15 @@ class DataPlane:
         """
         session = self.sessions.get(session_id)
         model = session.model
-        checked = model.check_inputs(inputs, num_steps)
+        if checked:
+            model.check_finite(inputs)
+        else:
+            inputs = model.check_inputs(inputs, num_steps)
+        if outputs:
+            model.check_outputs(outputs)
         print_ = 0
         if step_index:
-            print_ = exactly_once.fingerprint(checked)
+            print_ = exactly_once.fingerprint(inputs)
             earlier = exactly_once.admit(session, step_index, num_steps, print_)
             if earlier is not None:
                 return model, exactly_once.answer(earlier)
@@ -300,13 +314,18 @@ class DataPlane:
             )
         batcher = self._batcher(session)
         self.limits.check_queue(batcher.queued_steps, num_steps or 1, model.key)
-        future = asyncio.get_running_loop().create_future()
-        batcher.enqueue(session, StepJob(session, checked, num_steps, future, None, 0, step_index, print_, keep))
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+        batcher.enqueue(session, StepJob(session, inputs, num_steps, future, None, 0, step_index, print_, keep))
         exactly_once.queued(session, num_steps, step_index, self.replay_window)
         return model, future
 
     def submit_batch(
-        self, session_ids: Sequence[str], inputs: Mapping[str, np.ndarray], step_indices: Sequence[int] = ()
+        self,
+        session_ids: Sequence[str],
+        inputs: Mapping[str, np.ndarray],
+        step_indices: Sequence[int] = (),
+        outputs: Sequence[str] = (),
     ) -> tuple[LoadedModel | None, asyncio.Future]:
         """Validate and queue one timestep for each of many sessions of one model (a StepBatch).
 
@@ -351,6 +370,7 @@ class DataPlane:
             return None, future
         self.limits.check_queue(self._batcher_of(model).queued_steps, n, model.key)
         checked = model.check_inputs(inputs, n, lead="sessions", finite=False)
+        model.check_outputs(outputs)
         for row, name in model.nonfinite_rows(checked).items():
             errors.setdefault(
                 row,

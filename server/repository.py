@@ -50,8 +50,10 @@ class ModelRepository:
         max_queue_delay_us: int | None = None,
         durability: str | None = None,
         concurrent_batches: int | None = None,
+        inline_budget_us: int = 1000,
     ):
         self.root = root
+        self.inline_budget_us = inline_budget_us
         self.concurrent_batches = concurrent_batches  # for manifests that set none; None: auto (_concurrency)
         self.durability = durability  # for manifests that set none (--durability)
         self.device = device
@@ -122,6 +124,7 @@ class ModelRepository:
             max_queue_delay_us=self.max_queue_delay_us,
             durability=self.durability,
             concurrent_batches=settings.concurrent_batches or self.concurrent_batches or _concurrency(runtime.device),
+            inline_budget_us=self.inline_budget_us,
         )
         model.self_check()
         if self.persistence is not None:

@@ -51,6 +51,12 @@ class ServerSettings(BaseSettings):
     multi-core CPU the model's calls overlap each other and the event loop's work. Unset: 2 for a CPU model
     on a machine with 2 or more cores, else 1 (a GPU wants one large batch)."""
 
+    inline_budget_us: int = Field(default=1000, ge=0)
+    """A CPU model whose small batches (at most 4 sessions) compute in under this many microseconds runs them on
+    the event loop, with no worker-thread hop, while nothing else of the model computes and it is lightly
+    loaded: a lone session's step then skips two thread wakeups. 0: every batch runs on a worker thread. A
+    larger budget lets a slower model's small batches stall the event loop (and every other stream) longer."""
+
     durability: Literal["none", "every-step"] | None = None
     """Durability of every model whose manifest does not set its own: ``every-step`` writes each batch's new
     states to the session store before answering, which is what lets another replica behind a gateway take

@@ -75,7 +75,8 @@ def test_random_concurrent_streams_equal_each_session_alone(server_factory, tiny
 def test_a_lone_session_steps_on_the_event_loop(server_factory, tiny_repository):
     # A lone session's batches of one run on the event loop once the first (on a worker thread) showed them
     # quick; a single-step stream and unary steps still equal eager, and a refused step changes nothing.
-    server = server_factory(tiny_repository)
+    # (A budget far above the tiny model's time, so a slow moment of a busy host does not count as slow.)
+    server = server_factory(tiny_repository, inline_budget_us=1_000_000)
     xs = np.random.default_rng(5).standard_normal((30, TINY_INPUT)).astype(np.float32)
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.RnnServeStub(channel)
@@ -95,3 +96,15 @@ def test_a_lone_session_steps_on_the_event_loop(server_factory, tiny_repository)
     assert np.abs(np.stack(ys) - tiny_expected(xs)[0]).max() <= 1e-5
     assert stats.steps == stats.batches == 30
     assert 25 <= stats.inline_batches < 30, stats.inline_batches
+
+
+def test_inline_budget_zero_keeps_every_batch_on_worker_threads(server_factory, tiny_repository):
+    server = server_factory(tiny_repository, inline_budget_us=0)
+    xs = np.random.default_rng(6).standard_normal((12, TINY_INPUT)).astype(np.float32)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.RnnServeStub(channel)
+        sid = stub.OpenSession(pb.OpenSessionRequest(model="gru")).session_id
+        ys = [from_proto(stub.Step(pb.StepRequest(session_id=sid, inputs={"x": to_proto(x)})).outputs["y"]) for x in xs]
+        stats = stub.GetStats(pb.StatsRequest(model="gru")).models[0]
+    assert np.abs(np.stack(ys) - tiny_expected(xs)[0]).max() <= 1e-5
+    assert stats.batches == 12 and stats.inline_batches == 0

@@ -308,11 +308,21 @@ def test_bad_state_and_snapshot_are_rejected(stub):
 
 
 def test_unknown_requested_output(stub):
+    # Refused before the step is queued, in every form of step: the session does not advance.
     sid = open_session(stub)
-    err = rpc_error(
-        stub.Step, pb.StepRequest(session_id=sid, inputs={"x": to_proto(np.zeros(3, np.float32))}, outputs=["q"])
-    )
+    x = to_proto(np.ones(3, np.float32))
+    err = rpc_error(stub.Step, pb.StepRequest(session_id=sid, inputs={"x": x}, outputs=["q"]))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "no output ['q']" in err.details()
+    (reply,) = stub.StreamStep(
+        iter([pb.StreamStepRequest(steps=[pb.StepRequest(session_id=sid, inputs={"x": x}, outputs=["q"])])])
+    )
+    assert reply.results[0].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "no output ['q']" in reply.results[0].message
+    batch = pb.StepBatch(session_ids=[sid], inputs={"x": to_proto(np.ones((1, 3), np.float32))}, outputs=["q"])
+    (reply,) = stub.StreamStep(iter([pb.StreamStepRequest(batch=batch)]))
+    assert list(reply.batch.codes) == [grpc.StatusCode.INVALID_ARGUMENT.value[0]]
+    state = stub.GetState(pb.SessionRequest(session_id=sid))
+    assert state.steps == 0 and not from_proto(state.state["h"]).any()
 
 
 def test_garbage_request_bytes(server, stub):

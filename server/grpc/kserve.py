@@ -22,8 +22,9 @@ from rnnserve.server.dataplane import DataPlane
 from rnnserve.server.errors import InvalidArgument, NotFound, RnnServeError
 from rnnserve.server.grpc import kserve_models as models
 from rnnserve.server.grpc.kserve_sequences import SequenceTable, missing_start, sequence_flags
-from rnnserve.server.grpc.kserve_tensors import DATATYPES, decode_inputs, encode_outputs
+from rnnserve.server.grpc.kserve_tensors import DATATYPES, StepInputs, decode_inputs, encode_outputs
 from rnnserve.server.grpc.servicers import _unary
+from rnnserve.server.grpc.streams import AnswerQueue
 from rnnserve.server.grpc.utils import parse, to_status
 from rnnserve.server.model import LoadedModel
 from rnnserve.server.repository import FailedModel
@@ -104,6 +105,15 @@ class KServeServicer:
         self.dp = dataplane
         self.max_stream_inflight = max_stream_inflight
         self.sequences = SequenceTable()
+        self._step_inputs: dict[int, StepInputs] = {}  # id(model) -> its fast step decoder
+
+    def _decoder(self, model: LoadedModel) -> StepInputs:
+        found = self._step_inputs.get(id(model))
+        if found is None or found.model is not model:
+            if len(self._step_inputs) > 256:  # reloads leave retired models behind: forget them all at once
+                self._step_inputs.clear()
+            found = self._step_inputs[id(model)] = StepInputs(model)
+        return found
 
     # ---- health and metadata ----------------------------------------------------------------------------
     async def ServerLive(self, request: kpb.ServerLiveRequest, context) -> kpb.ServerLiveResponse:
@@ -167,22 +177,38 @@ class KServeServicer:
     async def ModelInfer(self, request: kpb.ModelInferRequest, context) -> kpb.ModelInferResponse:
         return await self.submit(request, client_key(context))
 
-    def submit(self, request: kpb.ModelInferRequest, client: str) -> Awaitable[kpb.ModelInferResponse]:
+    def submit(
+        self,
+        request: kpb.ModelInferRequest,
+        client: str,
+        *,
+        stream: bool = False,
+        waiter: asyncio.Future | None = None,
+    ) -> Awaitable[kpb.ModelInferResponse | kpb.ModelStreamInferResponse]:
         """Validate the request and queue its work now (so a stream's requests batch together); await the
-        result for its response. Everything refusable is refused here, before anything changes."""
+        result for its response (a ModelStreamInferResponse with ``stream``). Everything refusable is refused
+        here, before anything changes. ``waiter``: a sequence step completes this future (a stream writer's
+        own, server/grpc/streams.py); a request without a sequence leaves it alone."""
         flags = sequence_flags(request)
         version = _version(request.model_version)
         model = self.dp.model(request.model_name, version)
-        inputs = decode_inputs(request)
+        # A sequence step in the usual form is matched against the model in one pass; anything else (and
+        # every refusal) goes through the general decode and checks below.
+        step = self._decoder(model).decode(request) if flags.id is not None else None
         wanted = _wanted(model, request)
-        _check_inputs(model, inputs, sequence=flags.id is not None)
-        if flags.id is None:
-            return asyncio.ensure_future(self._stateless(request, model, inputs, wanted))
+        if step is None:
+            inputs = decode_inputs(request)
+            _check_inputs(model, inputs, sequence=flags.id is not None)
+            if flags.id is None:
+                return asyncio.ensure_future(self._stateless(request, model, inputs, wanted, stream))
+            step = {name: arr[0] for name, arr in inputs.items()}
+            checked = False
+        else:
+            checked = True
         if not models.is_stateful(model):
             raise InvalidArgument(
                 f"model '{model.name}' takes whole sequences in one request: send it without sequence_id"
             )
-        step = {name: arr[0] for name, arr in inputs.items()}
         key = (client, model.name, flags.id)
         if flags.start:
             old = self.sequences.pop(key)
@@ -197,7 +223,9 @@ class KServeServicer:
             session = found
         try:
             # The data plane's own checks (NaN/Inf...) run here: a refused START is undone just below.
-            step_model, future = self.dp.submit_step(session.id, step, 0)
+            # keep: on a stream, a client leaving does not drop a step already accepted (it applies, as it
+            # would have had its answer been read).
+            step_model, future = self.dp.submit_step(session.id, step, 0, checked=checked, future=waiter, keep=stream)
         except Exception:
             if flags.start:
                 self.sequences.pop(key)
@@ -208,38 +236,59 @@ class KServeServicer:
             # new session; the session itself closes once this step is done.
             self.sequences.pop(key)
             future.add_done_callback(lambda _: self._close(session))
-        return self._sequence_response(request, step_model, future, wanted)
+        return self._sequence_response(request, step_model, future, wanted, stream)
 
     async def _sequence_response(
-        self, request: kpb.ModelInferRequest, model: LoadedModel, future: asyncio.Future, wanted: list[str]
-    ) -> kpb.ModelInferResponse:
+        self,
+        request: kpb.ModelInferRequest,
+        model: LoadedModel,
+        future: asyncio.Future,
+        wanted: list[str],
+        stream: bool,
+    ) -> kpb.ModelInferResponse | kpb.ModelStreamInferResponse:
         # A coroutine, not a task: the stream's writer awaits it in order, and a task per step costs more
         # than the step's own bookkeeping. The step itself is queued already (``submit``).
         result = self.dp.step_result(model, await future, 0)
-        return self._response(request, model, {k: v[None] for k, v in result.outputs.items()}, wanted)
+        return self._response(request, model, result.outputs, wanted, stream, one_row=True)
 
     async def _stateless(
-        self, request: kpb.ModelInferRequest, model: LoadedModel, inputs: dict[str, np.ndarray], wanted: list[str]
-    ) -> kpb.ModelInferResponse:
+        self,
+        request: kpb.ModelInferRequest,
+        model: LoadedModel,
+        inputs: dict[str, np.ndarray],
+        wanted: list[str],
+        stream: bool,
+    ) -> kpb.ModelInferResponse | kpb.ModelStreamInferResponse:
         """No sequence: one request, answered alone from the model's initial state (Predict)."""
         m = model.manifest
         if m.kind == "sequence":
             lengths = inputs.pop(m.lengths_input or "", None)
             result = await self.dp.predict(model.name, model.version, inputs, lengths, {}, {})
-            return self._response(request, model, result.outputs, wanted)
+            return self._response(request, model, result.outputs, wanted, stream)
         batch = next(iter(inputs.values())).shape[0] if inputs else 0
         one_step = {name: arr[:, None] for name, arr in inputs.items()}  # (batch, T=1, ...)
         lengths = np.ones(batch, np.int64)
         result = await self.dp.predict(model.name, model.version, one_step, lengths, {}, {})
-        return self._response(request, model, {k: v[:, 0] for k, v in result.outputs.items()}, wanted)
+        return self._response(request, model, {k: v[:, 0] for k, v in result.outputs.items()}, wanted, stream)
 
     @staticmethod
     def _response(
-        request: kpb.ModelInferRequest, model: LoadedModel, outputs: dict[str, np.ndarray], wanted: list[str]
-    ) -> kpb.ModelInferResponse:
-        response = kpb.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id)
-        encode_outputs(response, outputs, wanted)
-        return response
+        request: kpb.ModelInferRequest,
+        model: LoadedModel,
+        outputs: dict[str, np.ndarray],
+        wanted: list[str],
+        stream: bool,
+        *,
+        one_row: bool = False,
+    ) -> kpb.ModelInferResponse | kpb.ModelStreamInferResponse:
+        # A stream's response is filled inside its ModelStreamInferResponse (wrapping it afterwards copies it).
+        wrapper = kpb.ModelStreamInferResponse() if stream else None
+        response = wrapper.infer_response if wrapper is not None else kpb.ModelInferResponse()
+        response.model_name = model.name
+        response.model_version = model.version_text
+        response.id = request.id
+        encode_outputs(response, outputs, wanted, one_row=one_row)
+        return wrapper if wrapper is not None else response
 
     def _close(self, session: Session) -> None:
         with contextlib.suppress(RnnServeError):  # it expired or was ended meanwhile: nothing left to free
@@ -252,19 +301,21 @@ class KServeServicer:
         # together; this generator answers in arrival order (a sequence's steps complete in order anyway).
         # The bounded queue is the backpressure: past max_stream_inflight unanswered requests, reading stops.
         client = client_key(context)
-        queue: asyncio.Queue = asyncio.Queue(maxsize=self.max_stream_inflight)
+        queue = AnswerQueue(self.max_stream_inflight)
         done = object()
 
         async def read() -> None:
             try:
                 async for raw in request_iterator:
                     request = None
+                    waiter = queue.take_waiter()
                     try:
                         request = parse(kpb.ModelInferRequest, raw)
-                        pending: Awaitable | Exception = self.submit(request, client)
+                        pending: Awaitable | Exception = self.submit(request, client, stream=True, waiter=waiter)
                     except Exception as exc:  # answered in this request's response; the stream goes on
                         pending = exc
-                    await queue.put((request, pending))
+                    # A sequence step (its answer is a coroutine) took the waiter: its completion wakes the writer.
+                    await queue.put((request, pending), waiter_used=waiter is not None and asyncio.iscoroutine(pending))
                 await queue.put(done)
             except Exception as exc:  # the transport failed: end the stream with its status
                 await queue.put(exc)
@@ -279,13 +330,12 @@ class KServeServicer:
                 try:
                     if isinstance(pending, Exception):
                         raise pending
-                    yield kpb.ModelStreamInferResponse(infer_response=await pending)
+                    yield await pending
                 except Exception as exc:
                     yield self._stream_error(request, exc)
         finally:
             reader.cancel()
-            while not queue.empty():  # the client left: drop what it will never read
-                item = queue.get_nowait()
+            for item in queue.drain():  # the client left: drop what it will never read
                 if isinstance(item, tuple) and isinstance(item[1], asyncio.Future):
                     item[1].cancel()
                 elif isinstance(item, tuple) and asyncio.iscoroutine(item[1]):

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from rnnserve.proto import kserve_grpc_service_pb2 as kpb
 from rnnserve.proto import kserve_model_config_pb2 as kcfg
 from rnnserve.server.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from rnnserve.server.model import LoadedModel
 
 # numpy dtype name (as in manifests) -> KServe datatype string and Triton's model-config enum.
 DATATYPES: dict[str, str] = {
@@ -24,6 +29,8 @@ DATATYPES: dict[str, str] = {
     "float64": "FP64",
 }
 NUMPY_DTYPES: dict[str, np.dtype] = {v: np.dtype(k).newbyteorder("<") for k, v in DATATYPES.items()}
+# Little-endian dtype -> KServe datatype, for outputs (keyed by dtype: ``dtype.name`` is a slow property).
+_DATATYPE_OF: dict[np.dtype, str] = {dtype: name for name, dtype in NUMPY_DTYPES.items()}
 CONFIG_TYPES: dict[str, int] = {k: kcfg.DataType.Value(f"TYPE_{v}") for k, v in DATATYPES.items()}
 
 # The typed-contents field that carries each datatype. FP16 has none: the protocol sends it raw only.
@@ -91,12 +98,60 @@ def _decode(tensor: kpb.ModelInferRequest.InferInputTensor, raw: bytes | None) -
     return arr.astype(dtype.newbyteorder("="), copy=False).reshape(shape)
 
 
-def encode_outputs(response: kpb.ModelInferResponse, outputs: Mapping[str, np.ndarray], names: Sequence[str]) -> None:
-    """Append ``names`` from ``outputs`` to the response, raw (what tritonclient reads), in that order."""
+def encode_outputs(
+    response: kpb.ModelInferResponse, outputs: Mapping[str, np.ndarray], names: Sequence[str], *, one_row: bool = False
+) -> None:
+    """Append ``names`` from ``outputs`` to the response, raw (what tritonclient reads), in that order.
+    ``one_row``: the arrays are one session's, without the batch axis; they go out as a batch of one."""
     for name in names:
-        arr = np.asarray(outputs[name])
-        datatype = DATATYPES.get(arr.dtype.name)
-        if datatype is None:
-            raise InvalidArgument(f"output '{name}' has dtype {arr.dtype.name}, which KServe clients cannot read")
-        response.outputs.add(name=name, datatype=datatype, shape=arr.shape)
-        response.raw_output_contents.append(np.ascontiguousarray(arr, dtype=NUMPY_DTYPES[datatype]).tobytes())
+        arr = outputs[name]
+        if not isinstance(arr, np.ndarray):
+            arr = np.asarray(arr)
+        datatype = _DATATYPE_OF.get(arr.dtype)
+        if datatype is None:  # big-endian (converted below), or a dtype KServe has no name for
+            datatype = DATATYPES.get(arr.dtype.name)
+            if datatype is None:
+                raise InvalidArgument(f"output '{name}' has dtype {arr.dtype.name}, which KServe clients cannot read")
+            arr = arr.astype(NUMPY_DTYPES[datatype])
+        response.outputs.add(name=name, datatype=datatype, shape=(1, *arr.shape) if one_row else arr.shape)
+        response.raw_output_contents.append(arr.tobytes())  # C order, whatever the array's layout
+
+
+class StepInputs:
+    """The one shape a sequence step's request takes for a model, matched and decoded without the general
+    checks: raw contents, every input once, its datatype, batch dimension 1 and the model's fixed
+    per-session shape. ``decode`` returns None for anything else, which then takes the general path
+    (``decode_inputs`` and the servicer's checks), so every refusal reads the same either way."""
+
+    def __init__(self, model: LoadedModel):
+        self.model = model
+        # name -> (datatype, request shape, little-endian dtype, per-session shape, raw bytes)
+        self.specs: dict[str, tuple[str, tuple[int, ...], np.dtype, tuple[int, ...], int]] = {}
+        self.order = [spec.name for spec in model.manifest.inputs]
+        fixed = sys.byteorder == "little"  # numpy then reads the wire's little-endian bytes natively
+        for spec in model.manifest.inputs:
+            shape = spec.session_shape
+            fixed = fixed and all(d >= 0 for d in shape) and spec.dtype in DATATYPES
+            if fixed:
+                datatype = DATATYPES[spec.dtype]
+                dtype = NUMPY_DTYPES[datatype]
+                self.specs[spec.name] = (datatype, (1, *shape), dtype, shape, math.prod(shape) * dtype.itemsize)
+        self.fixed = fixed
+
+    def decode(self, request: kpb.ModelInferRequest) -> dict[str, np.ndarray] | None:
+        """The step's inputs in manifest order, without the batch axis (views of the request's bytes)."""
+        raw = request.raw_input_contents
+        tensors = request.inputs
+        if not self.fixed or len(tensors) != len(self.specs) or len(raw) != len(tensors):
+            return None
+        arrays: dict[str, np.ndarray] = {}
+        for tensor, data in zip(tensors, raw, strict=True):
+            name = tensor.name
+            spec = self.specs.get(name)
+            if spec is None or name in arrays:
+                return None
+            datatype, shape, dtype, session_shape, nbytes = spec
+            if tensor.datatype != datatype or len(data) != nbytes or tuple(tensor.shape) != shape:
+                return None
+            arrays[name] = np.frombuffer(data, dtype=dtype).reshape(session_shape)
+        return arrays if len(arrays) == 1 else {name: arrays[name] for name in self.order}

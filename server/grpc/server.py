@@ -38,6 +38,7 @@ class RnnServer:
             max_queue_delay_us=settings.max_queue_delay_us,
             durability=settings.durability,
             concurrent_batches=settings.concurrent_batches,
+            inline_budget_us=settings.inline_budget_us,
         )
         self.sessions = SessionManager(max_sessions=settings.max_sessions, ttl=settings.session_ttl)
         self.dataplane = DataPlane(

@@ -13,8 +13,8 @@ import numpy as np
 
 from rnnserve.proto import rnnserve_pb2 as pb
 from rnnserve.server.dataplane import DataPlane
-from rnnserve.server.errors import InvalidArgument
 from rnnserve.server.grpc import converters
+from rnnserve.server.grpc.streams import AnswerQueue
 from rnnserve.server.grpc.utils import parse, to_status
 from rnnserve.server.limits import Limits, peer_host
 from rnnserve.server.model import LoadedModel
@@ -29,15 +29,6 @@ def _outcome(model: LoadedModel | FailedModel) -> pb.ModelInfo:
     if isinstance(model, FailedModel):
         return converters.failed_model_info(model)
     return converters.model_info(model)
-
-
-def _check_wanted(model, wanted) -> list[str]:
-    if wanted:
-        names = [o.name for o in model.manifest.outputs]
-        unknown = [w for w in wanted if w not in names]
-        if unknown:
-            raise InvalidArgument(f"model {model.key} has no output {unknown}; its outputs are {names}")
-    return list(wanted)
 
 
 class RnnServeServicer:
@@ -157,9 +148,13 @@ class RnnServeServicer:
         self.limits.check_steps(request.num_steps or 1)
         await self._restored((request.session_id,), (request.step_index,))
         model, future = self.dp.submit_step(
-            request.session_id, self.limits.tensors(request.inputs), request.num_steps, request.step_index
+            request.session_id,
+            self.limits.tensors(request.inputs),
+            request.num_steps,
+            request.step_index,
+            outputs=request.outputs,
         )
-        wanted = _check_wanted(model, request.outputs)
+        wanted = list(request.outputs)
         result = self.dp.step_result(model, await future, request.num_steps)
         response = pb.StepResponse(session_id=request.session_id, steps=result.steps, request_id=request.request_id)
         converters.fill_outputs(response.outputs, result.outputs, wanted)
@@ -167,7 +162,7 @@ class RnnServeServicer:
 
     async def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
         model = self.dp.model(request.model, request.version)
-        wanted = _check_wanted(model, request.outputs)
+        wanted = model.check_outputs(request.outputs)
         result = await self.dp.predict(
             request.model,
             request.version,
@@ -182,7 +177,7 @@ class RnnServeServicer:
         # The reader queues every step of a message as soon as it arrives (so sessions in different messages
         # batch together); this generator answers messages in arrival order. The bounded queue is the
         # stream's backpressure: past max_stream_inflight unanswered messages the reader stops reading.
-        queue: asyncio.Queue = asyncio.Queue(maxsize=self.max_stream_inflight)
+        queue = AnswerQueue(self.max_stream_inflight)
         done = object()
 
         async def read() -> None:
@@ -216,6 +211,9 @@ class RnnServeServicer:
                         await queue.put((grouped, batch_part))
                         continue
                     entries = []
+                    # A lone step may complete the writer's own wait future (one wakeup, not two).
+                    waiter = queue.take_waiter() if len(message.steps) == 1 and not message.HasField("batch") else None
+                    used = False
                     for step in message.steps:
                         try:
                             model, future = self.dp.submit_step(
@@ -224,11 +222,15 @@ class RnnServeServicer:
                                 step.num_steps,
                                 step.step_index,
                                 keep=True,
+                                future=waiter,
+                                outputs=step.outputs,
                             )
-                            entries.append((step, model, future, _check_wanted(model, step.outputs)))
+                            used = waiter is not None and future is waiter
+                            entries.append((step, model, future, list(step.outputs)))
                         except Exception as exc:  # reported in this step's result
                             entries.append((step, None, None, exc))
-                    await queue.put((entries, self._submit_batch(message) if message.HasField("batch") else None))
+                    batch_part = self._submit_batch(message) if message.HasField("batch") else None
+                    await queue.put((entries, batch_part), waiter_used=used)
                 await queue.put(done)
             except Exception as exc:  # ends the stream with its status
                 await queue.put(exc)
@@ -287,7 +289,7 @@ class RnnServeServicer:
             return None
         model = known[0].model
         try:
-            wanted_checked = _check_wanted(model, wanted)
+            wanted_checked = model.check_outputs(wanted)
             decoded = [self.limits.tensors(s.inputs) for s in steps]
         except Exception:
             return None
@@ -329,8 +331,10 @@ class RnnServeServicer:
         batch = message.batch
         ids = list(batch.session_ids)
         try:
-            model, future = self.dp.submit_batch(ids, self.limits.tensors(batch.inputs), batch.step_indices)
-            wanted = _check_wanted(model, batch.outputs) if model is not None else []
+            model, future = self.dp.submit_batch(
+                ids, self.limits.tensors(batch.inputs), batch.step_indices, outputs=batch.outputs
+            )
+            wanted = list(batch.outputs)
             return batch, ids, model, future, wanted, None
         except Exception as exc:  # the whole batch fails with this status, the stream goes on
             return batch, ids, None, None, [], exc
