@@ -59,7 +59,10 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
         ("sessions", 4),
         ("multiplexed", 4),
         ("chunked", 4),
+        ("floor", 4),  # the minimal server, at the largest sessions row (256 when measured)
     }
+    (floor,) = [r for r in result["transport"] if r["shape"] == "floor"]
+    assert floor["label"] == "N=4 minimal server" and floor["ratio_to"] == "transport N=4"
     assert [r["label"] for r in result["multiplexed"]] == ["N=4 in 1 msg", "N=4 columnar"]
     assert len(result["chunked"]) == 1
     assert result["idle"]["sessions"] == 1000
@@ -133,6 +136,7 @@ def test_ratios_and_targets() -> None:
             _load_row("sessions", 1, 2000, 0.4),
             _load_row("sessions", 256, 10000),
             _load_row("multiplexed", 256, 50000),
+            {**_load_row("floor", 256, 7000), "label": "N=256 minimal server"},
         ],
         "sessions": [_load_row("sessions", 1, 1000, 0.75), _load_row("sessions", 256, 9000)],
         "multiplexed": [_load_row("multiplexed", 256, 100000)],
@@ -144,11 +148,14 @@ def test_ratios_and_targets() -> None:
     assert one["ratio"] == pytest.approx(0.5) and many["ratio"] == pytest.approx(0.9)
     assert one["latency_ratio"] == pytest.approx(0.75 / 0.5)
     assert result["transport"][0]["ratio"] == pytest.approx(2.0)  # transport vs compute at the same batch
+    assert result["transport"][3]["ratio"] == pytest.approx(0.7)  # the minimal server vs the echo
     assert result["multiplexed"][0]["ratio"] == pytest.approx(100000 / 256000)
     assert result["multiplexed"][0]["ratio_transport"] == pytest.approx(2.0)
     assert result["chunked"][0]["ratio_to"] == "compute batch 2"  # largest measured batch <= 3
     assert result["idle"]["ratio"] == pytest.approx(6000 / 6144)
-    got = {t["target"]: t["pass"] for t in report.targets(result)}
+    found = report.targets(result)
+    assert "a minimal Python server (no model): 0.70x" in found[0]["detail"]
+    got = {t["target"]: t["pass"] for t in found}
     assert got == {
         "256 sessions >= 0.8x transport": True,
         "multiplexed N=256 >= 0.6x compute batch 256": False,
@@ -156,7 +163,7 @@ def test_ratios_and_targets() -> None:
         "idle memory/session <= 1.2x raw state + 2 KiB": True,
     }
     text = report.markdown_table({**result, "peer": []})
-    assert text.count("\n") == 2 + len(compute) + 3 + 2 + 1 + 1
+    assert text.count("\n") == 2 + len(compute) + 4 + 2 + 1 + 1
 
 
 def _scale_row(label: str, processes: int, gateway: bool, steps_per_s: float) -> dict:

@@ -6,6 +6,12 @@ of exactly the size rnnserve would send: one result per step carrying the model'
 generator names the message shape once per stream in metadata (``x-bench-shape: STEPS_PER_MESSAGE,CHUNK``).
 What it reaches is what Python gRPC itself carries on this machine with this client.
 
+With ``--floor`` it is instead the least a real server must do per step, and no more: parse each request,
+decode each step's tensors, hand the steps of each event-loop turn to a worker thread and back through one
+future per step (the thread makes zero outputs: no model, no state, no checks), and encode a real response.
+The bench's ``minimal server`` row, against the echo's: how much of the transport ceiling any Python server
+doing per-step work keeps on this machine.
+
 It also answers Triton's ``ModelStreamInfer`` (and the ``ModelStatistics`` call the peer's load generator
 makes), for ``--peer triton``: each ``ModelInferRequest`` is parsed for its id only, which the client matches
 responses by, and answered with the model's outputs' worth of zero bytes. That is the floor any Python gRPC
@@ -20,6 +26,7 @@ import argparse
 import asyncio
 import signal
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -29,7 +36,7 @@ from rnnserve.manifest import ModelManifest
 from rnnserve.proto import kserve_grpc_service_pb2 as kpb
 from rnnserve.proto import rnnserve_pb2 as pb
 from rnnserve.server.grpc.kserve_tensors import DATATYPES
-from rnnserve.tensors import to_proto
+from rnnserve.tensors import decode_map, to_proto
 
 SHAPE_KEY = "x-bench-shape"
 STREAM_METHOD = "/rnnserve.v1.RnnServe/StreamStep"
@@ -79,6 +86,50 @@ class Echo:
             yield response
 
 
+class MinimalServer:
+    """``StreamStep`` with only the unavoidable per-step work (see the module docstring); no model."""
+
+    def __init__(self, manifest: ModelManifest):
+        self.outputs = [
+            (s.name, tuple(1 if d == -1 else d for d in s.session_shape), s.dtype) for s in manifest.outputs
+        ]
+        self._pending: list[asyncio.Future] = []
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="floor")
+
+    def _outputs(self, n: int) -> list[np.ndarray]:
+        return [np.zeros((n, *shape), dtype) for _, shape, dtype in self.outputs]
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        done = asyncio.get_running_loop().run_in_executor(self._thread, self._outputs, len(batch))
+
+        def answer(f: asyncio.Future) -> None:
+            outputs = f.result()
+            for i, future in enumerate(batch):
+                future.set_result([out[i] for out in outputs])
+
+        done.add_done_callback(answer)
+
+    async def stream_step(self, request_iterator: AsyncIterator[bytes], context) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        async for raw in request_iterator:
+            message = pb.StreamStepRequest.FromString(raw)
+            futures = []
+            for step in message.steps:
+                decode_map(step.inputs)
+                if not self._pending:
+                    loop.call_soon(self._flush)  # every step of this event-loop turn goes in one hand-off
+                future = loop.create_future()
+                self._pending.append(future)
+                futures.append((step, future))
+            response = pb.StreamStepResponse()
+            for step, future in futures:
+                result = response.results.add(session_id=step.session_id, steps=1)
+                for (name, _, _), value in zip(self.outputs, await future, strict=True):
+                    to_proto(value, result.outputs[name])
+            yield response.SerializeToString()
+
+
 class KServeEcho:
     """Triton's streaming inference, answered without a model (see the module docstring)."""
 
@@ -107,9 +158,9 @@ class KServeEcho:
         return reply.SerializeToString()
 
 
-async def serve(model_dir: Path, port_file: Path, host: str, kserve_model: str) -> None:
+async def serve(model_dir: Path, port_file: Path, host: str, kserve_model: str, floor: bool = False) -> None:
     manifest = ModelManifest.read(model_dir)
-    echo = Echo(manifest)
+    echo: Echo | MinimalServer = MinimalServer(manifest) if floor else Echo(manifest)
     kserve = KServeEcho(manifest, kserve_model or manifest.name)
     server = grpc.aio.server(
         options=[
@@ -146,8 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port-file", type=Path, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--kserve-model", default="", help="model name Triton clients use (default: the manifest's)")
+    parser.add_argument("--floor", action="store_true", help="answer StreamStep as the minimal server does")
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.model_dir, args.port_file, args.host, args.kserve_model))
+    asyncio.run(serve(args.model_dir, args.port_file, args.host, args.kserve_model, args.floor))
 
 
 if __name__ == "__main__":

@@ -240,6 +240,12 @@ class Bench:
             for phase, label, spec in self._load_plan(echo.address, "echo"):
                 result, extra = self._run_load(f"transport {label}", spec, echo)
                 rows.append(_load_row("transport", label, spec, result, extra, phase=phase))
+        # The least per-step work a server can do (echo.py --floor), at the size the 0.8x target is read at.
+        n = 256 if 256 in self.cfg.sessions else max(self.cfg.sessions)
+        with self.server(procs.echo_server(self.model.version_dir, self.workdir, floor=True)) as floor:
+            spec = self._spec(floor.address, "echo", n, steps=self.cfg.steps_for(n))
+            result, extra = self._run_load(f"transport N={n} minimal server", spec, floor)
+            rows.append(_load_row("transport", f"N={n} minimal server", spec, result, extra, phase="floor"))
         return rows
 
     # ---- 3 + 4. rnnserve ------------------------------------------------------------------------------

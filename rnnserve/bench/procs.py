@@ -153,12 +153,15 @@ def _serve_command(repository: Path, port_file: Path, max_sessions: int, extra: 
     ]
 
 
-def echo_server(manifest_dir: Path, workdir: Path, kserve_model: str = "") -> ServerProcess:
-    port_file = workdir / "echo.port"
+def echo_server(manifest_dir: Path, workdir: Path, kserve_model: str = "", *, floor: bool = False) -> ServerProcess:
+    tag = "floor" if floor else "echo"
+    port_file = workdir / f"{tag}.port"
     cmd = [sys.executable, "-m", "rnnserve.bench.echo", "--model-dir", str(manifest_dir), "--port-file", str(port_file)]
     if kserve_model:
         cmd += ["--kserve-model", kserve_model]
-    return ServerProcess("echo server", cmd, port_file, workdir / "echo.log")
+    if floor:
+        cmd.append("--floor")
+    return ServerProcess("minimal server" if floor else "echo server", cmd, port_file, workdir / f"{tag}.log")
 
 
 # ---- the multi-process row: `rnnserve serve --workers N --gateway-port P` on a throwaway redis-server ---------
