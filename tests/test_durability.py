@@ -328,8 +328,9 @@ def test_every_step_batches_never_run_on_the_event_loop(durable_repository, redi
     """An every-step batch waits on a store round trip, so it always runs on a worker thread, however quick the
     model; the same lone session of a `none` model steps on the event loop (Batcher._run)."""
     xs = np.random.default_rng(12).standard_normal((12, TINY_INPUT)).astype(np.float32)
-    server = server_factory(durable_repository, session_store=redis_server.url)
-    # As if its batches were measured quick (a store round trip alone can exceed the inline budget here).
+    # A budget far above the tiny model's time (a slow moment of a busy host must not make it look slow), and
+    # the every-step model's batches as if measured quick (a store round trip alone can exceed any budget).
+    server = server_factory(durable_repository, session_store=redis_server.url, inline_budget_us=1_000_000)
     server.server.repository.models[("gru_every", 1)].batcher._small_ns = 1
 
     def step(stub: pb_grpc.RnnServeStub, sid: str, x: np.ndarray) -> np.ndarray:
