@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -105,14 +106,13 @@ class KServeServicer:
         self.dp = dataplane
         self.max_stream_inflight = max_stream_inflight
         self.sequences = SequenceTable()
-        self._step_inputs: dict[int, StepInputs] = {}  # id(model) -> its fast step decoder
+        # Each loaded model's fast step decoder; a model retired by a reload or unload drops out by itself.
+        self._step_inputs: weakref.WeakKeyDictionary[LoadedModel, StepInputs] = weakref.WeakKeyDictionary()
 
     def _decoder(self, model: LoadedModel) -> StepInputs:
-        found = self._step_inputs.get(id(model))
-        if found is None or found.model is not model:
-            if len(self._step_inputs) > 256:  # reloads leave retired models behind: forget them all at once
-                self._step_inputs.clear()
-            found = self._step_inputs[id(model)] = StepInputs(model)
+        found = self._step_inputs.get(model)
+        if found is None:
+            found = self._step_inputs[model] = StepInputs(model)
         return found
 
     # ---- health and metadata ----------------------------------------------------------------------------

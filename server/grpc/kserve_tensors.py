@@ -124,7 +124,6 @@ class StepInputs:
     (``decode_inputs`` and the servicer's checks), so every refusal reads the same either way."""
 
     def __init__(self, model: LoadedModel):
-        self.model = model
         # name -> (datatype, request shape, little-endian dtype, per-session shape, raw bytes)
         self.specs: dict[str, tuple[str, tuple[int, ...], np.dtype, tuple[int, ...], int]] = {}
         self.order = [spec.name for spec in model.manifest.inputs]
