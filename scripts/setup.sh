@@ -82,8 +82,10 @@ if [[ "$system" == 1 ]]; then
   # nginx lives in /usr/sbin, which is not on every user's PATH.
   command -v redis-server >/dev/null || missing+=(redis-server)
   command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
+  # perf_analyzer (step 4) links libb64.
+  ldconfig -p 2>/dev/null | grep -q 'libb64\.so\.0d' || missing+=(libb64-0d)
   if [[ ${#missing[@]} -eq 0 ]]; then
-    say "system packages present: redis-server nginx"
+    say "system packages present: redis-server nginx libb64-0d"
   elif [[ "$(id -u)" != 0 ]]; then
     say "NOTE: missing ${missing[*]}; not root, so skipping. Run: sudo apt-get install -y ${missing[*]}"
   elif ! command -v apt-get >/dev/null; then
@@ -101,6 +103,34 @@ if [[ "$system" == 1 ]]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}"
   fi
+fi
+
+# --- 4. Triton's perf_analyzer (tests and `rnnserve bench` use it as the KServe load) ---------------------
+# The PyPI `perf-analyzer` wheels need glibc 2.38+ (Debian 12 has 2.36: pip falls back to an empty placeholder).
+# tritonclient 2.51.0's manylinux1 wheel still carries bin/perf_analyzer; it needs libb64 (Debian: libb64-0d)
+# and libcudart.so.12 (PyPI: nvidia-cuda-runtime-cu12; it only has to load, no GPU is used). It gets a venv of
+# its own because that tritonclient pins packages the project's venv has newer.
+PA_DIR="$ROOT/.tools/perf_analyzer"
+# It has no --help: an unknown option prints the usage (and exits 1), which shows that the binary loads.
+pa_runs() { [[ -x "$PA_DIR/perf_analyzer" ]] && [[ "$("$PA_DIR/perf_analyzer" --help 2>&1 || true)" == *--concurrency-range* ]]; }
+if pa_runs; then
+  say "perf_analyzer present: $PA_DIR/perf_analyzer"
+elif ! ldconfig -p 2>/dev/null | grep -q 'libb64\.so\.0d'; then
+  say "NOTE: perf_analyzer not installed: it needs libb64-0d (apt-get install libb64-0d, or rerun with --system)"
+else
+  say "installing perf_analyzer into $PA_DIR"
+  rm -rf "$PA_DIR"
+  "$PYTHON" -m venv "$PA_DIR/venv"
+  "$PA_DIR/venv/bin/python" -m pip install --quiet --progress-bar off "tritonclient==2.51.0" nvidia-cuda-runtime-cu12
+  cudart="$("$PA_DIR/venv/bin/python" -c 'import nvidia.cuda_runtime as m, os; print(os.path.join(list(m.__path__)[0], "lib"))')"
+  cat >"$PA_DIR/perf_analyzer" <<WRAP
+#!/bin/sh
+# Runs tritonclient 2.51.0's perf_analyzer with the CUDA runtime library it links (no GPU is used).
+LD_LIBRARY_PATH="$cudart\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}" exec "$PA_DIR/venv/bin/perf_analyzer" "\$@"
+WRAP
+  chmod +x "$PA_DIR/perf_analyzer"
+  pa_runs || die "perf_analyzer does not run: $PA_DIR/perf_analyzer"
+  say "perf_analyzer: $PA_DIR/perf_analyzer"
 fi
 
 say "done. Activate with: source .venv/bin/activate"
