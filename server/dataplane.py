@@ -295,12 +295,7 @@ class DataPlane:
         """
         session = self.sessions.get(session_id)
         model = session.model
-        if checked:
-            model.check_finite(inputs)
-        else:
-            inputs = model.check_inputs(inputs, num_steps)
-        if outputs:
-            model.check_outputs(outputs)
+        inputs = self.check_step(model, inputs, num_steps, checked=checked, outputs=outputs)
         print_ = 0
         if step_index:
             print_ = exactly_once.fingerprint(inputs)
@@ -319,6 +314,29 @@ class DataPlane:
         batcher.enqueue(session, StepJob(session, inputs, num_steps, future, None, 0, step_index, print_, keep))
         exactly_once.queued(session, num_steps, step_index, self.replay_window)
         return model, future
+
+    def check_step(
+        self,
+        model: LoadedModel,
+        inputs: Mapping[str, np.ndarray],
+        num_steps: int,
+        *,
+        checked: bool = False,
+        outputs: Sequence[str] = (),
+        queue: bool = False,
+    ) -> Mapping[str, np.ndarray]:
+        """The checks of ``submit_step`` that need no session (inputs, outputs asked for; with ``queue``, room
+        in the model's queue too); returns the inputs in manifest order. A caller about to replace a session
+        (a KServe START on a live sequence) runs them first, so a refused step leaves the old session as it was."""
+        if checked:
+            model.check_finite(inputs)
+        else:
+            inputs = model.check_inputs(inputs, num_steps)
+        if outputs:
+            model.check_outputs(outputs)
+        if queue:
+            self.limits.check_queue(self._batcher_of(model).queued_steps, num_steps or 1, model.key)
+        return inputs
 
     def submit_batch(
         self,

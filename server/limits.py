@@ -14,6 +14,7 @@ import numpy as np
 
 from rnnserve.proto import rnnserve_pb2 as pb
 from rnnserve.server.errors import ResourceExhausted
+from rnnserve.server.principal import current_principal
 from rnnserve.tensors import decode_map, from_proto
 
 
@@ -34,6 +35,18 @@ class Limits:
             max_queued_steps=settings.max_queued_steps,
             max_sessions_per_client=settings.max_sessions_per_client,
         )
+
+    # ---- sessions -----------------------------------------------------------------------------------------
+    def session_owner(self, peer: str | None) -> str | None:
+        """Whom a new session belongs to, whichever API opens it: the principal with auth on; else the peer's
+        host when sessions are counted per client (``peer``: grpc's ``context.peer()``); None otherwise, so an
+        idle session does not carry a string it never needs."""
+        principal = current_principal()
+        if principal is not None:
+            return principal
+        if self.max_sessions_per_client is not None:
+            return peer_host(peer or "unknown")
+        return None
 
     # ---- tensors ----------------------------------------------------------------------------------------
     def check_tensor(self, msg: pb.Tensor, name: str) -> None:

@@ -28,6 +28,7 @@ from rnnserve.server.grpc.servicers import _unary
 from rnnserve.server.grpc.streams import AnswerQueue
 from rnnserve.server.grpc.utils import parse, to_status
 from rnnserve.server.model import LoadedModel
+from rnnserve.server.principal import current_principal
 from rnnserve.server.repository import FailedModel
 from rnnserve.server.sessions import Session
 
@@ -37,14 +38,15 @@ EXTENSIONS = ("model_repository", "model_configuration", "statistics", "sequence
 
 
 def client_key(context: grpc.aio.ServicerContext) -> str:
-    """Whose sequence ids these are: the caller's authenticated identity (mutual TLS) when there is one,
-    else the one namespace all anonymous callers share, as on Triton, whose clients pick ids unique across
-    clients and may continue a sequence from another connection. (Connections cannot stand in for clients:
-    grpc shares one connection between the channels of a process, and a reconnect would lose sequences.)"""
+    """Whose sequence ids these are: the caller's authenticated identities (its mutual-TLS certificate, its
+    token's principal) when it has any, so one client can neither reach nor end another's sequence; else the
+    one namespace all anonymous callers share, as on Triton, whose clients pick ids unique across clients and
+    may continue a sequence from another connection. (Connections cannot stand in for clients: grpc shares
+    one connection between the channels of a process, and a reconnect would lose sequences.)"""
     identities = context.peer_identities()
-    if identities:
-        return "id:" + ",".join(i.decode(errors="replace") for i in identities)
-    return ""
+    principal = current_principal()
+    key = "id:" + ",".join(i.decode(errors="replace") for i in identities) if identities else ""
+    return key if principal is None else f"{key}|principal:{principal}"
 
 
 def _version(text: str) -> int:
@@ -175,20 +177,23 @@ class KServeServicer:
 
     # ---- inference --------------------------------------------------------------------------------------
     async def ModelInfer(self, request: kpb.ModelInferRequest, context) -> kpb.ModelInferResponse:
-        return await self.submit(request, client_key(context))
+        return await self.submit(request, client_key(context), context.peer())
 
     def submit(
         self,
         request: kpb.ModelInferRequest,
         client: str,
+        peer: str | None = None,
         *,
         stream: bool = False,
         waiter: asyncio.Future | None = None,
     ) -> Awaitable[kpb.ModelInferResponse | kpb.ModelStreamInferResponse]:
         """Validate the request and queue its work now (so a stream's requests batch together); await the
         result for its response (a ModelStreamInferResponse with ``stream``). Everything refusable is refused
-        here, before anything changes. ``waiter``: a sequence step completes this future (a stream writer's
-        own, server/grpc/streams.py); a request without a sequence leaves it alone."""
+        here, before anything changes. ``client``: ``client_key``; ``peer``: grpc's ``context.peer()``, which
+        a START's new session is counted against (--max-sessions-per-client). ``waiter``: a sequence step
+        completes this future (a stream writer's own, server/grpc/streams.py); a request without a sequence
+        leaves it alone."""
         flags = sequence_flags(request)
         version = _version(request.model_version)
         model = self.dp.model(request.model_name, version)
@@ -211,10 +216,14 @@ class KServeServicer:
             )
         key = (client, model.name, flags.id)
         if flags.start:
+            # Every check the step would get runs before the live session (if any) is replaced: a refused
+            # START leaves its sequence going on as it was.
+            step = self.dp.check_step(model, step, 0, checked=checked, queue=True)
+            checked = True
             old = self.sequences.pop(key)
             if old is not None:
                 self._close(old)  # START on a live sequence begins it again, from the initial state
-            session = self.dp.open_session(model.name, model.version, {}, b"")
+            session = self.dp.open_session(model.name, model.version, {}, b"", owner=self.dp.limits.session_owner(peer))
             self.sequences.put(key, session)
         else:
             found = self.sequences.get(key)
@@ -300,7 +309,7 @@ class KServeServicer:
         # The reader submits each request as it arrives, so the steps of every sequence on the stream batch
         # together; this generator answers in arrival order (a sequence's steps complete in order anyway).
         # The bounded queue is the backpressure: past max_stream_inflight unanswered requests, reading stops.
-        client = client_key(context)
+        client, peer = client_key(context), context.peer()
         queue = AnswerQueue(self.max_stream_inflight)
         done = object()
 
@@ -311,7 +320,7 @@ class KServeServicer:
                     waiter = queue.take_waiter()
                     try:
                         request = parse(kpb.ModelInferRequest, raw)
-                        pending: Awaitable | Exception = self.submit(request, client, stream=True, waiter=waiter)
+                        pending: Awaitable | Exception = self.submit(request, client, peer, stream=True, waiter=waiter)
                     except Exception as exc:  # answered in this request's response; the stream goes on
                         pending = exc
                     # A sequence step (its answer is a coroutine) took the waiter: its completion wakes the writer.

@@ -16,9 +16,8 @@ from rnnserve.server.dataplane import DataPlane
 from rnnserve.server.grpc import converters
 from rnnserve.server.grpc.streams import AnswerQueue
 from rnnserve.server.grpc.utils import parse, to_status
-from rnnserve.server.limits import Limits, peer_host
+from rnnserve.server.limits import Limits
 from rnnserve.server.model import LoadedModel
-from rnnserve.server.principal import current_principal
 from rnnserve.server.repository import FailedModel
 
 log = logging.getLogger(__name__)
@@ -79,23 +78,13 @@ class RnnServeServicer:
             self.limits.tensors(request.initial_state),
             request.snapshot,
             self.limits.tensors(request.parameters),
-            owner=self._owner(context),
+            owner=self.limits.session_owner(context.peer()),
             session_id=request.session_id,
         )
         await self.dp.opened(session)  # a durable model's session is in the session store before we answer
         return pb.OpenSessionResponse(
             session_id=session.id, model=converters.model_info(session.model), steps=session.steps
         )
-
-    def _owner(self, context: grpc.aio.ServicerContext) -> str | None:
-        """Whom a new session belongs to: the principal with auth on; else the peer's host when sessions are
-        counted per client (None otherwise, so an idle session does not carry a string it never needs)."""
-        principal = current_principal()
-        if principal is not None:
-            return principal
-        if self.limits.max_sessions_per_client is not None:
-            return peer_host(context.peer() or "unknown")
-        return None
 
     async def CloseSession(self, request: pb.SessionRequest, context) -> pb.CloseSessionResponse:
         await self._restored((request.session_id,))  # one only the session store holds is closed there too
