@@ -158,5 +158,6 @@ class ModelRepository:
 
 def _concurrency(device: str) -> int:
     """Concurrent batches when neither the manifest nor the server says: on a CPU with cores to spare, two,
-    so one batch computes while the event loop completes the other; on a GPU one (it wants large batches)."""
-    return 2 if device == "cpu" and (os.cpu_count() or 1) >= 2 else 1
+    so one batch computes while the event loop completes the other; on a GPU one (it wants large batches).
+    The cores are those this process may run on (``taskset``, container CPU sets), not the machine's."""
+    return 2 if device == "cpu" and len(os.sched_getaffinity(0)) >= 2 else 1
