@@ -49,7 +49,7 @@ class ServerSettings(BaseSettings):
     """Batches of one model version computing at once, each on its own worker thread, over disjoint sessions,
     for models whose manifest does not say. Above 1, ready sessions are split across the free ones, so on a
     multi-core CPU the model's calls overlap each other and the event loop's work. Unset: 2 for a CPU model
-    on a machine with 2 or more cores, else 1 (a GPU wants one large batch)."""
+    when the process may run on 2 or more cores (its CPU affinity), else 1 (a GPU wants one large batch)."""
 
     inline_budget_us: int = Field(default=1000, ge=0)
     """A CPU model whose small batches (at most 4 sessions) compute in under this many microseconds runs them on
