@@ -251,6 +251,10 @@ class Batcher:
         self.max_queue_delay = max_queue_delay_us / 1e6
         self.concurrency = concurrency
         self.ready: deque[Session] = deque()
+        # Inputs with a free dimension besides the batch axis (a length each session picks per step): only
+        # steps whose shapes agree stack into one model call, so batches form per shape (``_take_batch``).
+        self._free_inputs = [s.name for s in model.manifest.inputs if -1 in s.session_shape]
+        self._apart = False  # the last batch left ready sessions of other shapes behind: they go next
         self.stats = BatchStats()
         # Steps queued or computing across all sessions (a chunk counts num_steps until it leaves the queue):
         # the data plane refuses new ones past --max-queued-steps.
@@ -311,13 +315,15 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             await self._slots.acquire()
+            # Sessions left behind by the last batch for their shapes waited their turn already: they go now.
+            apart, self._apart = self._apart, False
             # Another batch while one computes only for a crowd (a full batch, for a model whose batches are
             # smaller than SPLIT_MIN): a few ready sessions wait for the running batch instead, so that a trickle
             # forms fewer, larger batches (cheaper per step) rather than many small ones side by side.
-            while self._computing and len(self.ready) < min(SPLIT_MIN, self.max_batch_size):
+            while not apart and self._computing and len(self.ready) < min(SPLIT_MIN, self.max_batch_size):
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            if self.max_queue_delay and len(self.ready) < self.max_batch_size:
+            if not apart and self.max_queue_delay and len(self.ready) < self.max_batch_size:
                 # Give other sessions a moment to join; a full batch goes at once.
                 deadline = time.perf_counter() + self.max_queue_delay
                 while len(self.ready) < self.max_batch_size and (left := deadline - time.perf_counter()) > 0:
@@ -354,6 +360,8 @@ class Batcher:
     def _take_batch(self) -> list[Session]:
         batch: list[Session] = []
         limit = self._batch_limit()
+        shapes: tuple | None = None  # with free dimensions: the input shapes of this batch's steps
+        apart: list[Session] = []  # ready sessions whose next step has other shapes, in ready order
         while self.ready and len(batch) < limit:
             session = self.ready.popleft()
             # Control jobs at the head run now: the session is not in flight, so its state is settled.
@@ -387,7 +395,18 @@ class Batcher:
             if session.closed or not session.pending:
                 self._settle(session)
                 continue
+            if self._free_inputs:
+                head = session.pending[0]
+                key = tuple(head.step_input(name).shape for name in self._free_inputs)
+                if shapes is None:
+                    shapes = key
+                elif key != shapes:
+                    apart.append(session)  # stays ready, ahead of the rest: the next batch starts with it
+                    continue
             batch.append(session)
+        if apart:
+            self.ready.extendleft(reversed(apart))
+            self._apart = True
         return batch
 
     def _may_inline(self) -> bool:

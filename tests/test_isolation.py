@@ -4,6 +4,7 @@ restore only into their own model, manifests that stay inside the repository, an
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import grpc
@@ -114,3 +115,101 @@ def test_kserve_starts_count_against_the_per_client_session_limit(server_factory
                 s.close()
     finally:
         triton.close()
+
+
+# ---- free dimensions ---------------------------------------------------------------------------------------------
+FEAT, HIDDEN, OUT = 3, 5, 2
+
+
+def _pooled_step():
+    """``(x: [B, L, 3], h: [B, 5]) -> (y: [B, 2], h')``: each step a set of L vectors, L picked per step."""
+    import torch
+
+    torch.manual_seed(11)
+
+    class Pooled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell, self.head = torch.nn.GRUCell(FEAT, HIDDEN), torch.nn.Linear(HIDDEN, OUT)
+
+        def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h2 = self.cell(x.mean(dim=1), h)
+            return self.head(h2), h2
+
+    return Pooled().eval()
+
+
+def _pooled_expected(xs: list[np.ndarray]) -> np.ndarray:
+    import torch
+
+    step, h, ys = _pooled_step(), torch.zeros(1, HIDDEN), []
+    with torch.no_grad():
+        for x in xs:
+            y, h = step(torch.as_tensor(x)[None], h)
+            ys.append(y[0].numpy())
+    return np.stack(ys)
+
+
+@pytest.fixture(scope="module")
+def pooled_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import warnings
+
+    import torch
+
+    from rnnserve.manifest import ModelManifest
+
+    root = tmp_path_factory.mktemp("pooled-repo")
+    folder = root / "pooled" / "1"
+    folder.mkdir(parents=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _pooled_step(),
+            (torch.randn(2, 4, FEAT), torch.zeros(2, HIDDEN)),
+            str(folder / "model.onnx"),
+            input_names=["x", "h"],
+            output_names=["y", "h_out"],
+            dynamic_axes={"x": {0: "b", 1: "n"}, "h": {0: "b"}, "y": {0: "b"}, "h_out": {0: "b"}},
+            dynamo=False,
+        )
+    ModelManifest(
+        name="pooled",
+        version=1,
+        format="onnx",
+        artifact="model.onnx",
+        inputs=[{"name": "x", "shape": [-1, -1, FEAT]}],
+        outputs=[{"name": "y", "shape": [-1, OUT]}],
+        states=[{"name": "h", "output": "h_out", "shape": [-1, HIDDEN]}],
+    ).write(folder)
+    return root
+
+
+def test_sessions_stepping_different_free_lengths_at_once_all_equal_eager(server_factory, pooled_repository) -> None:
+    # A long queue delay and room for every session: each batch waits for all of them, so steps of different
+    # lengths are ready together at (nearly) every batch.
+    server = server_factory(pooled_repository, max_batch_size=4, max_queue_delay_us=200_000)
+    lengths, steps = [2, 5, 2, 7], 12
+    rng = np.random.default_rng(5)
+    inputs = [[rng.standard_normal((n, FEAT)).astype(np.float32) for _ in range(steps)] for n in lengths]
+    outputs: list[list[np.ndarray]] = [[] for _ in lengths]
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            with Client(server.address, timeout=30) as client, client.session("pooled") as session:
+                outputs[i] = [session.step(x) for x in inputs[i]]
+        except BaseException as exc:  # reported below, with the others'
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(lengths))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for i in range(len(lengths)):
+        np.testing.assert_allclose(np.stack(outputs[i]), _pooled_expected(inputs[i]), **TOL)
+    with Client(server.address) as client:
+        stats = client.stats().models[0]
+    assert stats.steps == steps * len(lengths)
+    assert stats.max_batch >= 2  # the two sessions of each length still batched together
