@@ -159,9 +159,12 @@ class AsyncClient:
         """``async with client.session("m") as s:`` (closes on exit), or ``s = await client.session("m")``."""
         return _SessionOpener(self.open_session(model, version, initial_state, parameters))
 
-    async def restore(self, snapshot: bytes, model: str = "") -> AsyncSession:
-        """Open a new session from a snapshot (``AsyncSession.snapshot()``, possibly from another replica)."""
-        return await self._open(pb.OpenSessionRequest(model=model, snapshot=snapshot))
+    async def restore(self, snapshot: bytes, model: str = "", *, allow_other_version: bool = False) -> AsyncSession:
+        """Open a new session from a snapshot (``AsyncSession.snapshot()``, possibly from another replica); see
+        ``Client.restore``."""
+        return await self._open(
+            pb.OpenSessionRequest(model=model, snapshot=snapshot, allow_other_version=allow_other_version)
+        )
 
     async def _open(self, req: pb.OpenSessionRequest) -> AsyncSession:
         """OpenSession with an id of our choosing, sent as the routing header too (see Client._open)."""
@@ -414,9 +417,9 @@ class AsyncSession(_base.SessionBase):
         """An opaque snapshot of the whole session."""
         return (await self._get_state()).snapshot
 
-    async def restore(self, snapshot: bytes) -> None:
-        """Put this session back to a snapshot taken earlier."""
-        req = pb.SetStateRequest(session_id=self.id, snapshot=snapshot)
+    async def restore(self, snapshot: bytes, *, allow_other_version: bool = False) -> None:
+        """Put this session back to a snapshot taken earlier; see ``Session.restore``."""
+        req = pb.SetStateRequest(session_id=self.id, snapshot=snapshot, allow_other_version=allow_other_version)
         await self._client._call(self._client._stub.SetState, req, metadata=self._metadata)
         await self._get_state()  # the snapshot carries its step count
 

@@ -181,9 +181,12 @@ class Client:
         """Same as open_session; reads best as ``with client.session("m") as s:``."""
         return self.open_session(model, version, initial_state, parameters)
 
-    def restore(self, snapshot: bytes, model: str = "") -> Session:
-        """Open a new session from a snapshot (``Session.snapshot()``, possibly from another replica)."""
-        return self._open(pb.OpenSessionRequest(model=model, snapshot=snapshot))
+    def restore(self, snapshot: bytes, model: str = "", *, allow_other_version: bool = False) -> Session:
+        """Open a new session from a snapshot (``Session.snapshot()``, possibly from another replica), on the
+        snapshot's own model and version; ``allow_other_version``: on the newest version of that model."""
+        return self._open(
+            pb.OpenSessionRequest(model=model, snapshot=snapshot, allow_other_version=allow_other_version)
+        )
 
     def _open(self, req: pb.OpenSessionRequest) -> Session:
         """OpenSession with an id of our choosing, sent as the routing header too, so that behind a gateway
@@ -394,9 +397,10 @@ class Session(_base.SessionBase):
         """An opaque snapshot of the whole session, for ``restore`` here or ``Client.restore`` anywhere."""
         return self._get_state().snapshot
 
-    def restore(self, snapshot: bytes) -> None:
-        """Put this session back to a snapshot taken earlier."""
-        req = pb.SetStateRequest(session_id=self.id, snapshot=snapshot)
+    def restore(self, snapshot: bytes, *, allow_other_version: bool = False) -> None:
+        """Put this session back to a snapshot taken earlier of its model (FAILED_PRECONDITION for another
+        model, or another version of it unless ``allow_other_version``)."""
+        req = pb.SetStateRequest(session_id=self.id, snapshot=snapshot, allow_other_version=allow_other_version)
         self._client._call(self._client._stub.SetState, req, metadata=self._metadata)
         self._get_state()  # the snapshot carries its step count
 

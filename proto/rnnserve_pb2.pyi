@@ -125,7 +125,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("model", "version", "initial_state", "snapshot", "parameters", "session_id")
+    __slots__ = ("model", "version", "initial_state", "snapshot", "parameters", "session_id", "allow_other_version")
     class InitialStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -146,13 +146,15 @@ class OpenSessionRequest(_message.Message):
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_OTHER_VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     initial_state: _containers.MessageMap[str, Tensor]
     snapshot: bytes
     parameters: _containers.MessageMap[str, Tensor]
     session_id: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., initial_state: _Optional[_Mapping[str, Tensor]] = ..., snapshot: _Optional[bytes] = ..., parameters: _Optional[_Mapping[str, Tensor]] = ..., session_id: _Optional[str] = ...) -> None: ...
+    allow_other_version: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., initial_state: _Optional[_Mapping[str, Tensor]] = ..., snapshot: _Optional[bytes] = ..., parameters: _Optional[_Mapping[str, Tensor]] = ..., session_id: _Optional[str] = ..., allow_other_version: _Optional[bool] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
     __slots__ = ("session_id", "model", "steps")
@@ -236,7 +238,7 @@ class SessionSnapshot(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., steps: _Optional[int] = ..., state: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
 
 class SetStateRequest(_message.Message):
-    __slots__ = ("session_id", "state", "snapshot")
+    __slots__ = ("session_id", "state", "snapshot", "allow_other_version")
     class StateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -247,10 +249,12 @@ class SetStateRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_OTHER_VERSION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     state: _containers.MessageMap[str, Tensor]
     snapshot: bytes
-    def __init__(self, session_id: _Optional[str] = ..., state: _Optional[_Mapping[str, Tensor]] = ..., snapshot: _Optional[bytes] = ...) -> None: ...
+    allow_other_version: bool
+    def __init__(self, session_id: _Optional[str] = ..., state: _Optional[_Mapping[str, Tensor]] = ..., snapshot: _Optional[bytes] = ..., allow_other_version: _Optional[bool] = ...) -> None: ...
 
 class SetStateResponse(_message.Message):
     __slots__ = ()

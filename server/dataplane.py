@@ -96,11 +96,14 @@ class DataPlane:
         parameters: Mapping[str, np.ndarray] | None = None,
         owner: str | None = None,
         session_id: str = "",
+        allow_other_version: bool = False,
     ) -> Session:
         """``owner``: the caller's principal (or host, for the per-client limit); see SessionManager.open.
         Unset, it is the current principal, so every API that opens sessions (KServe sequences too) binds them.
         ``session_id``: the id the client chose (empty: a random one); a durable model's store write then
-        also refuses an id another replica holds (``opened``)."""
+        also refuses an id another replica holds (``opened``). A ``snapshot`` opens on its own model and version
+        (``model_name``/``version`` may only name those), or with ``allow_other_version`` on the given or newest
+        version of its model."""
         if owner is None:
             owner = current_principal()
         if session_id:
@@ -116,7 +119,9 @@ class DataPlane:
             if initial_state or parameters:
                 raise InvalidArgument("a snapshot carries the state and parameters: give it alone")
             snap = snapshots.decode(snapshot)
-            model = self.repository.get(model_name or snap.model, version or (0 if model_name else snap.version))
+            name = model_name or snap.model
+            snapshots.check_target(snap, name, version or snap.version, allow_other_version=allow_other_version)
+            model = self.repository.get(name, version or (0 if allow_other_version else snap.version))
             refuse_sessions(model)
             # A snapshot holds the session's parameters beside its state, under their own names.
             param_names = {p.name for p in model.manifest.parameters}
@@ -180,7 +185,9 @@ class DataPlane:
 
         return await self._control(session, read)
 
-    async def set_state(self, session_id: str, state: Mapping[str, np.ndarray], snapshot: bytes) -> None:
+    async def set_state(
+        self, session_id: str, state: Mapping[str, np.ndarray], snapshot: bytes, allow_other_version: bool = False
+    ) -> None:
         await self._restored(session_id)
         session = self.sessions.get(session_id)
         model = session.model
@@ -189,6 +196,7 @@ class DataPlane:
         steps: int | None = None
         if snapshot:
             snap = snapshots.decode(snapshot)
+            snapshots.check_target(snap, model.name, model.version, allow_other_version=allow_other_version)
             param_names = {p.name for p in model.manifest.parameters}
             own = {k: v for k, v in snap.state.items() if k not in param_names}
             given = model.state_dict(model.check_state(own, partial=False))

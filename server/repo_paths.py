@@ -31,7 +31,8 @@ def check_version(version: int) -> int:
     return version
 
 
-def _inside(root: Path, path: Path) -> bool:
+def inside(root: Path, path: Path) -> bool:
+    """``path`` resolves (symlinks followed) to somewhere under ``root``."""
     return root.resolve() in path.resolve().parents
 
 
@@ -44,7 +45,7 @@ def version_dirs(root: Path, name: str, version: int = 0) -> dict[int, Path]:
     check_name(name)
     check_version(version)
     model_dir = root / name
-    if model_dir.exists() and not _inside(root, model_dir):
+    if model_dir.exists() and not inside(root, model_dir):
         raise InvalidArgument(f"model folder {name!r} resolves outside the repository; refusing to load it")
     if not model_dir.is_dir():
         raise ModelNotFound(f"the repository {root} has no model folder {name!r}")
@@ -58,7 +59,7 @@ def version_dirs(root: Path, name: str, version: int = 0) -> dict[int, Path]:
         if not candidates:
             raise ModelNotFound(f"model folder {name!r} has no version folders (REPO/{name}/VERSION/)")
     for v, path in candidates.items():
-        if not _inside(root, path):
+        if not inside(root, path):
             raise InvalidArgument(f"version folder {name}/{v} resolves outside the repository; refusing to load it")
     return candidates
 
@@ -76,6 +77,6 @@ def all_version_dirs(root: Path) -> dict[tuple[str, int], Path]:
         if not model_dir.is_dir() or not _NAME.fullmatch(model_dir.name):
             continue
         for version, path in _scan(model_dir).items():
-            if _inside(root, path):
+            if inside(root, path):
                 found[(model_dir.name, version)] = path
     return found

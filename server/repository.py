@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from rnnserve.manifest import MANIFEST_FILE, ModelManifest
 from rnnserve.server.errors import ModelNotFound
 from rnnserve.server.model import LoadedModel
+from rnnserve.server.repo_paths import inside
 from rnnserve.server.runtime import load_runtime
 
 if TYPE_CHECKING:
@@ -106,6 +107,10 @@ class ModelRepository:
         """
         if not (version_dir / MANIFEST_FILE).is_file():
             raise FileNotFoundError(f"{MANIFEST_FILE} is missing from {version_dir}")
+        # A symlink out would let the repository describe (shapes, initial-state files) with a file it does
+        # not hold; the artifact and .npy files are refused the same way.
+        if not inside(version_dir, version_dir / MANIFEST_FILE):
+            raise ValueError(f"{MANIFEST_FILE} resolves outside the model folder {version_dir}; refusing it")
         manifest = ModelManifest.read(version_dir)
         if manifest.name != name or manifest.version != version:
             raise ValueError(f"manifest says {manifest.name}:{manifest.version} but lives in {name}/{version}")

@@ -10,7 +10,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from rnnserve.proto import rnnserve_pb2 as pb
-from rnnserve.server.errors import InvalidArgument
+from rnnserve.server.errors import FailedPrecondition, InvalidArgument
 from rnnserve.tensors import TensorDecodeError, decode_map, encode_map
 
 MAGIC = b"RNS1"
@@ -47,3 +47,17 @@ def decode(data: bytes) -> Snapshot:
     except (DecodeError, TensorDecodeError) as exc:
         raise InvalidArgument(f"snapshot payload is malformed: {exc}") from exc
     return Snapshot(msg.model, msg.version, msg.steps, state)
+
+
+def check_target(snapshot: Snapshot, model: str, version: int, *, allow_other_version: bool) -> None:
+    """A snapshot restores only into its own model, and only into its own version unless the caller allows
+    another: matching state shapes alone do not make another model's state meaningful."""
+    if snapshot.model != model or (snapshot.version != version and not allow_other_version):
+        hint = (
+            "set allow_other_version to restore it into another version of its model"
+            if snapshot.model == model
+            else "a snapshot restores only into its own model"
+        )
+        raise FailedPrecondition(
+            f"the snapshot is of model {snapshot.model}:{snapshot.version}, not {model}:{version}; {hint}"
+        )

@@ -4,13 +4,14 @@ restore only into their own model, manifests that stay inside the repository, an
 
 from __future__ import annotations
 
+import shutil
 import threading
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from conftest import TINY_INPUT, tiny_expected
+from conftest import TINY_INPUT, build_tiny_repository, tiny_expected
 
 from rnnserve.client import Client, RnnServeError
 
@@ -213,3 +214,69 @@ def test_sessions_stepping_different_free_lengths_at_once_all_equal_eager(server
         stats = client.stats().models[0]
     assert stats.steps == steps * len(lengths)
     assert stats.max_batch >= 2  # the two sessions of each length still batched together
+
+
+# ---- snapshots -----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_versions(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``gru`` versions 1 and 2 (the same weights) beside ``gru_ts``, whose state has the same shape."""
+    from rnnserve.manifest import ModelManifest
+
+    root = build_tiny_repository(tmp_path_factory.mktemp("versions-repo"))
+    shutil.copytree(root / "gru" / "1", root / "gru" / "2")
+    manifest = ModelManifest.read(root / "gru" / "2").model_dump(mode="json")
+    manifest["version"] = 2
+    ModelManifest.model_validate(manifest).write(root / "gru" / "2")
+    return root
+
+
+def _failed_precondition(call, *fragments: str) -> None:
+    with pytest.raises(RnnServeError) as info:
+        call()
+    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION, info.value
+    for fragment in fragments:
+        assert fragment in info.value.message, info.value.message
+
+
+def test_a_snapshot_restores_only_into_its_own_model_and_version(server_factory, two_versions) -> None:
+    server = server_factory(two_versions)
+    xs = _xs(6, 6)
+    with Client(server.address, timeout=10) as client:
+        v1 = client.session("gru", version=1)
+        for x in xs[:3]:
+            v1.step(x)
+        snap = v1.snapshot()
+        v2, other = client.session("gru", version=2), client.session("gru_ts")
+        other_before = other.get_state()["h"]
+        _failed_precondition(lambda: other.restore(snap), "gru:1", "gru_ts:1", "its own model")
+        _failed_precondition(lambda: other.restore(snap, allow_other_version=True), "gru:1", "gru_ts:1")
+        _failed_precondition(lambda: v2.restore(snap), "gru:1", "gru:2", "allow_other_version")
+        _failed_precondition(lambda: client.restore(snap, model="gru_ts"), "gru:1", "gru_ts")
+        np.testing.assert_array_equal(other.get_state()["h"], other_before)  # refused: nothing changed
+        assert v2.get_state()["h"].any() == np.False_
+        # Opening from a snapshot: its own version, not the newest, unless another is allowed.
+        same = client.restore(snap, model="gru")
+        assert (same.model.version, same.steps) == (1, 3)
+        newest = client.restore(snap, allow_other_version=True)
+        assert newest.model.version == 2
+        v2.restore(snap, allow_other_version=True)  # opted in: the same weights continue alike
+        expected = tiny_expected(xs)[0][3:]
+        for session in (v1, same, newest, v2):
+            np.testing.assert_allclose(np.stack([session.step(x) for x in xs[3:]]), expected, **TOL)
+
+
+# ---- the repository ------------------------------------------------------------------------------------------
+def test_a_manifest_symlinked_out_of_the_repository_is_refused(server_factory, tmp_path) -> None:
+    outside = build_tiny_repository(tmp_path / "outside")
+    repo = tmp_path / "repo"
+    shutil.copytree(outside / "gru", repo / "gru")
+    manifest = repo / "gru" / "1" / "manifest.json"
+    manifest.unlink()
+    manifest.symlink_to(outside / "gru" / "1" / "manifest.json")
+    server = server_factory(repo)
+    with Client(server.address, timeout=10) as client:
+        (info,) = client.list_models()
+        assert info.state == "FAILED" and "manifest.json resolves outside" in info.error, info
+        with pytest.raises(RnnServeError) as refused:
+            client.session("gru")
+        assert refused.value.code == grpc.StatusCode.NOT_FOUND

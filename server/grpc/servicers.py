@@ -80,6 +80,7 @@ class RnnServeServicer:
             self.limits.tensors(request.parameters),
             owner=self.limits.session_owner(context.peer()),
             session_id=request.session_id,
+            allow_other_version=request.allow_other_version,
         )
         await self.dp.opened(session)  # a durable model's session is in the session store before we answer
         return pb.OpenSessionResponse(
@@ -99,7 +100,9 @@ class RnnServeServicer:
         return converters.session_state(await self.dp.get_state(request.session_id))
 
     async def SetState(self, request: pb.SetStateRequest, context) -> pb.SetStateResponse:
-        await self.dp.set_state(request.session_id, self.limits.tensors(request.state), request.snapshot)
+        await self.dp.set_state(
+            request.session_id, self.limits.tensors(request.state), request.snapshot, request.allow_other_version
+        )
         return pb.SetStateResponse()
 
     async def GetStats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
