@@ -51,6 +51,7 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--auth-tokens": ("auth_tokens", {"metavar": "FILE"}),
     "--admin-principals": ("admin_principals", {"metavar": "NAMES"}),
     "--metrics-port": ("metrics_port", {"type": int, "metavar": "PORT", "help": "0 picks a free port"}),
+    "--metrics-host": ("metrics_host", {"metavar": "ADDRESS"}),
 }
 
 

@@ -145,3 +145,15 @@ class ServerSettings(BaseSettings):
 
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     """Serve Prometheus metrics on this HTTP port at /metrics (0: a free port; unset: no metrics server)."""
+
+    metrics_host: str | None = None
+    """Address the metrics port listens on. It is plain HTTP without a token, and shows model names and session
+    counts: unset, it is 127.0.0.1 when TLS or tokens protect the gRPC port (scrape it from this host, or set
+    this to the address a firewalled scrape network reaches), else ``host``."""
+
+    @property
+    def metrics_address(self) -> str:
+        """Where the metrics port listens (``metrics_host``, or its default)."""
+        if self.metrics_host is not None:
+            return self.metrics_host
+        return "127.0.0.1" if self.tls_cert or self.auth_tokens or self.tokens else self.host

@@ -280,3 +280,41 @@ def test_a_manifest_symlinked_out_of_the_repository_is_refused(server_factory, t
         with pytest.raises(RnnServeError) as refused:
             client.session("gru")
         assert refused.value.code == grpc.StatusCode.NOT_FOUND
+
+
+# ---- metrics -------------------------------------------------------------------------------------------------
+def _metrics_reachable_at(address: str, **settings) -> bool:
+    """Start a server listening on every address, with a metrics port, and try /metrics at ``address``."""
+    import asyncio
+    import urllib.error
+    import urllib.request
+
+    from rnnserve.server.grpc.server import RnnServer
+    from rnnserve.server.settings import ServerSettings
+
+    server = RnnServer(ServerSettings(host="0.0.0.0", port=0, metrics_port=0, **settings))
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(server.start())
+        assert server.metrics is not None
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics.port}/metrics", timeout=10) as response:
+            assert b"rnnserve_sessions" in response.read()  # this host can always scrape it
+        try:
+            with urllib.request.urlopen(f"http://{address}:{server.metrics.port}/metrics", timeout=10):
+                return True
+        except urllib.error.URLError:
+            return False
+    finally:
+        loop.run_until_complete(server.stop(grace=0.1))
+        loop.close()
+
+
+def test_the_metrics_port_stays_on_this_host_when_tls_or_tokens_are_on(tiny_repository, tokens_file) -> None:
+    # 127.0.0.2 is this host too, but not the address 127.0.0.1: a port bound to 127.0.0.1 alone refuses it,
+    # as it refuses every other machine.
+    elsewhere = "127.0.0.2"
+    assert not _metrics_reachable_at(elsewhere, repository=tiny_repository, auth_tokens=tokens_file)
+    assert not _metrics_reachable_at(elsewhere, repository=tiny_repository, tokens=f"{ALICE} alice")
+    # Opening it up is explicit; without TLS or tokens nothing is protected, so it follows --host.
+    assert _metrics_reachable_at(elsewhere, repository=tiny_repository, auth_tokens=tokens_file, metrics_host="0.0.0.0")
+    assert _metrics_reachable_at(elsewhere, repository=tiny_repository)

@@ -122,7 +122,7 @@ class RnnServer:
         self._server = server
         if self.settings.metrics_port is not None:
             self.metrics = MetricsServer(
-                self.dataplane, self.servicer.rejected, self.settings.host, self.settings.metrics_port
+                self.dataplane, self.servicer.rejected, self.settings.metrics_address, self.settings.metrics_port
             )
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
