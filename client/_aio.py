@@ -359,8 +359,7 @@ class AsyncSession(_base.SessionBase):
                 try:
                     while (response := await call.read()) is not grpc.aio.EOF:
                         for result in response.results:
-                            if result.code == _base.MOVED_CODE:
-                                raise _base.SessionMovedError(result.message)
+                            _base.check_resumable(result)
                             out = self._stream_result(result, unacked.ack())
                             failures = 0
                             yield out
@@ -371,9 +370,8 @@ class AsyncSession(_base.SessionBase):
                     error: RnnServeError = RnnServeError(code, "the server ended the stream", session_id=self.id)
                 except grpc.aio.AioRpcError as err:
                     code, error = retry_code(err), from_rpc_error(err)
-                except _base.SessionMovedError as moved:
-                    code = grpc.StatusCode.ABORTED
-                    error = RnnServeError(code, str(moved), session_id=self.id)
+                except _base.StepRetry as failed:
+                    code, error = failed.error.code, failed.error
                 finally:
                     sender.cancel()
                     call.cancel()

@@ -11,6 +11,7 @@ import numpy as np
 
 from rnnserve.client import _convert
 from rnnserve.client._errors import RnnServeError, status_code
+from rnnserve.client._retry import RETRYABLE
 from rnnserve.client._types import BatchResult, ModelInfo
 from rnnserve.proto import rnnserve_pb2 as pb
 from rnnserve.tensors import encode_map
@@ -59,12 +60,24 @@ ROUTING_HEADER = "x-session-id"
 """Metadata naming the session on every session call and stream: the gateway routes on it (README: Deployment)."""
 
 
-class SessionMovedError(Exception):
-    """A stream result said ABORTED: the session moved to another replica (server/durability.py). The stream
-    is reopened, through the gateway, and resumes at that step."""
+class StepRetry(Exception):
+    """A stream step failed with a status a retry may change: the stream is reopened and resumes at that step."""
+
+    def __init__(self, error: RnnServeError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
-MOVED_CODE = grpc.StatusCode.ABORTED.value[0]
+def check_resumable(result: pb.StepResult) -> None:
+    """Raise StepRetry when a stream result failed with a status the clients retry (``_retry.RETRYABLE``: the
+    session moved to another replica, the session store was down, the step's outcome is unknown). Checked
+    before the result is paired with its step, so the stream resumes from that step as from a broken stream,
+    and the step's index applies it at most once."""
+    if result.code and status_code(result.code) in RETRYABLE:
+        try:
+            _convert.check_result(result)
+        except RnnServeError as err:
+            raise StepRetry(err) from None
 
 
 def new_session_id() -> str:

@@ -1,8 +1,10 @@
 """When and how long the clients wait before retrying a call, and what a resumed stream must resend.
 
-Only UNAVAILABLE (no connection, a dropped one, a server restarting), DEADLINE_EXCEEDED and ABORTED (the
-session moved to another replica behind the gateway, which the retry reaches) are retried: every other status
-is the server's answer and would be the same again. Steps are safe to resend because each carries
+Only UNAVAILABLE (no connection, a dropped one, a server restarting, its session store down),
+DEADLINE_EXCEEDED (the call's deadline, or a step whose session-store write was not confirmed: its outcome is
+unknown) and ABORTED (the session moved to another replica behind the gateway, which the retry reaches) are
+retried, as a call's status and as a stream step's (``_base.check_resumable``): every other status is the
+server's answer and would be the same again. Steps are safe to resend because each carries
 its session's ``step_index``: the server answers a repeat of an applied step from its replay cache instead of
 stepping twice (README "Exactly-once steps and retries").
 """

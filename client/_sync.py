@@ -326,9 +326,11 @@ class Session(_base.SessionBase):
         iterated on a grpc thread; an exception it raises is re-raised here after the outputs of the
         steps before it. A failed step raises RnnServeError and cancels the stream; the steps sent after
         it are refused, since they carry the indexes of the steps after it (``s.steps`` says where the
-        session stands). A broken stream (UNAVAILABLE) is reopened and resumes from the last answered
-        step: the unanswered ones are sent again with their indexes, and those the server had applied
-        come back from its replay cache (``Client(retries=)`` bounds the reconnections in a row).
+        session stands). A broken stream (UNAVAILABLE), or a step that failed with a status a retry may
+        change (UNAVAILABLE, DEADLINE_EXCEEDED: e.g. its session-store write was not confirmed; ABORTED: the
+        session moved to another replica), is reopened and resumes from the last answered step: the
+        unanswered ones are sent again with their indexes, and those the server had applied come back from
+        its replay cache (``Client(retries=)`` bounds the reconnections in a row).
         """
         _base.check_window(window)
         return self._stream(iter(xs), window, outputs)
@@ -343,8 +345,7 @@ class Session(_base.SessionBase):
                 try:
                     for response in call:
                         for result in response.results:
-                            if result.code == _base.MOVED_CODE:
-                                raise _base.SessionMovedError(result.message)
+                            _base.check_resumable(result)
                             out = self._stream_result(result, box.ack())
                             failures = 0
                             yield out
@@ -355,9 +356,8 @@ class Session(_base.SessionBase):
                     error: RnnServeError = RnnServeError(code, "the server ended the stream", session_id=self.id)
                 except grpc.RpcError as err:
                     code, error = retry_code(err), from_rpc_error(err)
-                except _base.SessionMovedError as moved:
-                    code = grpc.StatusCode.ABORTED
-                    error = RnnServeError(code, str(moved), session_id=self.id)
+                except _base.StepRetry as failed:
+                    code, error = failed.error.code, failed.error
                 finally:
                     call.cancel()  # a no-op once finished; stops the server's work when the caller stops early
                 if not client.retry.should_retry(code, failures):

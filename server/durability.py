@@ -5,9 +5,12 @@ Per model (``ModelManifest.durability``, or the server's ``--durability`` for a 
 
 - ``every-step``: a batch's new states are written, one pipelined round trip for the whole batch, after the
   model call and *before* the slab is updated and any response is released. A failed write fails the batch's
-  steps with UNAVAILABLE and leaves their states and step counts as they were. A chunk is written once, at
+  steps with DEADLINE_EXCEEDED (``OutcomeUnknown``) and leaves this server's copies as they were: the write may
+  still land (a hung Redis runs it when it wakes up), so the outcome is reported unknown, never "not applied";
+  the retry with the same ``step_index`` settles it (computed again on the copy, whose next write replaces the
+  late one, or answered from the replay cache of a copy reloaded from the store). A chunk is written once, at
   its last step (its response is released only then). So every acknowledged step is in the store; the store
-  may be ahead of the client by the steps whose responses were lost with the server.
+  may be ahead of the client by the steps whose responses were lost with the server, or reported unknown.
 - ``periodic``: a session is written at the end of a step that brings it ``every_steps`` past its last
   write, or ``every_ms`` after it; a session left idle with unwritten steps is written by a background task
   once ``every_ms`` passed. Writes do not hold responses back and a failed one is logged, not returned:
@@ -30,6 +33,13 @@ gateway moved a session to another replica that advanced it, this server's copy 
 refused: the steps of that batch are not applied here, they fail with ABORTED (``SessionMoved``), the stale
 copy is dropped (its record stays), and the client's retry, wherever it lands, resumes from the store. So no
 replica ever overwrites a newer state with an older one, and with ``every-step`` no acknowledged step is lost.
+
+A store that went back in time (Redis restarted from an RDB snapshot or an fsync-lagging AOF, or a replica
+promoted) holds records older than the copies here. Those copies are the newest state left, acknowledged steps
+included: their next write puts them back (the revision test lets a copy replace an older record), and a read
+or a step numbered past a copy never swaps it for the older record (``stale``: only a *newer* stored revision
+makes a copy stale). A stale copy of another replica stays stale against the rolled-back record whenever the
+record is still newer than it; a step numbered past it is refused there, so it is never written.
 """
 
 from __future__ import annotations
@@ -49,9 +59,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from rnnserve.manifest import Durability
-from rnnserve.server.errors import AlreadyExists, SessionMoved
+from rnnserve.server.errors import OutcomeUnknown, SessionIdUnavailable, SessionMoved
 from rnnserve.server.metrics import store_error
-from rnnserve.server.store import ReplayEntry, SessionRecord, SessionStore, StoreUnavailable
+from rnnserve.server.store import ReplayEntry, SessionRecord, SessionStore, StoreUnavailable, Unsure, ahead
 
 if TYPE_CHECKING:
     from rnnserve.server.batcher import StepJob
@@ -145,7 +155,8 @@ class Persistence:
             revisions = self.store.put_many([r for _, r in live], [s.revision for s, _ in live], self.writer)
         except StoreUnavailable:
             for s, _ in live:
-                s.revision = None  # the write may have landed or not: the next one settles it by writer id
+                # The write may land yet: the store holds the revision it would give, or an older one.
+                s.revision = Unsure(s.revision + 1)
             raise
         refused = []
         for (s, _), revision in zip(live, revisions, strict=True):
@@ -169,8 +180,10 @@ class Persistence:
         future.add_done_callback(refused)
 
     async def stale(self, session: Session) -> bool:
-        """Whether another replica changed ``session`` since this server last wrote or read it (one store round
-        trip, in order with its writes; a store that outlives no process is never shared: False)."""
+        """Whether the store holds a newer ``session`` than this copy: another replica changed it since this
+        server last wrote or read it, or a write this server was unsure of landed (one store round trip, in
+        order with its writes; a store that outlives no process is never shared: False). An older record (the
+        store went back in time) leaves the copy as it is: the copy is the truth, and its next write says so."""
         if not self.store.durable or not self.durable(session) or session.revision == MOVED:
             return False
 
@@ -179,7 +192,7 @@ class Persistence:
                 (stored,) = self.store.revisions([session.id])
             except StoreUnavailable:
                 return False  # a read is still served (from this copy) while the store is down
-            return stored != 0 and stored != session.revision
+            return ahead(stored, session.revision)
 
         return await self._run(check)
 
@@ -269,9 +282,11 @@ class Persistence:
                 moved = self._submit(self._put, sessions, records).result()
             except StoreUnavailable as exc:
                 store_error(model.name, model.version, "save")
-                raise StoreUnavailable(
-                    f"{exc.message}; model {model.key} is every-step durable, so this batch's {len(jobs)} step(s) "
-                    "were not applied (state and step count unchanged): retry them"
+                raise OutcomeUnknown(
+                    f"{exc.message}; model {model.key} is every-step durable and the write of this batch's "
+                    f"{len(jobs)} step(s) was not confirmed, so they may or may not have been applied (the write "
+                    "may still land): resend them with the same step_index, which applies each at most once and "
+                    "answers one that was applied with its outputs"
                 ) from exc
             if moved:
                 ids = {id(s) for s in moved}
@@ -330,9 +345,7 @@ class Persistence:
             try:
                 await self.write_now(session)
             except SessionMoved:
-                raise AlreadyExists(
-                    f"session id '{session.id}' is already in use (in the session store): choose another id"
-                ) from None
+                raise SessionIdUnavailable(session.id) from None
 
     def write_now(self, session: Session) -> asyncio.Future:
         """Write the session as it is now, in order with its other writes; the future fails with

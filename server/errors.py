@@ -71,5 +71,13 @@ class Unavailable(RnnServeError):
     status = "UNAVAILABLE"
 
 
+class OutcomeUnknown(RnnServeError):
+    """A change whose outcome the server could not learn (its session-store write was not confirmed: it may
+    land later). DEADLINE_EXCEEDED is gRPC's status for "may have completed"; a retry with the same
+    ``step_index`` settles it, applying the step at most once."""
+
+    status = "DEADLINE_EXCEEDED"
+
+
 class Internal(RnnServeError):
     status = "INTERNAL"

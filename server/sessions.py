@@ -58,11 +58,11 @@ class Session:
         # False while open; once ended, why: "client" (CloseSession), "expired", "unloaded" or "moved".
         self.closed: bool | str = False
         # Durability (server/durability.py): the step count and time of the last write to the session store,
-        # and the store's revision of the record as this server last wrote or read it (0: none; None: unknown
+        # and the store's revision of the record as this server last wrote or read it (0: none; a store.Unsure
         # after a failed write; -1: no longer this server's to write). Only the store's FIFO thread updates it.
         self.stored_steps = steps
         self.stored_at = self.last_used
-        self.revision: int | None = 0
+        self.revision = 0
 
 
 class SessionManager:

@@ -349,6 +349,8 @@ def test_every_step_batches_never_run_on_the_event_loop(durable_repository, redi
 # ---- store failure, close, expiry -----------------------------------------------------------------------------
 @needs_redis
 def test_store_failure_fails_the_step_and_changes_nothing(durable_repository, redis_server, server_factory):
+    """A step whose write fails is reported with its outcome unknown (a write can fail after Redis ran it);
+    here Redis is down, so nothing changed, and the retry with the same step_index applies it once."""
     xs = np.random.default_rng(8).standard_normal((5, TINY_INPUT)).astype(np.float32)
     server = server_factory(durable_repository, session_store=redis_server.url)
     channel, stub = stub_for(server.address)
@@ -365,8 +367,8 @@ def test_store_failure_fails_the_step_and_changes_nothing(durable_repository, re
         redis_server.stop()
         with pytest.raises(grpc.RpcError) as info:
             step(sid, 3)
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "session store" in info.value.details() and "not applied" in info.value.details()
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "session store" in info.value.details() and "may or may not" in info.value.details()
         assert STORE_ERRORS[("gru_every", 1, "save")] == errors + 1  # rnnserve_store_errors_total
         with pytest.raises(grpc.RpcError) as info:  # a new durable session can't be promised either
             stub.OpenSession(pb.OpenSessionRequest(model="gru_every"))

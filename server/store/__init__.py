@@ -12,12 +12,15 @@ Records are written with a time to live equal to the session TTL, so the store f
 the way the server does.
 
 Several replicas may share one store (behind the session-affinity gateway), and a session can move between
-them. So every record carries a *revision*, the store's count of its writes, and the writer's id: a write
-or delete names the revision it expects to replace, and the store applies it only if that is still the
-stored one (compare-and-set, atomic in the store). A replica whose copy of a session went stale (another
+them. So every record carries a *revision*, which only grows along a session's history, and the id of its last
+writer: a write or delete names the revision of the writer's copy, and the store applies it only if the stored
+record is not newer (compare-and-set, atomic in the store). A replica whose copy of a session went stale (another
 replica advanced it meanwhile) therefore cannot overwrite the newer state: its write is refused and it drops
-its copy (server/durability.py). Where a replica does not know the revision (its last write failed midway,
-so it may or may not have landed), ``expect`` None accepts the record if this writer wrote it last.
+its copy (server/durability.py). A stored record *older* than the writer's copy means the store lost writes (it
+restarted from a snapshot, or a replica of it was promoted): the copy is the newest state there is, so it is
+written back, with a revision above the copy's, never below it. Where a writer's last write failed midway (it
+may or may not have landed), its copy's revision is ``Unsure``: the store holds that revision, written by this
+writer, or an older one.
 """
 
 from __future__ import annotations
@@ -39,6 +42,14 @@ class StoreUnavailable(Unavailable):
     """The session store could not be reached or refused a command."""
 
 
+class Unsure(int):
+    """The revision a writer's copy has if its last write, which failed midway (a timeout, a dropped
+    connection), landed: the store holds this revision, written by this writer, or an older one."""
+
+    def __repr__(self) -> str:
+        return f"Unsure({int(self)})"
+
+
 @dataclass
 class SessionRecord:
     session_id: str
@@ -58,10 +69,15 @@ class SessionRecord:
     """The store's write count of this record when it was read (0: not from a store)."""
 
 
-Expect = Sequence[int | None] | None
-"""Per record: the revision a write or delete replaces (0: there must be no record), or None: the record's
-last writer must be this writer. A missing record is always written. The whole argument None: unconditional
-(tools and tests)."""
+Expect = Sequence[int] | None
+"""Per record: the revision of the writer's copy (0: it knows no record; ``Unsure`` after a write that failed
+midway); see ``SessionStore.holds``. The whole argument None: unconditional (tools and tests)."""
+
+
+def ahead(stored: int, known: int) -> bool:
+    """Whether the store's revision of a record is newer than a copy at revision ``known``: another writer
+    changed it since (for an ``Unsure`` copy, also: the write it was unsure of landed)."""
+    return stored > known or (stored == known and isinstance(known, Unsure))
 
 
 class SessionStore(ABC):
@@ -104,13 +120,20 @@ class SessionStore(ABC):
         self.delete_many([session_id])
 
     @staticmethod
-    def holds(expect: int | None, writer: str, revision: int, last_writer: str) -> bool:
-        """A conditional write's or delete's test against the stored (revision, last writer); revision 0:
-        no record, which a write may always create (the store lost it, or it expired: the writer's copy is
-        the only one left), while a record that exists is replaced only at the revision the writer knows."""
-        if not revision:
-            return True
-        return revision == expect if expect is not None else last_writer == writer
+    def holds(expect: int, writer: str, revision: int, last_writer: str) -> bool:
+        """A conditional write's or delete's test against the stored (revision, last writer), for a copy at
+        revision ``expect``. A missing record (revision 0: it expired, or the store lost it) or an older one
+        (the store went back in time) gives way: the copy is the newest state left. The copy's own revision is
+        the copy (an ``Unsure`` one only if this writer wrote it). A newer one: the copy is stale, refused."""
+        if revision == expect:
+            return not isinstance(expect, Unsure) or last_writer == writer
+        return revision < expect
+
+    @staticmethod
+    def next_revision(revision: int, expect: int | None) -> int:
+        """The revision a write gets: above both the stored one and the writer's copy's, so that revisions
+        only grow along a session's history even through a store that went back in time."""
+        return max(revision, expect or 0) + 1
 
     def ping(self) -> None:  # noqa: B027 - an embedded store is always there
         """Raise StoreUnavailable when the store cannot be reached."""

@@ -36,13 +36,14 @@ class MemoryStore(SessionStore):
         with self._lock:
             for i, record in enumerate(records):
                 revision, last = self._current(record.session_id, now)
-                if expect is not None and not self.holds(expect[i], writer, revision, last):
+                known = expect[i] if expect is not None else None
+                if known is not None and not self.holds(known, writer, revision, last):
                     written.append(0)
                     continue
                 # A copy: the caller keeps its record object; the stored one carries the stored revision.
-                stored = dataclasses.replace(record, revision=revision + 1)
+                stored = dataclasses.replace(record, revision=self.next_revision(revision, known))
                 self._records[record.session_id] = (now + self.ttl, writer, stored)
-                written.append(revision + 1)
+                written.append(stored.revision)
             if now >= self._next_sweep:
                 # Expired records are dropped as they are read; this catches those nobody reads again.
                 self._sweep(now)

@@ -15,51 +15,68 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from rnnserve.server.store import Expect, SessionRecord, SessionStore, StoreUnavailable
+from rnnserve.server.store import Expect, SessionRecord, SessionStore, StoreUnavailable, Unsure
 from rnnserve.server.store.codec import decode_record, encode_record
 
 PREFIX = "rnnserve:session:"
 T = TypeVar("T")
 
-# KEYS: the sessions. ARGV: ttl ms, writer, 'u' (unconditional) or 'c', then per key its expected revision
-# ('' = "the last writer was this writer") and its bytes; a missing record is always written. Returns each
-# key's new revision, 0 where refused.
-_PUT = """
+# SessionStore.holds, for a writer's copy at revision `expect` ('~N': Unsure N), against the record's stored
+# revision `rev` and last writer `last`; also returns the copy's revision as a number.
+_HOLDS = """
+local function holds(expect, writer, rev, last)
+  local unsure = string.sub(expect, 1, 1) == '~'
+  local e = tonumber(unsure and string.sub(expect, 2) or expect)
+  if rev == e then return (not unsure) or last == writer, e end
+  return rev < e, e
+end
+"""
+
+# KEYS: the sessions. ARGV: ttl ms, writer, 'u' (unconditional) or 'c', then per key the revision of the writer's
+# copy and its bytes. Returns each key's new revision (above both the stored one and the copy's), 0 where refused.
+_PUT = (
+    _HOLDS
+    + """
 local ttl, writer, mode = ARGV[1], ARGV[2], ARGV[3]
 local out = {}
 for i, key in ipairs(KEYS) do
   local expect, body = ARGV[2 + 2 * i], ARGV[3 + 2 * i]
   local cur = redis.call('HMGET', key, 'r', 'w')
   local rev = tonumber(cur[1]) or 0
-  local ok = mode == 'u' or rev == 0
-  if not ok then
-    if expect == '' then ok = cur[2] == writer else ok = tonumber(expect) == rev end
+  local ok, base = true, rev
+  if mode ~= 'u' then
+    local e
+    ok, e = holds(expect, writer, rev, cur[2])
+    if e > base then base = e end
   end
   if ok then
-    redis.call('HSET', key, 'r', rev + 1, 'w', writer, 'b', body)
+    redis.call('HSET', key, 'r', base + 1, 'w', writer, 'b', body)
     redis.call('PEXPIRE', key, ttl)
-    out[i] = rev + 1
+    out[i] = base + 1
   else
     out[i] = 0
   end
 end
 return out
 """
+)
 
-# KEYS: the sessions. ARGV: writer, 'u' or 'c', then per key its expected revision ('' as above).
-_DELETE = """
+# KEYS: the sessions. ARGV: writer, 'u' or 'c', then per key the revision of the writer's copy (as above).
+_DELETE = (
+    _HOLDS
+    + """
 local writer, mode = ARGV[1], ARGV[2]
 for i, key in ipairs(KEYS) do
   local ok = mode == 'u'
   if not ok then
     local cur = redis.call('HMGET', key, 'r', 'w')
-    local rev = tonumber(cur[1]) or 0
-    if ARGV[2 + i] == '' then ok = rev > 0 and cur[2] == writer else ok = tonumber(ARGV[2 + i]) == rev end
+    ok = holds(ARGV[2 + i], writer, tonumber(cur[1]) or 0, cur[2])
   end
   if ok then redis.call('DEL', key) end
 end
 return 0
 """
+)
 
 
 def redact(url: str) -> str:
@@ -74,7 +91,7 @@ def redact(url: str) -> str:
 def _expected(expect: Expect, n: int) -> tuple[str, list[str]]:
     if expect is None:
         return "u", [""] * n
-    return "c", ["" if e is None else str(e) for e in expect]
+    return "c", [f"~{int(e)}" if isinstance(e, Unsure) else str(int(e)) for e in expect]
 
 
 class RedisStore(SessionStore):
@@ -84,8 +101,8 @@ class RedisStore(SessionStore):
     def __init__(self, url: str, *, ttl: float, timeout: float = 2.0):
         super().__init__(ttl)
         self.url = redact(url)
-        # Short timeouts: an every-step batch waits on this store, so a hung Redis must fail the batch
-        # (UNAVAILABLE) in bounded time. Two quick retries cover a pooled connection that a Redis restart
+        # Short timeouts: an every-step batch waits on this store, so a hung Redis must fail the batch (its
+        # outcome unknown) in bounded time. Two quick retries cover a pooled connection that a Redis restart
         # closed. A retried conditional write that had landed is refused (its revision moved on), which the
         # caller treats as a conflict and resolves by re-reading: safe.
         self._client = redis.Redis.from_url(
