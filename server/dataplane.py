@@ -21,6 +21,7 @@ from rnnserve.server.errors import (
     NotFound,
     ResourceExhausted,
     SessionEnded,
+    SessionIdUnavailable,
     SessionMoved,
 )
 from rnnserve.server.limits import Limits
@@ -113,7 +114,7 @@ class DataPlane:
                     "to have the server pick one"
                 )
             if self.sessions.known(session_id):
-                raise AlreadyExists(f"session id '{session_id}' is already in use: choose another id")
+                raise SessionIdUnavailable(session_id)
         parameters = parameters or {}
         if snapshot:
             if initial_state or parameters:

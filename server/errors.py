@@ -50,6 +50,15 @@ class AlreadyExists(RnnServeError):
     status = "ALREADY_EXISTS"
 
 
+class SessionIdUnavailable(AlreadyExists):
+    """A proposed session id this caller cannot take. One answer whoever holds it (this caller, another
+    principal, a replica through the session store, a session the server ended): it names no holder and no
+    place, and the caller's own retry still reads it as "my earlier attempt opened it" (the SDK's adopt)."""
+
+    def __init__(self, session_id: str):
+        super().__init__(f"session id '{session_id}' is not available: choose another id")
+
+
 class Aborted(RnnServeError):
     status = "ABORTED"
 

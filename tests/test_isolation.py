@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from conftest import TINY_INPUT, build_tiny_repository, tiny_expected
+from conftest import TINY_INPUT, ServerHandle, build_tiny_repository, tiny_expected
 
 from rnnserve.client import Client, RnnServeError
 
@@ -318,3 +319,51 @@ def test_the_metrics_port_stays_on_this_host_when_tls_or_tokens_are_on(tiny_repo
     # Opening it up is explicit; without TLS or tokens nothing is protected, so it follows --host.
     assert _metrics_reachable_at(elsewhere, repository=tiny_repository, auth_tokens=tokens_file, metrics_host="0.0.0.0")
     assert _metrics_reachable_at(elsewhere, repository=tiny_repository)
+
+
+# ---- proposed session ids -----------------------------------------------------------------------------------------
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A throwaway redis-server (requested before server_factory, so it outlives the servers)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not on PATH")
+    from redis_server import RedisServer
+
+    store = RedisServer().start()
+    yield store.url
+    store.stop()
+
+
+def test_a_proposed_id_gets_one_answer_whoever_holds_it_and_wherever(
+    redis_url, server_factory, tiny_repository, tokens_file
+) -> None:
+    from rnnserve.proto import rnnserve_pb2 as pb
+    from rnnserve.proto import rnnserve_pb2_grpc as pb_grpc
+
+    settings = {"auth_tokens": tokens_file, "session_store": redis_url, "durability": "every-step"}
+    here, there = server_factory(tiny_repository, **settings), server_factory(tiny_repository, **settings)
+    sid = "a-guessable-session-id-0001"
+
+    def open_as(server: ServerHandle, token: str) -> tuple[grpc.StatusCode, str]:
+        with grpc.insecure_channel(server.address) as channel:
+            try:
+                pb_grpc.RnnServeStub(channel).OpenSession(
+                    pb.OpenSessionRequest(model="gru", session_id=sid),
+                    metadata=(("authorization", f"Bearer {token}"),),
+                    timeout=10,
+                )
+            except grpc.RpcError as exc:
+                return exc.code(), exc.details()
+        return grpc.StatusCode.OK, ""
+
+    assert open_as(here, ALICE) == (grpc.StatusCode.OK, "")
+    # alice's own retry (the SDK's lost-answer case), bob here, bob at a replica only the store tells: one
+    # answer, which says neither who holds the id nor where.
+    answers = {open_as(here, ALICE), open_as(here, BOB), open_as(there, BOB), open_as(there, ALICE)}
+    assert answers == {(grpc.StatusCode.ALREADY_EXISTS, f"session id '{sid}' is not available: choose another id")}
+    # The SDK adopts its own id after ALREADY_EXISTS by reading it: alice can, bob cannot.
+    with Client(here.address, token=ALICE, timeout=10) as alice, Client(here.address, token=BOB) as bob:
+        assert alice._call(alice._stub.GetState, pb.SessionRequest(session_id=sid)).steps == 0
+        with pytest.raises(RnnServeError) as info:
+            bob._call(bob._stub.GetState, pb.SessionRequest(session_id=sid))
+        assert info.value.code == grpc.StatusCode.NOT_FOUND
