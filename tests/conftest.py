@@ -137,3 +137,19 @@ def build_tiny_repository(root: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_repository(tmp_path_factory.mktemp("tiny-repo"))
+
+
+@pytest.fixture(scope="session")
+def perf_analyzer_path() -> Path:
+    """Triton's perf_analyzer (scripts/setup.sh installs it): skipped where it is missing, except on CI, where a
+    missing one fails (CI installs it)."""
+    import os
+
+    from rnnserve.bench import perf_analyzer
+
+    found = perf_analyzer.find()
+    if found is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(perf_analyzer.INSTALL_HINT)
+        pytest.skip(perf_analyzer.INSTALL_HINT)
+    return found

@@ -1,6 +1,8 @@
-"""``rnnserve bench``: a smoke run through the real CLI (tiny model and sizes), and the report's arithmetic.
+"""``rnnserve bench``: one real ``--quick`` run through the CLI (servers and loads pinned, perf_analyzer included),
+the floor under the real perf_analyzer, pinning of the processes the bench starts, and the pure parts (parsing
+perf_analyzer's output, medians, the saturation rule, ratios, targets, the exit code, markdown).
 
-No timing assertions: only that every phase produced its rows and every ratio is a finite positive number.
+No timing assertions: only that every row was measured, with the structure and arithmetic the report promises.
 """
 
 from __future__ import annotations
@@ -12,97 +14,98 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from rnnserve.bench import report
+from rnnserve.bench import cli, perf_analyzer, procs, report
+from rnnserve.bench.model import TINY, build_lstm_repository
 
-ROWS = ("compute", "transport", "sessions", "multiplexed", "chunked", "scale")
 # The scale phase (N server processes behind the gateway versus one) needs both; CI installs them.
 HAVE_SCALE = shutil.which("redis-server") is not None and (
     shutil.which("nginx") is not None or os.access("/usr/sbin/nginx", os.X_OK)
 )
+ALLOWED = sorted(os.sched_getaffinity(0))
+SERVER_CPUS, LOAD_CPUS = [ALLOWED[0]], [ALLOWED[-1]]
 
 
-def _ratios(row: dict) -> dict[str, float]:
-    return {k: v for k, v in row.items() if k.startswith("ratio") and not k.endswith("_to")} | (
-        {"latency_ratio": row["latency_ratio"]} if "latency_ratio" in row else {}
-    )
-
-
-def test_bench_quick_smoke(tmp_path: Path) -> None:
+# ---- the real thing -------------------------------------------------------------------------------------
+def test_bench_quick_end_to_end(tmp_path: Path, perf_analyzer_path: Path) -> None:
     out = tmp_path / "bench.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "rnnserve.cli",
-        "bench",
-        "--quick",
-        "--sessions",
-        "1,4",
-        "--max-batch",
-        "8",
-        "--idle-sessions",
-        "1000",
-        "--json",
-        str(out),
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=170)
+    cpus = ["--server-cpus", procs.cpu_list(SERVER_CPUS), "--load-cpus", procs.cpu_list(LOAD_CPUS)]
+    cmd = [sys.executable, "-m", "rnnserve.cli", "bench", "--quick", *cpus, "--check-targets", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
-    assert "targets:" in done.stdout and "[bench" in done.stderr  # the table on stdout, progress on stderr
     result = json.loads(out.read_text())
     assert result["errors"] == []
+    # Progress on stderr, the report (with where everything ran) on stdout.
+    assert "[bench" in done.stderr and "kserve N=4 floor run 3/3" in done.stderr
+    assert f"servers on CPU {SERVER_CPUS[0]}, loads on CPU {LOAD_CPUS[0]}" in done.stdout
+    assert result["config"]["server_cpus"] == SERVER_CPUS and result["config"]["load_cpus"] == LOAD_CPUS
+
     assert [r["batch"] for r in result["compute"]] == [1, 2, 4, 8]
-    assert sorted(r["sessions"] for r in result["sessions"]) == [1, 4]
-    assert {(r["shape"], r["sessions"]) for r in result["transport"]} == {
-        ("sessions", 1),
-        ("sessions", 4),
-        ("multiplexed", 4),
-        ("chunked", 4),
-        ("floor", 4),  # the minimal server, at the largest sessions row (256 when measured)
+    for row in result["compute"]:
+        assert len(row["runs"]) == 3 and row["steps_per_s_min"] <= row["steps_per_s"] <= row["steps_per_s_max"]
+
+    expected = {
+        ("kserve", "rnnserve", 1),
+        ("kserve", "floor", 1),
+        ("kserve", "rnnserve", 4),
+        ("kserve", "floor", 4),
+        ("native", "rnnserve", 1),
+        ("native", "floor", 1),
+        ("native", "rnnserve", 4),
+        ("native", "floor", 4),
+        ("multiplexed", "rnnserve", 4),
+        ("multiplexed", "floor", 4),
+        ("chunked", "rnnserve", 4),
+        ("chunked", "floor", 4),
     }
-    (floor,) = [r for r in result["transport"] if r["shape"] == "floor"]
-    assert floor["label"] == "N=4 minimal server" and floor["ratio_to"] == "transport N=4"
-    assert [r["label"] for r in result["multiplexed"]] == ["N=4 in 1 msg", "N=4 columnar"]
-    assert len(result["chunked"]) == 1
-    assert result["idle"]["sessions"] == 1000
-    for kind in ROWS:
-        for row in result[kind]:
-            for name, value in _ratios(row).items():
-                assert isinstance(value, float) and math.isfinite(value) and value > 0, (kind, row["label"], name)
-            if kind != "compute":
-                assert row["steps"] > 0 and row["steps_per_s"] > 0
-                # /proc counts CPU in 10 ms ticks: a quick phase may read 0, never less.
-                assert row["server_cpu_us_per_step"] >= 0 and row["server_peak_rss_mib"] > 0
-    loads = [r for kind in ROWS if kind != "compute" for r in result[kind]]
-    assert any(r["server_cpu_us_per_step"] > 0 for r in loads), "server CPU was never measured"
-    assert "latency_ratio" in next(r for r in result["sessions"] if r["sessions"] == 1)
-    assert "mean_batch" in result["multiplexed"][0]
-    idle = result["idle"]
-    assert math.isfinite(idle["ratio"]) and idle["ratio"] > 0 and idle["bytes_per_session"] > 0
-    assert {t["target"].split()[0] for t in result["targets"]} == {"4", "multiplexed", "1-session", "idle"}
+    rows = [r for phase in ("kserve", "native", "multiplexed", "chunked") for r in result[phase]]
+    assert {(r["phase"], r["system"], r["sessions"]) for r in rows} == expected
+    for row in rows:
+        assert len(row["runs"]) == 3 and "error" not in row, row
+        assert row["steps_per_s_min"] <= row["steps_per_s"] <= row["steps_per_s_max"]
+        assert row["p50_ms"] <= row["p99_ms"]
+        assert row["load_cpu"] > 0 and row["invalid"] == (row["saturated"] > 0)
+        # /proc counts CPU in 10 ms ticks: a quick run may read 0, never less.
+        assert row["server_cpu_us_per_step"] >= 0 and row["client_cpu_us_per_step"] > 0
+        if row["system"] == "rnnserve":
+            assert row["mean_batch"] >= 1
+            if not row["invalid"] and not result_floor(result, row)["invalid"]:
+                assert row["vs_floor"] > 0
+    # The floor's statistics satisfy perf_analyzer (it exits 0): one execution per request.
+    for row in result["kserve"]:
+        if row["system"] == "floor":
+            assert row["mean_batch"] == 1.0
+    assert result["idle"]["sessions"] == 1000 and result["idle"]["bytes_per_session"] > 0
+    assert len(result["idle"]["runs"]) == 3
+    # Targets are about the default model at full sizes: a quick run evaluates none, so fails none.
+    assert result["targets"] == [] and "--quick" in result["targets_note"]
+    assert "targets not evaluated" in done.stdout and "FAIL" not in done.stdout
     if HAVE_SCALE:
         _check_scale_rows(result, workers=2, sessions=4)
-        assert "scale: 2 workers behind the gateway do " in done.stdout
+        assert "scale: 2 workers on 2 CPUs behind the gateway do " in done.stdout
     else:
         assert result["scale"] == [] and "apt-get install redis-server nginx" in result["skipped"]["scale"]
 
 
+def result_floor(result: dict, row: dict) -> dict:
+    return next(r for r in result[row["phase"]] if r["system"] == "floor" and r["label"] == row["label"])
+
+
 def _check_scale_rows(result: dict, *, workers: int, sessions: int) -> None:
-    """One plain server on redis, 1 worker behind the gateway, N workers behind it; every ratio measured."""
+    """One plain server on redis, 1 worker behind the gateway, N workers behind it, each on its CPUs."""
     assert "scale" not in result["skipped"]
     direct, one, many = result["scale"]
     assert [(r["processes"], r["gateway"]) for r in (direct, one, many)] == [(1, False), (1, True), (workers, True)]
     assert {r["sessions"] for r in result["scale"]} == {sessions}
-    assert many["server_procs"] == workers and one["server_procs"] == 1
-    assert set(_ratios(direct)) == {"ratio"} and direct["ratio_to"].startswith(f"rnnserve sessions N={sessions}")
-    assert set(_ratios(one)) == {"ratio", "ratio_direct"} and one["ratio_to"].startswith("scale ")
-    assert set(_ratios(many)) == {"ratio"} and one["label"] in many["ratio_to"]
+    assert direct["cpus"] == one["cpus"] == SERVER_CPUS and len(many["cpus"]) == workers
+    for row in (direct, one, many):
+        assert len(row["runs"]) == 3 and "error" not in row
     for row in (one, many):
         assert row["gateway_cpu_us_per_step"] >= 0 and row["store_cpu_us_per_step"] >= 0
         assert row["mean_batch"] >= 1
-    # The workers' peak RSS is summed: N Python processes hold more than one.
-    assert many["server_peak_rss_mib"] > one["server_peak_rss_mib"]
 
 
 def test_bench_scale_skipped_without_redis(tmp_path: Path) -> None:
@@ -117,65 +120,284 @@ def test_bench_scale_skipped_without_redis(tmp_path: Path) -> None:
     assert "phase scale SKIPPED: redis-server" in done.stderr and "apt-get install redis-server nginx" in done.stderr
     assert "scale: skipped: redis-server" in done.stdout
     result = json.loads(out.read_text())
-    assert result["errors"] == [] and result["scale"] == [] and result["sessions"] == []
+    assert result["errors"] == [] and result["scale"] == [] and result["native"] == []
     assert "apt-get install redis-server nginx" in result["skipped"]["scale"]
 
 
-def _load_row(shape: str, n: int, steps_per_s: float, p50: float = 1.0) -> dict:
-    return {"phase": shape, "shape": shape, "label": f"N={n}", "sessions": n, "steps_per_s": steps_per_s, "p50_ms": p50}
+def test_floor_satisfies_perf_analyzer(tmp_path: Path, perf_analyzer_path: Path) -> None:
+    """perf_analyzer's sequence load against the floor: it finds the model's metadata and config, takes the
+    floor's statistics (a ``Server:`` section whose counts agree) and exits 0."""
+    model = build_lstm_repository(tmp_path / "repo", TINY, max_batch_size=8)
+    floor = procs.floor_server(model.version_dir, tmp_path, cpus=SERVER_CPUS).start()
+    try:
+        cmd = perf_analyzer.command(perf_analyzer_path, model.name, floor.address, 2, 200, max_trials=10, stability=100)
+        done = procs.run_measured(cmd, cpus=LOAD_CPUS, timeout=120, workdir=tmp_path)
+    finally:
+        floor.stop()
+    assert done.returncode == 0, done.output
+    figures = perf_analyzer.parse(done.output)
+    assert figures["steps_per_s"] > 0 and figures["count"] > 0
+    server = done.output.split("Server:", 1)[1]
+    counts = [int(line.split(":")[1]) for line in server.splitlines()[1:4]]
+    assert counts[0] > 0 and len(set(counts)) == 1, server  # inference, execution, successful request counts
+    assert done.cpu_s > 0 and done.wall_s > 0
 
 
-def test_ratios_and_targets() -> None:
-    compute = [
-        {"phase": "compute", "label": f"batch {b}", "batch": b, "call_ms": 0.1 * b**0.5, "steps_per_s": 1000.0 * b}
-        for b in (1, 2, 4, 256)
+def _allowed(pid: int) -> set[int]:
+    """The CPUs every thread of ``pid`` may run on."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                found |= set(procs.parse_cpus(line.split(":", 1)[1].strip()))
+    return found
+
+
+def test_servers_and_loads_start_on_their_cpus(tmp_path: Path) -> None:
+    """A server started for the bench has every thread on the server CPUs; a measured command on the load CPUs."""
+    model = build_lstm_repository(tmp_path / "repo", TINY, max_batch_size=8)
+    floor = procs.floor_server(model.version_dir, tmp_path, cpus=SERVER_CPUS).start()
+    try:
+        assert _allowed(floor.pid) == set(SERVER_CPUS)
+    finally:
+        floor.stop()
+    probe = "import os; print(sorted(os.sched_getaffinity(0)))"
+    done = procs.run_measured([sys.executable, "-c", probe], cpus=LOAD_CPUS, timeout=60, workdir=tmp_path)
+    assert done.returncode == 0 and done.output.strip() == str(LOAD_CPUS)
+
+
+# ---- perf_analyzer's command and output ---------------------------------------------------------------------
+# What perf_analyzer 2.51 printed for one concurrency (time windows, sequence mode over gRPC streams).
+PA_OUTPUT = """*** Measurement Settings ***
+  Batch size: 1
+  Service Kind: TRITON
+  Using "time_windows" mode for stabilization
+  Stabilizing using average throughput
+  Measurement window: 1000 msec
+  Using asynchronous calls for inference
+
+Request concurrency: 16
+  Client: 
+    Request count: 27448
+    Sequence count: 266 (71.7768 seq/sec)
+    Throughput: 7406.5 infer/sec
+    Avg latency: 2105 usec (standard deviation 877 usec)
+    p50 latency: 2059 usec
+    p90 latency: 2530 usec
+    p95 latency: 2730 usec
+    p99 latency: 3530 usec
+    Avg gRPC time: 2104 usec ((un)marshal request/response 0 usec + response wait 2104 usec)
+  Server: 
+    Inference count: 27448
+    Execution count: 3498
+    Successful request count: 27448
+    Avg request latency: 990 usec (overhead 0 usec + queue 475 usec + compute input 209 usec + compute infer 170 usec + compute output 135 usec)
+
+Inferences/Second vs. Client Average Batch Latency
+Concurrency: 16, throughput: 7406.5 infer/sec, latency 2105 usec
+"""  # noqa: E501, W291 - its lines, as printed (with trailing spaces)
+PA_UNSTABLE = """*** Measurement Settings ***
+  Batch size: 1
+  Measurement window: 1000 msec
+
+Request concurrency: 1
+Failed to obtain stable measurement within 6 measurement windows for concurrency 1. Please try to increase the --measurement-interval.
+Failed to obtain stable measurement.
+"""  # noqa: E501
+
+
+def test_perf_analyzer_command_is_the_fields_sequence_load() -> None:
+    cmd = perf_analyzer.command("/x/perf_analyzer", "lstm", "127.0.0.1:9", 64, 2000)
+    assert " ".join(cmd) == (
+        "/x/perf_analyzer -m lstm -u 127.0.0.1:9 -i grpc --streaming --sequence-length 100 "
+        "--concurrency-range 64 -p 2000 -r 6 -s 50"
+    )
+
+
+def test_perf_analyzer_output_is_parsed() -> None:
+    assert perf_analyzer.parse(PA_OUTPUT) == {
+        "steps_per_s": 7406.5,
+        "p50_ms": pytest.approx(2.059),
+        "p99_ms": pytest.approx(3.530),
+        "count": 27448,
+    }
+    with pytest.raises(perf_analyzer.OutputError, match="lacks Throughput"):
+        perf_analyzer.parse(PA_UNSTABLE)
+    with pytest.raises(perf_analyzer.OutputError, match=r"no measurement.*connection refused"):
+        perf_analyzer.parse("error: failed to get model metadata: connection refused\n")
+    assert perf_analyzer.error_line(PA_UNSTABLE).startswith("Failed to obtain stable measurement within 6")
+
+
+# ---- runs -> rows ---------------------------------------------------------------------------------------
+def test_saturation_rule() -> None:
+    assert report.load_fraction(1.8, 2.0, 1) == pytest.approx(0.9)
+    assert report.load_fraction(1.8, 2.0, 2) == pytest.approx(0.45)
+    assert report.saturated({"load_cpu": 0.9}) and not report.saturated({"load_cpu": 0.89})
+    assert not report.saturated({})  # nothing measured on the load: nothing to mark
+
+
+def test_summarize_medians_spread_and_invalid() -> None:
+    runs = [
+        {"steps_per_s": 300.0, "p50_ms": 2.0, "load_cpu": 0.5},
+        {"steps_per_s": 100.0, "p50_ms": 9.0, "load_cpu": 0.95},
+        {"steps_per_s": 200.0, "p50_ms": 1.0, "load_cpu": 0.4},
     ]
-    result = {
+    row = report.summarize({"phase": "native", "system": "rnnserve", "label": "N=1", "sessions": 1}, runs)
+    assert row["steps_per_s"] == 200.0 and row["p50_ms"] == 2.0  # each figure its own median
+    assert (row["steps_per_s_min"], row["steps_per_s_max"]) == (100.0, 300.0)
+    assert row["saturated"] == 1 and row["invalid"] and row["load_cpu"] == 0.95
+    assert not report.usable(row)
+    calm = report.summarize({"label": "x"}, [runs[0], runs[2]])
+    assert calm["steps_per_s"] == 250.0 and not calm["invalid"] and report.usable(calm)
+    failed = report.summarize({"label": "x"}, [runs[0], {"error": "perf_analyzer exited 99: boom"}, runs[2]])
+    assert failed["error"] == "perf_analyzer exited 99: boom (1 of 3 runs)" and not report.usable(failed)
+
+
+# ---- ratios, targets, exit code, markdown -------------------------------------------------------------------
+def _row(phase: str, system: str, n: int, steps_per_s: float, p50: float = 1.0, **extra: Any) -> dict:
+    runs = [{"steps_per_s": steps_per_s, "p50_ms": p50, "load_cpu": extra.pop("load_cpu", 0.3)}] * 3
+    meta = {"phase": phase, "system": system, "load": "perf_analyzer", "label": f"N={n}", "sessions": n}
+    return report.summarize({**meta, **extra}, runs)
+
+
+def _result(*, peer: bool, server_cpus: list[int] | None = None) -> dict:
+    compute = [
+        report.summarize({"phase": "compute", "label": f"batch {b}", "batch": b}, [{"call_ms": c, "steps_per_s": s}])
+        for b, c, s in ((1, 0.3, 3000.0), (256, 7.0, 36000.0))
+    ]
+    kserve = [
+        _row("kserve", "rnnserve", 1, 2200, p50=0.45),
+        _row("kserve", "floor", 1, 9000, p50=0.09),
+        _row("kserve", "rnnserve", 16, 7400),
+        _row("kserve", "floor", 16, 16000),
+        _row("kserve", "rnnserve", 64, 13000),
+        _row("kserve", "floor", 64, 15000, load_cpu=0.95),
+        _row("kserve", "rnnserve", 256, 7500),
+        _row("kserve", "floor", 256, 14000),
+    ]
+    if peer:
+        kserve += [_row("kserve", "triton", 1, 700), _row("kserve", "triton", 16, 4000)]
+    return {
+        "config": {"server_cpus": server_cpus or [0], "load_cpus": [1], "repeat": 3},
         "compute": compute,
-        "transport": [
-            _load_row("sessions", 1, 2000, 0.4),
-            _load_row("sessions", 256, 10000),
-            _load_row("multiplexed", 256, 50000),
-            {**_load_row("floor", 256, 7000), "label": "N=256 minimal server"},
-        ],
-        "sessions": [_load_row("sessions", 1, 1000, 0.75), _load_row("sessions", 256, 9000)],
-        "multiplexed": [_load_row("multiplexed", 256, 100000)],
-        "chunked": [_load_row("chunked", 3, 1500)],
-        "idle": {"bytes_per_session": 6000.0, "state_bytes": 4096},
+        "kserve": kserve,
+        "native": [],
+        "multiplexed": [_row("multiplexed", "rnnserve", 256, 27000)],
+        "chunked": [],
+        "scale": [],
+        "idle": report.summarize(
+            {"phase": "idle", "label": "100000 open sessions", "sessions": 100_000, "state_bytes": 4096},
+            [{"bytes_per_session": 5400.0}, {"bytes_per_session": 5500.0}, {"bytes_per_session": 5300.0}],
+        ),
+        "skipped": {},
+        "errors": [],
+        "targets_note": None,
     }
+
+
+def test_ratios_to_floor_peer_and_compute() -> None:
+    result = _result(peer=True)
     report.add_ratios(result)
-    one, many = result["sessions"]
-    assert one["ratio"] == pytest.approx(0.5) and many["ratio"] == pytest.approx(0.9)
-    assert one["latency_ratio"] == pytest.approx(0.75 / 0.5)
-    assert result["transport"][0]["ratio"] == pytest.approx(2.0)  # transport vs compute at the same batch
-    assert result["transport"][3]["ratio"] == pytest.approx(0.7)  # the minimal server vs the echo
-    assert result["multiplexed"][0]["ratio"] == pytest.approx(100000 / 256000)
-    assert result["multiplexed"][0]["ratio_transport"] == pytest.approx(2.0)
-    assert result["chunked"][0]["ratio_to"] == "compute batch 2"  # largest measured batch <= 3
-    assert result["idle"]["ratio"] == pytest.approx(6000 / 6144)
-    found = report.targets(result)
-    assert "a minimal Python server (no model): 0.70x" in found[0]["detail"]
-    got = {t["target"]: t["pass"] for t in found}
-    assert got == {
-        "256 sessions >= 0.8x transport": True,
-        "multiplexed N=256 >= 0.6x compute batch 256": False,
-        "1-session p50 <= transport p50 + batch-1 compute + 0.3 ms": True,
-        "idle memory/session <= 1.2x raw state + 2 KiB": True,
+    rows = {(r["system"], r["sessions"]): r for r in result["kserve"]}
+    assert rows["rnnserve", 1]["vs_floor"] == pytest.approx(2200 / 9000)
+    assert rows["rnnserve", 1]["vs_peer"] == pytest.approx(2200 / 700)
+    assert rows["triton", 16]["vs_floor"] == pytest.approx(0.25) and "vs_peer" not in rows["triton", 16]
+    assert "vs_floor" not in rows["rnnserve", 64]  # its floor's load was saturated: no figure to divide by
+    assert result["multiplexed"][0]["vs_compute"] == pytest.approx(0.75)
+    assert result["compute"][1]["ratio"] == pytest.approx(12.0)
+    assert result["idle"]["ratio"] == pytest.approx(5400 / 6144)
+
+
+def test_targets_pass_fail_invalid_and_not_measured() -> None:
+    found = {t["target"]: (t["status"], t["detail"]) for t in report.targets(_result(peer=True))}
+    assert found == {
+        "1 session(s) >= 3x Triton's steps/s": ("PASS", "3.14x (2,200 vs 700 steps/s)"),
+        "1 session p50 <= floor p50 + batch-1 compute + 100 us": (
+            "PASS",
+            "0.450 vs 0.490 ms (floor 0.090 + compute 0.300 + 0.1)",
+        ),
+        "16 session(s) >= 2x Triton's steps/s": ("FAIL", "1.85x (7,400 vs 4,000 steps/s)"),
+        "64 sessions >= 0.75x the floor's steps/s on one server CPU": (
+            "INVALID",
+            "floor N=64: load CPUs saturated in 3 of 3 runs",
+        ),
+        "256 sessions >= 0.75x the floor's steps/s on one server CPU": ("FAIL", "0.54x (7,500 vs 14,000 steps/s)"),
+        "multiplexed StepBatch of 256 sessions >= 0.6x compute batch 256 on one server CPU": (
+            "PASS",
+            "0.75x (27,000 vs 36,000 steps/s)",
+        ),
+        "idle memory per session <= 1.2x raw state + 2 KiB at 100,000 sessions": ("PASS", "5,400 vs 6,963 bytes"),
     }
-    text = report.markdown_table({**result, "peer": []})
-    assert text.count("\n") == 2 + len(compute) + 4 + 2 + 1 + 1
+
+
+def test_peer_targets_without_a_peer_run_are_not_measured() -> None:
+    found = {t["target"]: t for t in report.targets(_result(peer=False, server_cpus=[0, 1]))}
+    for n in (1, 16):
+        target = found[f"{n} session(s) >= {3 if n == 1 else 2}x Triton's steps/s"]
+        assert target["status"] == "NOT MEASURED" and target["detail"] == "not measured (no --peer triton)"
+    # Per-CPU targets do not apply to a server given two CPUs.
+    assert found["256 sessions >= 0.75x the floor's steps/s on one server CPU"]["status"] == "NOT MEASURED"
+    assert not report.missed([t for t in found.values() if t["status"] == "NOT MEASURED"])
+
+
+def _finished(result: dict, **kw: Any) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = cli.finish(result, **kw)
+    return code, printed.getvalue()
+
+
+def _with_report_fields(result: dict) -> dict:
+    result["model"] = {"name": "lstm", "version": 1, "format": "onnx", "state_bytes": 4096}
+    result["machine"] = {"cpus": 2, "cpu_model": "test CPU"}
+    result["config"].update(client_procs=1, window_ms=2000, pa_max_trials=6, pa_stability=50)
+    return result
+
+
+def test_check_targets_exit_codes() -> None:
+    failing = _with_report_fields(_result(peer=True))
+    assert _finished(failing, markdown=False, check_targets=True)[0] == 1
+    assert _finished(_with_report_fields(_result(peer=True)), markdown=False, check_targets=False)[0] == 0
+    # Only the targets that pass or cannot be measured here: exit 0.
+    passing = _with_report_fields(_result(peer=False))
+    passing["kserve"] = [r for r in passing["kserve"] if r["sessions"] not in (1, 64, 256)]
+    code, text = _finished(passing, markdown=False, check_targets=True)
+    assert code == 0 and "NOT MEASURED  16 session(s) >= 2x Triton's steps/s: not measured (no --peer" in text
+    # Where targets do not apply nothing is judged, so nothing fails.
+    quick = _with_report_fields(_result(peer=True))
+    quick["targets_note"] = cli.targets_note(quick=True, repository=None)
+    code, text = _finished(quick, markdown=False, check_targets=True)
+    assert code == 0 and quick["targets"] == [] and "FAIL" not in text and "not evaluated" in text
+    assert "--repository" in (cli.targets_note(quick=False, repository=Path("r")) or "")
+    assert cli.targets_note(quick=False, repository=None) is None
+    # A failed run fails the bench whatever the targets say.
+    broken = _with_report_fields(_result(peer=False))
+    broken["errors"] = ["kserve rnnserve N=1: perf_analyzer exited 99"]
+    assert _finished(broken, markdown=False, check_targets=False)[0] == 1
+
+
+def test_markdown_report() -> None:
+    result = _with_report_fields(_result(peer=True))
+    code, text = _finished(result, markdown=True, check_targets=False)
+    lines = text.splitlines()
+    assert code == 0 and lines[2].startswith("pinned: servers on CPU 0, loads on CPU 1")
+    tables = [line for line in lines if line.startswith("|")]
+    # Two tables: header and separator each, 2 compute rows, 10 kserve rows and the multiplexed row.
+    assert len(tables) == 2 + 2 + 2 + 10 + 1
+    assert tables[2].startswith("| batch 1 | 0.300 | 3,000 | 3,000-3,000 | 1.00 |")
+    floor64 = next(line for line in tables if line.startswith("| kserve | floor | perf_analyzer | N=64 |"))
+    assert "(15,000)" in floor64 and "INVALID: load CPUs saturated in 3 of 3 runs" in floor64
+    assert "- **FAIL** 16 session(s) >= 2x Triton's steps/s: 1.85x" in text
+    assert "- idle: 100,000 open sessions: 5,400 bytes/session (5,300-5,500)" in text
 
 
 def _scale_row(label: str, processes: int, gateway: bool, steps_per_s: float) -> dict:
-    return {
-        "phase": "scale",
-        "shape": "sessions",
-        "label": label,
-        "sessions": 256,
-        "processes": processes,
-        "gateway": gateway,
-        "steps_per_s": steps_per_s,
-    }
+    meta = {"phase": "scale", "system": "rnnserve", "load": "rnnserve load", "label": label, "sessions": 256}
+    meta.update(processes=processes, gateway=gateway, cpus=list(range(processes)))
+    return report.summarize(meta, [{"steps_per_s": steps_per_s, "load_cpu": 0.5}])
 
 
 def test_scale_ratios() -> None:
@@ -187,7 +409,8 @@ def test_scale_ratios() -> None:
         ]
 
     rows = fresh()
-    result = {"sessions": [_load_row("sessions", 64, 3000), _load_row("sessions", 256, 4000)], "scale": rows}
+    native = [_row("native", "rnnserve", 64, 3000), _row("native", "rnnserve", 256, 4000)]
+    result = {"native": native, "scale": rows}
     report.add_scale_ratios(result)
     direct, one, many = rows
     assert direct["ratio"] == pytest.approx(0.75)  # the store's cost: vs the plain N=256 row
@@ -195,10 +418,10 @@ def test_scale_ratios() -> None:
     assert one["ratio_direct"] == pytest.approx(0.6)  # gateway and store together
     assert many["ratio"] == pytest.approx(2.5) and "scale-out gain" in many["ratio_to"]
     (line,) = report.scale_summary(result)
-    assert line.startswith("scale: 4 workers behind the gateway do 2.50x the steps/s of 1 (6,000 vs 2,400)")
-    assert "0.60x of rnnserve sessions N=256" in line
+    assert line.startswith("scale: 4 workers on 4 CPUs behind the gateway do 2.50x the steps/s of 1 worker on 1 CPU")
+    assert "0.60x of native rnnserve N=256" in line
     # Without the plain row of the same size (not measured in this run) there is no ratio to it.
-    alone = {"sessions": [], "scale": fresh()}
+    alone = {"native": [], "scale": fresh()}
     report.add_scale_ratios(alone)
     assert "ratio" not in alone["scale"][0] and "ratio_direct" not in alone["scale"][1]
     assert alone["scale"][2]["ratio"] == pytest.approx(2.5)
@@ -207,48 +430,9 @@ def test_scale_ratios() -> None:
     ]
 
 
-def test_peer_rows_compare_the_same_client() -> None:
-    """--peer triton: rnnserve driven by the peer's own load generator is compared with Triton row by row
-    (throughput and server CPU per step), and the peer targets are judged on those ratios."""
-
-    def peer(label: str, sessions: int, steps_per_s: float, cpu: float) -> dict:
-        return {"phase": "peer", "label": f"{label} N={sessions}", "sessions": sessions, "steps_per_s": steps_per_s,
-                "server_cpu_us_per_step": cpu}  # fmt: skip
-
-    result = {
-        "compute": [{"phase": "compute", "label": "batch 1", "batch": 1, "call_ms": 0.3, "steps_per_s": 3000.0}],
-        "transport": [_load_row("sessions", 64, 8000)],
-        "sessions": [],
-        "multiplexed": [],
-        "chunked": [],
-        "idle": None,
-        "peer": [
-            peer("triton", 64, 2000, 400),
-            peer("triton", 256, 2500, 300),
-            peer("rnnserve (tritonclient)", 64, 3200, 180),
-            peer("rnnserve (tritonclient)", 256, 2000, 450),
-            {"phase": "peer", "label": "triton N=1024", "sessions": 1024, "error": "load.py failed"},
-            peer("echo (tritonclient)", 64, 4000, 150),
-            peer("echo (tritonclient)", 256, 3000, 120),
-        ],
-    }
-    report.add_ratios(result)
-    triton64, _, ours64, ours256, _, echo64, echo256 = result["peer"]
-    assert triton64["ratio"] == pytest.approx(0.25) and triton64["ratio_to"] == "transport N=64"
-    assert ours64["ratio"] == pytest.approx(1.6) and ours64["cpu_ratio"] == pytest.approx(0.45)
-    assert ours256["ratio"] == pytest.approx(0.8) and "same client" in ours256["ratio_to"]
-    # The echo (the Python gRPC floor under the same client) is compared with Triton too, and each rnnserve
-    # row with the echo of its size.
-    assert echo64["ratio"] == pytest.approx(2.0) and echo256["cpu_ratio"] == pytest.approx(0.4)
-    assert ours64["ratio_echo"] == pytest.approx(0.8) and ours256["ratio_echo"] == pytest.approx(2000 / 3000)
-    judged = report.targets(result)
-    details = {t["target"]: t["detail"] for t in judged}
-    assert details["rnnserve (tritonclient) N=256 >= 1.5x Triton's steps/s"].endswith("a bare Python gRPC echo: 1.20x")
-    assert details["rnnserve (tritonclient) N=256 <= 0.5x Triton's server CPU per step"].endswith("echo: 0.40x")
-    got = {t["target"]: t["pass"] for t in judged}
-    assert got == {
-        "rnnserve (tritonclient) N=64 >= 1.5x Triton's steps/s": True,
-        "rnnserve (tritonclient) N=64 <= 0.5x Triton's server CPU per step": True,
-        "rnnserve (tritonclient) N=256 >= 1.5x Triton's steps/s": False,
-        "rnnserve (tritonclient) N=256 <= 0.5x Triton's server CPU per step": False,
-    }
+def test_cpu_lists() -> None:
+    assert procs.parse_cpus("0-3,6") == [0, 1, 2, 3, 6] and procs.cpu_list([6, 0, 1, 2, 3]) == "0-3,6"
+    with pytest.raises(ValueError):
+        procs.parse_cpus("3-1")
+    assert cli.default_cpus({0, 1}) == ([0], [1]) and cli.default_cpus({5}) == ([5], [5])
+    assert math.isnan(report.load_fraction(1.0, 0.0, 1))

@@ -1,23 +1,18 @@
-"""The transport ceiling: a bare ``grpc.aio`` service answering rnnserve's ``StreamStep`` with canned bytes.
+"""The floor: a bare ``grpc.aio`` server answering the RPCs the bench sends, without a model.
 
-It serves the same method path with the same server options as ``rnnserve serve``, takes requests as raw
-bytes (nothing is parsed) and answers every request message with a pre-serialized ``StreamStepResponse``
-of exactly the size rnnserve would send: one result per step carrying the model's outputs. The load
-generator names the message shape once per stream in metadata (``x-bench-shape: STEPS_PER_MESSAGE,CHUNK``).
-What it reaches is what Python gRPC itself carries on this machine with this client.
+What it reaches under a load is what Python gRPC itself carries on this machine with that load, so every
+server's figure is read against it. It serves, with ``rnnserve serve``'s message-size options:
 
-With ``--floor`` it is instead the least a real server must do per step, and no more: parse each request,
-decode each step's tensors, hand the steps of each event-loop turn to a worker thread and back through one
-future per step (the thread makes zero outputs: no model, no state, no checks), and encode a real response.
-The bench's ``minimal server`` row, against the echo's: how much of the transport ceiling any Python server
-doing per-step work keeps on this machine.
+- rnnserve's ``StreamStep``: requests are taken as raw bytes (nothing parsed) and each is answered with a
+  pre-serialized ``StreamStepResponse`` of exactly the size rnnserve would send. The load generator names the
+  message shape once per stream in metadata (``x-bench-shape: STEPS_PER_MESSAGE,CHUNK,COLUMNAR``).
+- Triton/KServe's ``ModelStreamInfer``: each ``ModelInferRequest`` is parsed (the client matches answers by
+  its id) and answered with the model's outputs' worth of zeros; plus the calls perf_analyzer makes around
+  a measurement (ServerLive/Ready, ServerMetadata, ModelReady, ModelMetadata, ModelConfig, ModelStatistics),
+  describing the model as rnnserve does. Its statistics count every answered request as one execution of
+  batch 1 whose queue and compute times are zero: counts that agree, as perf_analyzer requires.
 
-It also answers Triton's ``ModelStreamInfer`` (and the ``ModelStatistics`` call the peer's load generator
-makes), for ``--peer triton``: each ``ModelInferRequest`` is parsed for its id only, which the client matches
-responses by, and answered with the model's outputs' worth of zero bytes. That is the floor any Python gRPC
-server pays per step under the peer's tritonclient load.
-
-    python -m rnnserve.bench.echo --model-dir REPO/NAME/VERSION --port-file F [--kserve-model NAME]
+    python -m rnnserve.bench.echo --model-dir REPO/NAME/VERSION --port-file F
 """
 
 from __future__ import annotations
@@ -25,21 +20,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import grpc
 import numpy as np
 
+import rnnserve
 from rnnserve.manifest import ModelManifest
 from rnnserve.proto import kserve_grpc_service_pb2 as kpb
 from rnnserve.proto import rnnserve_pb2 as pb
+from rnnserve.server.grpc import kserve_models
+from rnnserve.server.grpc.kserve import EXTENSIONS
 from rnnserve.server.grpc.kserve_tensors import DATATYPES
-from rnnserve.tensors import decode_map, to_proto
+from rnnserve.tensors import to_proto
 
 SHAPE_KEY = "x-bench-shape"
-STREAM_METHOD = "/rnnserve.v1.RnnServe/StreamStep"
 # The rnnserve server's defaults (settings.max_message_bytes), so both servers accept the same messages.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
@@ -68,6 +66,8 @@ def canned_response(manifest: ModelManifest, group: int, chunk: int, columnar: b
 
 
 class Echo:
+    """rnnserve's ``StreamStep``, answered with canned bytes."""
+
     def __init__(self, manifest: ModelManifest):
         self.manifest = manifest
         self._cache: dict[tuple[int, ...], bytes] = {}
@@ -86,58 +86,23 @@ class Echo:
             yield response
 
 
-class MinimalServer:
-    """``StreamStep`` with only the unavoidable per-step work (see the module docstring); no model."""
+class KServeEcho:
+    """Triton's streaming inference and the calls around it, answered without a model (module docstring)."""
 
     def __init__(self, manifest: ModelManifest):
-        self.outputs = [
-            (s.name, tuple(1 if d == -1 else d for d in s.session_shape), s.dtype) for s in manifest.outputs
-        ]
-        self._pending: list[asyncio.Future] = []
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="floor")
-
-    def _outputs(self, n: int) -> list[np.ndarray]:
-        return [np.zeros((n, *shape), dtype) for _, shape, dtype in self.outputs]
-
-    def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        done = asyncio.get_running_loop().run_in_executor(self._thread, self._outputs, len(batch))
-
-        def answer(f: asyncio.Future) -> None:
-            outputs = f.result()
-            for i, future in enumerate(batch):
-                future.set_result([out[i] for out in outputs])
-
-        done.add_done_callback(answer)
-
-    async def stream_step(self, request_iterator: AsyncIterator[bytes], context) -> AsyncIterator[bytes]:
-        loop = asyncio.get_running_loop()
-        async for raw in request_iterator:
-            message = pb.StreamStepRequest.FromString(raw)
-            futures = []
-            for step in message.steps:
-                decode_map(step.inputs)
-                if not self._pending:
-                    loop.call_soon(self._flush)  # every step of this event-loop turn goes in one hand-off
-                future = loop.create_future()
-                self._pending.append(future)
-                futures.append((step, future))
-            response = pb.StreamStepResponse()
-            for step, future in futures:
-                result = response.results.add(session_id=step.session_id, steps=1)
-                for (name, _, _), value in zip(self.outputs, await future, strict=True):
-                    to_proto(value, result.outputs[name])
-            yield response.SerializeToString()
-
-
-class KServeEcho:
-    """Triton's streaming inference, answered without a model (see the module docstring)."""
-
-    def __init__(self, manifest: ModelManifest, model_name: str):
-        self.model_name = model_name
+        self.manifest = manifest
+        self.answered = 0
+        # The model as rnnserve describes it over KServe (the same functions build the same answers).
+        described = SimpleNamespace(
+            name=manifest.name, manifest=manifest, max_batch_size=manifest.max_batch_size, max_queue_delay_us=0
+        )
+        # perf_analyzer reads a server's statistics only when its metadata names the extension.
+        self._server = kpb.ServerMetadataResponse(name="floor", version=rnnserve.__version__, extensions=EXTENSIONS)
+        self._metadata = kserve_models.model_metadata(described, [manifest.version])  # type: ignore[arg-type]
+        self._config = kpb.ModelConfigResponse(config=kserve_models.model_config(described, 3600.0))  # type: ignore[arg-type]
         response = kpb.ModelStreamInferResponse()
         infer = response.infer_response
-        infer.model_name, infer.model_version = model_name, "1"
+        infer.model_name, infer.model_version = manifest.name, str(manifest.version)
         for spec in manifest.outputs:
             shape = [1, *(1 if d == -1 else d for d in spec.session_shape)]
             infer.outputs.add(name=spec.name, datatype=DATATYPES[spec.dtype], shape=shape)
@@ -150,18 +115,53 @@ class KServeEcho:
             response = kpb.ModelStreamInferResponse()
             response.CopyFrom(template)
             response.infer_response.id = kpb.ModelInferRequest.FromString(raw).id
+            self.answered += 1
             yield response.SerializeToString()
 
-    async def statistics(self, raw: bytes, context) -> bytes:
+    def statistics(self) -> kpb.ModelStatisticsResponse:
+        n = self.answered
+        zero = kpb.StatisticDuration(count=n, ns=0)
         reply = kpb.ModelStatisticsResponse()
-        reply.model_stats.add(name=self.model_name, version="1")
-        return reply.SerializeToString()
+        reply.model_stats.add(
+            name=self.manifest.name,
+            version=str(self.manifest.version),
+            inference_count=n,
+            execution_count=n,
+            inference_stats=kpb.InferStatistics(
+                success=zero, queue=zero, compute_input=zero, compute_infer=zero, compute_output=zero
+            ),
+            batch_stats=[
+                kpb.InferBatchStatistics(batch_size=1, compute_input=zero, compute_infer=zero, compute_output=zero)
+            ]
+            if n
+            else [],
+        )
+        return reply
+
+    def unary_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        answers: dict[str, tuple[type, Callable[[Any], Any]]] = {
+            "ServerLive": (kpb.ServerLiveRequest, lambda r: kpb.ServerLiveResponse(live=True)),
+            "ServerReady": (kpb.ServerReadyRequest, lambda r: kpb.ServerReadyResponse(ready=True)),
+            "ModelReady": (kpb.ModelReadyRequest, lambda r: kpb.ModelReadyResponse(ready=True)),
+            "ServerMetadata": (kpb.ServerMetadataRequest, lambda r: self._server),
+            "ModelMetadata": (kpb.ModelMetadataRequest, lambda r: self._metadata),
+            "ModelConfig": (kpb.ModelConfigRequest, lambda r: self._config),
+            "ModelStatistics": (kpb.ModelStatisticsRequest, lambda r: self.statistics()),
+        }
+
+        def handler(request_type: type, answer: Callable[[Any], Any]) -> grpc.RpcMethodHandler:
+            async def call(raw: bytes, context) -> bytes:
+                return answer(request_type.FromString(raw)).SerializeToString()
+
+            return grpc.unary_unary_rpc_method_handler(call)
+
+        return {name: handler(request_type, answer) for name, (request_type, answer) in answers.items()}
 
 
-async def serve(model_dir: Path, port_file: Path, host: str, kserve_model: str, floor: bool = False) -> None:
+async def serve(model_dir: Path, port_file: Path, host: str) -> None:
     manifest = ModelManifest.read(model_dir)
-    echo: Echo | MinimalServer = MinimalServer(manifest) if floor else Echo(manifest)
-    kserve = KServeEcho(manifest, kserve_model or manifest.name)
+    echo = Echo(manifest)
+    kserve = KServeEcho(manifest)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -169,14 +169,15 @@ async def serve(model_dir: Path, port_file: Path, host: str, kserve_model: str, 
             ("grpc.so_reuseport", 0),
         ]
     )
-    handler = grpc.stream_stream_rpc_method_handler(echo.stream_step)  # raw bytes both ways
     kserve_handlers = {
         "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(kserve.stream_infer),
-        "ModelStatistics": grpc.unary_unary_rpc_method_handler(kserve.statistics),
+        **kserve.unary_handlers(),
     }
     server.add_generic_rpc_handlers(
         (
-            grpc.method_handlers_generic_handler("rnnserve.v1.RnnServe", {"StreamStep": handler}),
+            grpc.method_handlers_generic_handler(
+                "rnnserve.v1.RnnServe", {"StreamStep": grpc.stream_stream_rpc_method_handler(echo.stream_step)}
+            ),
             grpc.method_handlers_generic_handler("inference.GRPCInferenceService", kserve_handlers),
         )
     )
@@ -196,10 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-dir", type=Path, required=True, help="REPO/NAME/VERSION (for the output sizes)")
     parser.add_argument("--port-file", type=Path, required=True)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--kserve-model", default="", help="model name Triton clients use (default: the manifest's)")
-    parser.add_argument("--floor", action="store_true", help="answer StreamStep as the minimal server does")
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.model_dir, args.port_file, args.host, args.kserve_model, args.floor))
+    asyncio.run(serve(args.model_dir, args.port_file, args.host))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
-"""Closed-loop load generators: worker processes driving rnnserve (or the echo service) with ``grpc.aio``.
+"""Closed-loop load generators: worker processes driving rnnserve's native API (or the floor) with ``grpc.aio``.
 
-A pool of ``--client-procs`` spawned processes stays up for the whole bench; each phase splits its sessions
-over them. Every stream is closed-loop: message t+1 goes out when message t's response has arrived, as a
+A pool of spawned processes, pinned to the load CPUs, stays up for the whole bench; each phase splits its
+sessions over them. Every stream is closed-loop: message t+1 goes out when message t's response has arrived, as a
 stateful session cannot run ahead. The workers use raw method handles on pre-serialized request bytes
 (a few input variants per stream, cycled), so per message the client only writes bytes, reads bytes and
-parses the response to check every result's status; the transport ceiling runs this very code. As the client
+parses the response to check every result's status; the floor runs this very code. As the client
 SDK does, the client proposes each session's id on OpenSession and sends it as ``x-session-id`` metadata there,
 on the session's stream and on CloseSession, so that behind the gateway every call of a session reaches one
 replica (a server without a gateway ignores it).
@@ -305,10 +305,13 @@ async def _phase_open(spec: LoadSpec, index: int, procs: int, commands: mp.Queue
         out.put(("result", index, {"opened": mine, "t0": t0, "t1": t1, "cpu_s": time.process_time() - cpu0}))
 
 
-def worker_main(index: int, commands: mp.Queue, out: mp.Queue, progress) -> None:
+def worker_main(index: int, commands: mp.Queue, out: mp.Queue, progress, cpus: list[int] | None = None) -> None:
     """A load generator process: run phases until told to stop (``None``)."""
+    import os
     import signal
 
+    if cpus:  # before grpc starts its threads, which inherit it
+        os.sched_setaffinity(0, cpus)
     # The parent handles Ctrl-C and stops the pool; a worker must not die half-way through a message.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     while True:
@@ -326,10 +329,11 @@ def worker_main(index: int, commands: mp.Queue, out: mp.Queue, progress) -> None
 
 # ---- parent side --------------------------------------------------------------------------------------------
 class LoadPool:
-    """``procs`` load generator processes (spawned: grpc and fork do not mix)."""
+    """``procs`` load generator processes on ``cpus`` (spawned: grpc and fork do not mix)."""
 
-    def __init__(self, procs: int):
+    def __init__(self, procs: int, cpus: list[int] | None = None):
         self.procs = max(1, procs)
+        self.cpus = cpus
         self._ctx = mp.get_context("spawn")
         self._workers: list[Any] = []
         self._commands: list[Any] = []
@@ -342,7 +346,10 @@ class LoadPool:
         for i in range(self.procs):
             commands = self._ctx.Queue()
             proc = self._ctx.Process(
-                target=worker_main, args=(i, commands, self._out, self.progress), name=f"bench-load-{i}", daemon=True
+                target=worker_main,
+                args=(i, commands, self._out, self.progress, self.cpus),
+                name=f"bench-load-{i}",
+                daemon=True,
             )
             proc.start()
             self._workers.append(proc)

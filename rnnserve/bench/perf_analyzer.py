@@ -29,3 +29,88 @@ def find() -> Path | None:
         return CHECKOUT_PATH
     found = shutil.which("perf_analyzer")
     return Path(found) if found else None
+
+
+# The field's standard sequence load (Triton's own recipe): one gRPC stream per sequence, 100-step sequences,
+# measurement windows repeated until 3 in a row agree within STABILITY percent, at most MAX_TRIALS windows.
+SEQUENCE_LENGTH = 100
+MAX_TRIALS = 6
+STABILITY = 50
+
+
+def command(
+    executable: Path | str,
+    model: str,
+    address: str,
+    concurrency: int,
+    window_ms: int,
+    *,
+    max_trials: int = MAX_TRIALS,
+    stability: int = STABILITY,
+) -> list[str]:
+    """perf_analyzer in sequence mode over gRPC streams, ``concurrency`` sequences in flight."""
+    return [
+        str(executable),
+        "-m",
+        model,
+        "-u",
+        address,
+        "-i",
+        "grpc",
+        "--streaming",
+        "--sequence-length",
+        str(SEQUENCE_LENGTH),
+        "--concurrency-range",
+        str(concurrency),
+        "-p",
+        str(window_ms),
+        "-r",
+        str(max_trials),
+        "-s",
+        str(stability),
+    ]
+
+
+class OutputError(ValueError):
+    """perf_analyzer's output holds no measurement (it failed before one, or its format changed)."""
+
+
+def parse(text: str) -> dict[str, float]:
+    """The figures of the last measurement perf_analyzer printed: ``steps_per_s`` (its Throughput),
+    ``p50_ms``/``p99_ms`` (client-side latency) and ``count`` (requests in the measured windows)."""
+    block = text.rsplit("Request concurrency:", 1)
+    if len(block) != 2:
+        raise OutputError(f"no measurement in perf_analyzer's output: {_last_line(text)}")
+    found: dict[str, float] = {}
+    wanted = {
+        "Throughput:": ("steps_per_s", 1.0),
+        "p50 latency:": ("p50_ms", 1e-3),
+        "p99 latency:": ("p99_ms", 1e-3),
+        "Request count:": ("count", 1.0),
+    }
+    for line in block[1].splitlines():
+        line = line.strip()
+        for prefix, (key, scale) in wanted.items():
+            if line.startswith(prefix) and key not in found:
+                value = line[len(prefix) :].split()[0]
+                try:
+                    found[key] = float(value) * scale
+                except ValueError:
+                    raise OutputError(f"unexpected perf_analyzer line: {line!r}") from None
+    missing = [prefix for prefix, (key, _) in wanted.items() if key not in found]
+    if missing:
+        raise OutputError(f"perf_analyzer's output lacks {', '.join(missing)}: {_last_line(text)}")
+    return found
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+def error_line(text: str) -> str:
+    """What perf_analyzer said went wrong: its first line starting with ``error``/``Failed``, else its last."""
+    for line in text.splitlines():
+        if line.strip().lower().startswith(("error", "failed", "thread [")):
+            return line.strip()
+    return _last_line(text)

@@ -1,4 +1,5 @@
-"""Server processes under test (rnnserve, the echo service, the Triton peer) and what /proc says about them."""
+"""Server processes under test (rnnserve, the floor, the Triton peer), the CPUs they run on, and what /proc
+says about them."""
 
 from __future__ import annotations
 
@@ -8,10 +9,67 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def parse_cpus(text: str) -> list[int]:
+    """``0``, ``0,2`` or ``0-3,6`` (taskset's list form) as sorted CPU numbers."""
+    cpus: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        first, _, last = part.partition("-")
+        lo, hi = int(first), int(last or first)
+        if lo < 0 or hi < lo:
+            raise ValueError(f"bad CPU range {part!r}")
+        cpus.update(range(lo, hi + 1))
+    if not cpus:
+        raise ValueError(f"no CPUs in {text!r}")
+    return sorted(cpus)
+
+
+def cpu_list(cpus: Sequence[int]) -> str:
+    """CPU numbers as taskset writes them: ``0-3,6``."""
+    runs: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def pinned(cpus: Sequence[int] | None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` putting a child on ``cpus`` before it execs, so every thread it starts inherits them
+    (setting a running process's affinity moves only its main thread)."""
+    if not cpus:
+        return None
+    chosen = set(cpus)
+    return lambda: os.sched_setaffinity(0, chosen)
+
+
+def _live(field: int, value: int) -> list[int]:
+    """Live processes whose /proc/PID/stat ``field`` (counted after the command name: 1 ppid, 2 pgrp) is
+    ``value``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[field]) == value and fields[0] != "Z":
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def group_pids(pgid: int) -> list[int]:
+    """The live processes of process group ``pgid`` (a server started with setsid and its helpers)."""
+    return _live(2, pgid)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -47,11 +105,14 @@ def reset_peak_rss(pid: int) -> bool:
 class ServerProcess:
     """A server subprocess that writes its port to a file once it listens; stopped on ``stop()``."""
 
-    def __init__(self, name: str, cmd: Sequence[str], port_file: Path, log_file: Path):
+    def __init__(
+        self, name: str, cmd: Sequence[str], port_file: Path, log_file: Path, cpus: Sequence[int] | None = None
+    ):
         self.name = name
         self.cmd = list(cmd)
         self.port_file = port_file
         self.log_file = log_file
+        self.cpus = list(cpus) if cpus else None
         self.proc: subprocess.Popen | None = None
         self.port = 0
 
@@ -63,6 +124,10 @@ class ServerProcess:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def pids(self) -> list[int]:
+        """The processes whose CPU counts as the server's."""
+        return [self.pid]
 
     def start(self, timeout: float = 120.0) -> ServerProcess:
         self.port_file.unlink(missing_ok=True)
@@ -77,6 +142,7 @@ class ServerProcess:
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 start_new_session=True,
+                preexec_fn=pinned(self.cpus),  # only sched_setaffinity: safe in the child
             )
         finally:
             log.close()
@@ -119,11 +185,17 @@ class ServerProcess:
 
 
 def rnnserve_server(
-    repository: Path, workdir: Path, *, tag: str, max_sessions: int, extra: Sequence[str] = ()
+    repository: Path,
+    workdir: Path,
+    *,
+    tag: str,
+    max_sessions: int,
+    extra: Sequence[str] = (),
+    cpus: Sequence[int] | None = None,
 ) -> ServerProcess:
     port_file = workdir / f"{tag}.port"
     cmd = _serve_command(repository, port_file, max_sessions, extra)
-    return ServerProcess(f"rnnserve serve ({tag})", cmd, port_file, workdir / f"{tag}.log")
+    return ServerProcess(f"rnnserve serve ({tag})", cmd, port_file, workdir / f"{tag}.log", cpus)
 
 
 def _serve_command(repository: Path, port_file: Path, max_sessions: int, extra: Sequence[str]) -> list[str]:
@@ -153,15 +225,11 @@ def _serve_command(repository: Path, port_file: Path, max_sessions: int, extra: 
     ]
 
 
-def echo_server(manifest_dir: Path, workdir: Path, kserve_model: str = "", *, floor: bool = False) -> ServerProcess:
-    tag = "floor" if floor else "echo"
-    port_file = workdir / f"{tag}.port"
+def floor_server(manifest_dir: Path, workdir: Path, *, cpus: Sequence[int] | None = None) -> ServerProcess:
+    """The floor: ``rnnserve.bench.echo``, a bare grpc.aio server answering the same RPCs without a model."""
+    port_file = workdir / "floor.port"
     cmd = [sys.executable, "-m", "rnnserve.bench.echo", "--model-dir", str(manifest_dir), "--port-file", str(port_file)]
-    if kserve_model:
-        cmd += ["--kserve-model", kserve_model]
-    if floor:
-        cmd.append("--floor")
-    return ServerProcess("minimal server" if floor else "echo server", cmd, port_file, workdir / f"{tag}.log")
+    return ServerProcess("floor (bare grpc.aio)", cmd, port_file, workdir / "floor.log", cpus)
 
 
 # ---- the multi-process row: `rnnserve serve --workers N --gateway-port P` on a throwaway redis-server ---------
@@ -174,18 +242,8 @@ def free_port() -> int:
 
 
 def children(pid: int) -> list[int]:
-    """The live child processes of ``pid`` (from /proc/*/stat)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(entry.name))
-    return sorted(found)
+    """The live child processes of ``pid``."""
+    return _live(1, pid)
 
 
 def start_time(pid: int) -> int | None:
@@ -206,9 +264,10 @@ def cmdline(pid: int) -> list[str]:
 class RedisServer:
     """A throwaway ``redis-server`` on a free loopback port, persisting nothing (the bench's session store)."""
 
-    def __init__(self, workdir: Path, binary: str = "redis-server"):
+    def __init__(self, workdir: Path, binary: str = "redis-server", cpus: Sequence[int] | None = None):
         self.binary = binary
         self.workdir = workdir
+        self.cpus = cpus
         self.port = 0
         self.proc: subprocess.Popen | None = None
 
@@ -227,7 +286,12 @@ class RedisServer:
         cmd = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         cmd += ["--dir", str(self.workdir)]
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=pinned(self.cpus),  # only sched_setaffinity: safe in the child
         )
         deadline = time.monotonic() + timeout
         while True:
@@ -257,8 +321,16 @@ class Supervisor(ServerProcess):
 
     min_grace = 30.0
 
-    def __init__(self, name: str, cmd: Sequence[str], port_file: Path, log_file: Path, workers: int):
-        super().__init__(name, cmd, port_file, log_file)
+    def __init__(
+        self,
+        name: str,
+        cmd: Sequence[str],
+        port_file: Path,
+        log_file: Path,
+        workers: int,
+        cpus: Sequence[int] | None = None,
+    ):
+        super().__init__(name, cmd, port_file, log_file, cpus)
         self.expected_workers = workers
         self._descendants: dict[int, int | None] = {}
 
@@ -272,6 +344,9 @@ class Supervisor(ServerProcess):
 
     def workers(self) -> list[int]:
         return [p for p in children(self.pid) if any("rnnserve.cli" in a for a in cmdline(p))]
+
+    def pids(self) -> list[int]:
+        return self.workers()
 
     def gateway(self) -> list[int]:
         """nginx's master and worker processes."""
@@ -305,6 +380,7 @@ def rnnserve_workers(
     store_url: str,
     max_sessions: int,
     extra: Sequence[str] = (),
+    cpus: Sequence[int] | None = None,
 ) -> Supervisor:
     """``workers`` rnnserve processes behind the nginx gateway (on a free port), sharing ``store_url`` with
     ``--durability every-step``: the deployment the scale-out design runs on one machine."""
@@ -313,4 +389,48 @@ def rnnserve_workers(
     scale_out += ["--session-store", store_url, "--durability", "every-step"]
     cmd = _serve_command(repository, port_file, max_sessions, [*scale_out, *extra])
     name = f"rnnserve serve --workers {workers} + gateway ({tag})"
-    return Supervisor(name, cmd, port_file, workdir / f"{tag}.log", workers)
+    return Supervisor(name, cmd, port_file, workdir / f"{tag}.log", workers, cpus)
+
+
+class Measured:
+    """A finished command: its exit code, output (stdout and stderr together), CPU seconds and wall seconds."""
+
+    def __init__(self, returncode: int, output: str, cpu_s: float, wall_s: float):
+        self.returncode = returncode
+        self.output = output
+        self.cpu_s = cpu_s
+        self.wall_s = wall_s
+
+
+def run_measured(cmd: Sequence[str], *, cpus: Sequence[int] | None, timeout: float, workdir: Path) -> Measured:
+    """Run ``cmd`` on ``cpus`` to its end; its CPU time comes from wait4's resource usage (all its threads),
+    which /proc no longer shows once it exited. Killed after ``timeout`` seconds (returncode -9)."""
+    import tempfile
+
+    with tempfile.TemporaryFile(dir=workdir) as out:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(
+            list(cmd),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=pinned(cpus),  # only sched_setaffinity: safe in the child
+        )
+        deadline = t0 + timeout
+        while True:
+            # Reaped here, not by Popen.wait, which would drop the resource usage.
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                _, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.02)
+        wall = time.monotonic() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        text = out.read().decode(errors="replace")
+    return Measured(proc.returncode, text, usage.ru_utime + usage.ru_stime, wall)
