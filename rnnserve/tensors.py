@@ -6,11 +6,12 @@ Tensors travel as raw little-endian bytes in C order plus dtype and shape, decod
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from rnnserve.proto import rnnserve_pb2 as pb
+from rnnserve.server.errors import echo
 
 # dtype name (numpy spelling, as used in manifests) <-> wire enum
 DTYPE_TO_PB: dict[str, int] = {
@@ -34,6 +35,33 @@ _ENCODE: dict[np.dtype, tuple[int, np.dtype]] = {np.dtype(n): (DTYPE_TO_PB[n], _
 
 class TensorDecodeError(ValueError):
     """A wire tensor is malformed (unknown dtype, negative dims, or bytes that do not match the shape)."""
+
+
+MAX_DIMS = 32
+"""Dimensions a wire tensor may have (numpy 1's bound; numpy 2 allows 64)."""
+
+
+def element_count(shape: Sequence[int], name: str, itemsize: int = 1, *, kind: str = "tensor") -> int:
+    """The element count of a claimed tensor shape (native or KServe), once it is one an array can have;
+    else TensorDecodeError naming the tensor (``kind`` 'name'). Zero dimensions make an empty tensor, but
+    numpy still refuses one whose other dimensions multiply past its index range ([0, 2**62])."""
+    if len(shape) > MAX_DIMS:
+        raise TensorDecodeError(
+            f"{kind} '{echo(name)}': its shape has {len(shape)} dimensions; a tensor has at most {MAX_DIMS}"
+        )
+    count = 1
+    span = itemsize  # bytes spanned by the non-zero dimensions: numpy's bound, also for an empty array
+    for d in shape:
+        if d < 0:
+            raise TensorDecodeError(f"{kind} '{echo(name)}': negative dimension in shape {list(shape)}")
+        count *= d
+        span *= d or 1
+    if span >= 1 << 63:
+        raise TensorDecodeError(
+            f"{kind} '{echo(name)}': shape {list(shape)} is too large for any array (its non-zero dimensions "
+            "multiply past 2**63 bytes)"
+        )
+    return count
 
 
 def dtype_name(dtype: np.dtype | str | type) -> str:
@@ -70,18 +98,14 @@ def from_proto(msg: pb.Tensor, name: str = "tensor") -> np.ndarray:
     dtype = PB_TO_DTYPE.get(msg.dtype)
     if dtype is None:
         raise TensorDecodeError(
-            f"tensor '{name}': unknown dtype enum {msg.dtype}; expected one of {sorted(DTYPE_TO_PB)}"
+            f"tensor '{echo(name)}': unknown dtype enum {msg.dtype}; expected one of {sorted(DTYPE_TO_PB)}"
         )
     shape = tuple(msg.shape)
-    if any(d < 0 for d in shape):
-        raise TensorDecodeError(f"tensor '{name}': negative dimension in shape {list(shape)}")
     wire = _WIRE_DTYPE[dtype]
-    count = 1
-    for d in shape:
-        count *= d
+    count = element_count(shape, name, wire.itemsize)
     if len(msg.data) != count * wire.itemsize:
         raise TensorDecodeError(
-            f"tensor '{name}': {len(msg.data)} bytes of data do not hold shape {list(shape)} of {dtype} "
+            f"tensor '{echo(name)}': {len(msg.data)} bytes of data do not hold shape {list(shape)} of {dtype} "
             f"({count * wire.itemsize} bytes expected)"
         )
     arr = np.frombuffer(msg.data, dtype=wire, count=count).reshape(shape)

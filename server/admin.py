@@ -21,7 +21,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from rnnserve.server.errors import FailedPrecondition, ModelNotFound
+from rnnserve.server.errors import FailedPrecondition, ModelNotFound, echo
 from rnnserve.server.model import LoadedModel
 from rnnserve.server.repo_paths import check_name, check_version, version_dirs
 from rnnserve.server.repository import FailedModel, ModelRepository, describe_error
@@ -114,9 +114,9 @@ class ModelAdmin:
             loaded = sorted(k for k in self.repository.models if wanted(k))
             failed = sorted(k for k in self.repository.failed if wanted(k))
             if not loaded and not failed:
-                what = f"{name}:{version}" if version else name
+                what = f"{echo(name)}:{version}" if version else echo(name)
                 known = sorted({f"{n}:{v}" for n, v in [*self.repository.models, *self.repository.failed] if n == name})
-                raise ModelNotFound(f"model {what} is not loaded; loaded versions of {name!r}: {known}")
+                raise ModelNotFound(f"model {what} is not loaded; loaded versions of {echo(name)!r}: {known}")
             # Sessions still on an older load of a version count too: they are sessions of that version.
             objects = [self.repository.models[k] for k in loaded]
             objects += [m for m in self.draining if wanted((m.name, m.version))]

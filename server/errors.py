@@ -3,6 +3,32 @@ plane never imports grpc and the transport never guesses a code."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+ECHO_CHARS = 80
+"""How much of one client-given value (an id, a name, a version string) a message quotes."""
+ECHO_ITEMS = 8
+"""How many items of a client-given list (tensor names...) a message quotes."""
+
+
+def echo(value: object, limit: int = ECHO_CHARS) -> str:
+    """A client-given value as an error message quotes it: at most ``limit`` characters, the cut marked.
+    A status message travels in a response header, which clients cap at a few kB: a message that quoted
+    a 100 kB session id in full would reach the client as RESOURCE_EXHAUSTED from its own transport."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...({len(text)} chars)"
+
+
+def echo_names(names: Iterable[object]) -> str:
+    """A client-given list of names as a message quotes it: the first ``ECHO_ITEMS``, each echoed, and
+    how many there are in all."""
+    items = list(names)
+    shown = ", ".join(repr(echo(n)) for n in items[:ECHO_ITEMS])
+    more = f", ... {len(items)} in all" if len(items) > ECHO_ITEMS else ""
+    return f"[{shown}{more}]"
+
 
 class RnnServeError(Exception):
     """Base class: a request the server refuses, with a status and a message saying what to do."""
@@ -29,7 +55,7 @@ class ModelNotFound(NotFound):
 class SessionNotFound(NotFound):
     def __init__(self, session_id: str):
         super().__init__(
-            f"session '{session_id}' not found: it was closed, expired after its idle TTL, or never opened; "
+            f"session '{echo(session_id)}' not found: it was closed, expired after its idle TTL, or never opened; "
             "open a new session"
         )
 
@@ -70,7 +96,7 @@ class SessionMoved(Aborted):
 
     def __init__(self, session_id: str):
         super().__init__(
-            f"session '{session_id}' was changed by another replica since this one last saw it (it moved "
+            f"session '{echo(session_id)}' was changed by another replica since this one last saw it (it moved "
             "between replicas); this replica dropped its stale copy: retry the call, it resumes from the "
             "session store"
         )

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from rnnserve.proto import rnnserve_pb2 as pb
-from rnnserve.server.errors import ResourceExhausted
+from rnnserve.server.errors import ResourceExhausted, echo
 from rnnserve.server.principal import current_principal
-from rnnserve.tensors import decode_map, from_proto
+from rnnserve.tensors import decode_map, element_count, from_proto
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class Limits:
     max_steps_per_message: int = 16_384
     max_queued_steps: int = 131_072
     max_sessions_per_client: int | None = None
+    max_message_bytes: int = 16 * 1024 * 1024
 
     @classmethod
     def from_settings(cls, settings) -> Limits:  # settings: ServerSettings (not imported: no pydantic here)
@@ -34,6 +35,7 @@ class Limits:
             max_steps_per_message=settings.max_steps_per_message,
             max_queued_steps=settings.max_queued_steps,
             max_sessions_per_client=settings.max_sessions_per_client,
+            max_message_bytes=settings.max_message_bytes,
         )
 
     # ---- sessions -----------------------------------------------------------------------------------------
@@ -50,12 +52,10 @@ class Limits:
 
     # ---- tensors ----------------------------------------------------------------------------------------
     def check_tensor(self, msg: pb.Tensor, name: str) -> None:
-        count = 1
-        for d in msg.shape:
-            count *= d
+        count = element_count(msg.shape, name)
         if count > self.max_tensor_elements:
             raise ResourceExhausted(
-                f"tensor '{name}' has shape {list(msg.shape)} ({count} elements); the limit is "
+                f"tensor '{echo(name)}' has shape {list(msg.shape)} ({count} elements); the limit is "
                 f"{self.max_tensor_elements} elements per tensor (--max-tensor-elements)"
             )
 

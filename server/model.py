@@ -11,7 +11,7 @@ import numpy as np
 
 from rnnserve.manifest import Durability, ModelManifest, TensorSpec
 from rnnserve.server.batcher import Batcher
-from rnnserve.server.errors import InvalidArgument
+from rnnserve.server.errors import InvalidArgument, echo_names
 from rnnserve.server.runtime import Runtime
 from rnnserve.server.slab import DeviceStateSlab, StateSlab
 
@@ -183,7 +183,8 @@ class LoadedModel:
         if len(inputs) != len(self._input_checks) or any(n not in inputs for n, _, _ in self._input_checks):
             expected = ", ".join(f"'{n}' {d.name}{_shape_text(s)}" for n, d, s in self._input_checks)
             raise InvalidArgument(
-                f"model {self.key} takes {len(self._input_checks)} input tensor(s): {expected}; got {sorted(inputs)}"
+                f"model {self.key} takes {len(self._input_checks)} input tensor(s): {expected}; "
+                f"got {echo_names(sorted(inputs))}"
             )
         checked = {}
         lead_shape = (num_steps,) if num_steps else ()
@@ -201,7 +202,7 @@ class LoadedModel:
             names = [o.name for o in self.manifest.outputs]
             unknown = [w for w in wanted if w not in names]
             if unknown:
-                raise InvalidArgument(f"model {self.key} has no output {unknown}; its outputs are {names}")
+                raise InvalidArgument(f"model {self.key} has no output {echo_names(unknown)}; its outputs are {names}")
         return list(wanted)
 
     def nonfinite_rows(self, inputs: Mapping[str, np.ndarray]) -> dict[int, str]:
@@ -221,7 +222,7 @@ class LoadedModel:
         unknown = sorted(set(state) - {n for n, _, _ in self._state_checks})
         if unknown:
             names = [n for n, _, _ in self._state_checks]
-            raise InvalidArgument(f"model {self.key} has no state named {unknown}; its states are {names}")
+            raise InvalidArgument(f"model {self.key} has no state named {echo_names(unknown)}; its states are {names}")
         result = []
         for (name, dtype, shape), initial in zip(self._state_checks, self.initial_state, strict=True):
             if name not in state:
@@ -277,7 +278,8 @@ class LoadedModel:
         unknown = sorted(set(given) - {p.name for p in specs})
         if unknown:
             raise InvalidArgument(
-                f"model {self.key} has no parameter named {unknown}; its parameters are {[p.name for p in specs]}"
+                f"model {self.key} has no parameter named {echo_names(unknown)}; "
+                f"its parameters are {[p.name for p in specs]}"
             )
         values = []
         for spec, default in zip(specs, self.parameter_defaults, strict=True):

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from rnnserve.manifest import TensorSpec
-from rnnserve.server.errors import FailedPrecondition, Internal, InvalidArgument, RnnServeError
+from rnnserve.server.errors import FailedPrecondition, Internal, InvalidArgument, RnnServeError, echo_names
 from rnnserve.server.model import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,9 @@ def _per_sequence(
     """Per-sequence states or parameters stacked on a leading batch axis; missing ones take their default."""
     unknown = sorted(set(given) - {s.name for s in specs})
     if unknown:
-        raise InvalidArgument(f"model {model.key} has no {kind} named {unknown}; it has {[s.name for s in specs]}")
+        raise InvalidArgument(
+            f"model {model.key} has no {kind} named {echo_names(unknown)}; it has {[s.name for s in specs]}"
+        )
     values = []
     for spec, default in zip(specs, defaults, strict=True):
         if spec.name in given:
@@ -161,7 +163,7 @@ class _SequenceJob(_Job):
         if set(inputs) != {t.name for t in self.specs}:
             expected = ", ".join(f"'{t.name}' {t.dtype}{_model_shape(t)}" for t in self.specs)
             raise InvalidArgument(
-                f"model {model.key} takes input tensor(s) {expected} and the lengths; got {sorted(inputs)}"
+                f"model {model.key} takes input tensor(s) {expected} and the lengths; got {echo_names(sorted(inputs))}"
             )
         batch = len(self.lengths)
         max_length = 0
@@ -203,7 +205,9 @@ class _StepsJob(_Job):
         names = {t.name for t in m.inputs}
         if set(inputs) != names:
             expected = ", ".join(f"'{t.name}' {t.dtype}{_steps_shape(t)}" for t in m.inputs)
-            raise InvalidArgument(f"model {model.key} takes input tensor(s) {expected}; got {sorted(inputs)}")
+            raise InvalidArgument(
+                f"model {model.key} takes input tensor(s) {expected}; got {echo_names(sorted(inputs))}"
+            )
         max_length = 0
         for spec in m.inputs:
             arr = inputs[spec.name]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from rnnserve.server.errors import InvalidArgument, ModelNotFound
+from rnnserve.server.errors import InvalidArgument, ModelNotFound, echo
 
 # The manifest's own rule for model names (rnnserve.manifest.ModelManifest.name).
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -19,7 +19,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 def check_name(name: str) -> str:
     if not _NAME.fullmatch(name) or len(name) > 255:
         raise InvalidArgument(
-            f"model name {name!r} is not a valid name: letters, digits, '_', '.', '-', starting with a letter or "
+            f"model name {echo(name)!r} is not a valid name: letters, digits, '_', '.', '-', starting with a letter or "
             "digit (one folder of the repository)"
         )
     return name

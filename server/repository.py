@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from rnnserve.manifest import MANIFEST_FILE, ModelManifest
-from rnnserve.server.errors import ModelNotFound
+from rnnserve.server.errors import ModelNotFound, echo
 from rnnserve.server.model import LoadedModel
 from rnnserve.server.repo_paths import inside
 from rnnserve.server.runtime import load_runtime
@@ -144,13 +144,13 @@ class ModelRepository:
                 failed = self.failed.get((name, version))
                 if failed is not None:
                     raise ModelNotFound(f"model {name}:{version} failed to load: {failed.error}")
-                raise ModelNotFound(f"model {name} has no version {version}; versions: {self.versions(name)}")
+                raise ModelNotFound(f"model {echo(name)} has no version {version}; versions: {self.versions(name)}")
             return model
         versions = [v for (n, v) in self.models if n == name]
         if not versions:
             known = sorted({n for n, _ in self.models})
             hint = f"; it failed to load: {self._failure(name)}" if self._failure(name) else ""
-            raise ModelNotFound(f"model '{name}' not found{hint}; ready models: {known}")
+            raise ModelNotFound(f"model '{echo(name)}' not found{hint}; ready models: {known}")
         return self.models[(name, max(versions))]
 
     def _failure(self, name: str) -> str:

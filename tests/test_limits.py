@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import TINY_INPUT, ServerHandle, tiny_expected
 
+from rnnserve.proto import kserve_grpc_service_pb2 as kpb
 from rnnserve.proto import rnnserve_pb2 as pb
 from rnnserve.proto import rnnserve_pb2_grpc as pb_grpc
 from rnnserve.server.limits import peer_host
@@ -67,6 +68,35 @@ def test_tensor_elements_limit(server_factory, tiny_repository, channel_to):
     )
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert steps_of(stub, sid) == 3  # the refused step changed nothing
+
+
+def test_message_over_max_message_bytes_names_the_flag(server_factory, tiny_repository, channel_to):
+    # The default limit, 16 MiB, and a real 17 MiB request on each API: refused naming the flag and the limit
+    # (grpc's own refusal, "Received message larger than max", names neither), and nothing changes.
+    server = server_factory(tiny_repository)
+    stub = channel_to(server)
+    sid = open_session(stub)
+    limit = 16 * 1024 * 1024
+    data = np.ones(17 * 1024 * 1024 // 4, np.float32)
+    step = pb.StepRequest(session_id=sid, inputs={"x": to_proto(data)})
+    infer = kpb.ModelInferRequest(
+        model_name="gru",
+        inputs=[kpb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1, data.size])],
+        raw_input_contents=[data.tobytes()],
+    )
+    with grpc.insecure_channel(server.address) as channel:
+        calls = [
+            lambda: stub.Step(step),
+            lambda: list(stub.StreamStep(iter([pb.StreamStepRequest(steps=[step])]))),
+            lambda: channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(infer.SerializeToString()),
+        ]
+        for call in calls:
+            err = refused(call)
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "--max-message-bytes" in err.details() and f"the limit is {limit} bytes" in err.details()
+    assert steps_of(stub, sid) == 0
+    y = from_proto(stub.Step(step_request(sid, X)).outputs["y"])
+    np.testing.assert_allclose(y, tiny_expected(X[None])[0][0], rtol=1e-5, atol=1e-6)
 
 
 def test_steps_per_message_limit_unary_and_stream(server_factory, tiny_repository, channel_to):

@@ -20,12 +20,12 @@ import numpy as np
 import rnnserve
 from rnnserve.proto import kserve_grpc_service_pb2 as kpb
 from rnnserve.server.dataplane import DataPlane
-from rnnserve.server.errors import InvalidArgument, NotFound, RnnServeError
+from rnnserve.server.errors import InvalidArgument, NotFound, RnnServeError, echo, echo_names
 from rnnserve.server.grpc import kserve_models as models
 from rnnserve.server.grpc.kserve_sequences import SequenceTable, missing_start, sequence_flags
 from rnnserve.server.grpc.kserve_tensors import DATATYPES, StepInputs, decode_inputs, encode_outputs
 from rnnserve.server.grpc.servicers import _unary
-from rnnserve.server.grpc.streams import AnswerQueue
+from rnnserve.server.grpc.streams import AnswerQueue, observe
 from rnnserve.server.grpc.utils import parse, to_status
 from rnnserve.server.model import LoadedModel
 from rnnserve.server.principal import current_principal
@@ -52,8 +52,11 @@ def client_key(context: grpc.aio.ServicerContext) -> str:
 def _version(text: str) -> int:
     if not text:
         return 0
-    if not text.isdigit():
-        raise InvalidArgument(f"model version '{text}' is not a version number")
+    # ASCII digits only: str.isdigit() also takes '²', which int() refuses; 18 digits fit an int64.
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
+        raise InvalidArgument(
+            f"model version '{echo(text)}' is not a version number: digits 0-9, or empty for the newest"
+        )
     return int(text)
 
 
@@ -67,7 +70,7 @@ def _check_inputs(model: LoadedModel, inputs: dict[str, np.ndarray], *, sequence
     specs = model.manifest.inputs
     for name in inputs:
         if name not in {s.name for s in specs}:
-            raise InvalidArgument(f"unexpected inference input '{name}' for model '{model.name}'")
+            raise InvalidArgument(f"unexpected inference input '{echo(name)}' for model '{model.name}'")
     for spec in specs:
         expected = [-1, *spec.session_shape]
         if spec.name not in inputs:
@@ -99,7 +102,7 @@ def _wanted(model: LoadedModel, request: kpb.ModelInferRequest) -> list[str]:
     wanted = [o.name for o in request.outputs]
     for name in wanted:
         if name not in names:
-            raise InvalidArgument(f"unexpected inference output '{name}' for model '{model.name}'")
+            raise InvalidArgument(f"unexpected inference output '{echo(name)}' for model '{model.name}'")
     return wanted or names
 
 
@@ -161,11 +164,11 @@ class KServeServicer:
         if request.parameters:
             # Triton's load may carry a config or files to load instead of the repository's; rnnserve loads
             # only what is in its repository.
-            raise InvalidArgument(f"load parameters {sorted(request.parameters)} are not supported")
+            raise InvalidArgument(f"load parameters {echo_names(sorted(request.parameters))} are not supported")
         failed = [m for m in await self.dp.load_model(request.model_name) if isinstance(m, FailedModel)]
         if failed:
             reasons = "; ".join(f"version {f.version}: {f.error}" for f in failed)
-            raise InvalidArgument(f"failed to load '{request.model_name}': {reasons}")
+            raise InvalidArgument(f"failed to load '{echo(request.model_name)}': {reasons}")
         return kpb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
@@ -319,7 +322,7 @@ class KServeServicer:
                     request = None
                     waiter = queue.take_waiter()
                     try:
-                        request = parse(kpb.ModelInferRequest, raw)
+                        request = parse(kpb.ModelInferRequest, raw, self.dp.limits.max_message_bytes)
                         pending: Awaitable | Exception = self.submit(request, client, peer, stream=True, waiter=waiter)
                     except Exception as exc:  # answered in this request's response; the stream goes on
                         pending = exc
@@ -334,7 +337,9 @@ class KServeServicer:
             while (item := await queue.get()) is not done:
                 if isinstance(item, Exception):
                     code, message = to_status(item)
-                    await context.abort(code, message)
+                    context.set_code(code)  # set, not raised: see servicers._unary
+                    context.set_details(message)
+                    return
                 request, pending = item
                 try:
                     if isinstance(pending, Exception):
@@ -343,12 +348,7 @@ class KServeServicer:
                 except Exception as exc:
                     yield self._stream_error(request, exc)
         finally:
-            reader.cancel()
-            for item in queue.drain():  # the client left: drop what it will never read
-                if isinstance(item, tuple) and isinstance(item[1], asyncio.Future):
-                    item[1].cancel()
-                elif isinstance(item, tuple) and asyncio.iscoroutine(item[1]):
-                    item[1].close()  # a queued step's response nobody awaits (the step itself still applies)
+            queue.close(reader, _drop_answer)
 
     @staticmethod
     def _stream_error(request: kpb.ModelInferRequest | None, exc: Exception) -> kpb.ModelStreamInferResponse:
@@ -360,6 +360,15 @@ class KServeServicer:
             response.infer_response.model_name = request.model_name
             response.infer_response.id = request.id
         return response
+
+
+def _drop_answer(item: object) -> None:
+    """A stream request whose answer nobody will read (the client left): a request without a sequence is
+    dropped; a sequence step still applies, its outcome observed (``streams.observe``)."""
+    if isinstance(item, tuple) and isinstance(item[1], asyncio.Future):
+        item[1].cancel()
+    elif isinstance(item, tuple):
+        observe(item[1])
 
 
 # name -> (request type, response type); ModelStreamInfer is the one streaming method.
@@ -383,7 +392,8 @@ def kserve_handler(servicer: KServeServicer) -> grpc.GenericRpcHandler:
     gets INVALID_ARGUMENT, not grpc's INTERNAL)."""
     handlers: dict[str, grpc.RpcMethodHandler] = {
         name: grpc.unary_unary_rpc_method_handler(
-            _unary(getattr(servicer, name), request_type), response_serializer=response_type.SerializeToString
+            _unary(getattr(servicer, name), request_type, limits=servicer.dp.limits),
+            response_serializer=response_type.SerializeToString,
         )
         for name, (request_type, response_type) in METHODS.items()
     }

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rnnserve.proto import kserve_grpc_service_pb2 as kpb
-from rnnserve.server.errors import InvalidArgument
+from rnnserve.server.errors import InvalidArgument, echo
 from rnnserve.server.sessions import Session
 
 SequenceId = int | str
@@ -56,7 +56,7 @@ def sequence_flags(request: kpb.ModelInferRequest) -> SequenceFlags:
 def missing_start(seq: SequenceId, model: str) -> InvalidArgument:
     # Triton's own wording, so code that matches on it keeps working.
     return InvalidArgument(
-        f"inference request for sequence {seq} to model '{model}' must specify the START flag on the first "
+        f"inference request for sequence {echo(seq)} to model '{echo(model)}' must specify the START flag on the first "
         "request of the sequence"
     )
 

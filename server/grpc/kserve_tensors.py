@@ -11,7 +11,8 @@ import numpy as np
 
 from rnnserve.proto import kserve_grpc_service_pb2 as kpb
 from rnnserve.proto import kserve_model_config_pb2 as kcfg
-from rnnserve.server.errors import InvalidArgument
+from rnnserve.server.errors import InvalidArgument, echo
+from rnnserve.tensors import element_count
 
 if TYPE_CHECKING:
     from rnnserve.server.model import LoadedModel
@@ -57,44 +58,42 @@ def decode_inputs(request: kpb.ModelInferRequest) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(request.inputs):
         if tensor.name in arrays:
-            raise InvalidArgument(f"input '{tensor.name}' is given twice")
+            raise InvalidArgument(f"input '{echo(tensor.name)}' is given twice")
         arrays[tensor.name] = _decode(tensor, raw[i] if raw else None)
     return arrays
 
 
 def _decode(tensor: kpb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.ndarray:
+    label = f"input '{echo(tensor.name)}'"
     dtype = NUMPY_DTYPES.get(tensor.datatype)
     if dtype is None:
         raise InvalidArgument(
-            f"input '{tensor.name}': datatype '{tensor.datatype}' is not supported; use one of {sorted(NUMPY_DTYPES)}"
+            f"{label}: datatype '{echo(tensor.datatype)}' is not supported; use one of {sorted(NUMPY_DTYPES)}"
         )
     shape = tuple(tensor.shape)
-    if any(d < 0 for d in shape):
-        raise InvalidArgument(f"input '{tensor.name}': negative dimension in shape {list(shape)}")
-    count = math.prod(shape)  # Python ints: no overflow, and no numpy call per request
+    count = element_count(shape, tensor.name, dtype.itemsize, kind="input")
     if raw is not None:
         if len(raw) != count * dtype.itemsize:
             raise InvalidArgument(
-                f"input '{tensor.name}': {tensor.datatype}{list(shape)} needs {count * dtype.itemsize} bytes of "
+                f"{label}: {tensor.datatype}{list(shape)} needs {count * dtype.itemsize} bytes of "
                 f"raw_input_contents, got {len(raw)}"
             )
         arr = np.frombuffer(raw, dtype=dtype)
     else:
         field = _CONTENTS_FIELD.get(tensor.datatype)
         if field is None:
-            raise InvalidArgument(f"input '{tensor.name}': {tensor.datatype} travels in raw_input_contents only")
+            raise InvalidArgument(f"{label}: {tensor.datatype} travels in raw_input_contents only")
         values = getattr(tensor.contents, field)
         if len(values) != count:
             raise InvalidArgument(
-                f"input '{tensor.name}': {tensor.datatype}{list(shape)} needs {count} values in "
-                f"contents.{field}, got {len(values)}"
+                f"{label}: {tensor.datatype}{list(shape)} needs {count} values in contents.{field}, got {len(values)}"
             )
         # Typed fields are wider than narrow types (INT8 in int32): a value that does not fit is an error,
         # not a silent wrap-around.
         wide = np.asarray(values)
         arr = wide.astype(dtype)
         if count and dtype.kind in "iu" and not np.array_equal(arr, wide):
-            raise InvalidArgument(f"input '{tensor.name}': a value in contents.{field} does not fit {tensor.datatype}")
+            raise InvalidArgument(f"{label}: a value in contents.{field} does not fit {tensor.datatype}")
     return arr.astype(dtype.newbyteorder("="), copy=False).reshape(shape)
 
 

@@ -14,6 +14,7 @@ from rnnserve.server.auth import AuthInterceptor, load_tokens
 from rnnserve.server.dataplane import DataPlane
 from rnnserve.server.grpc import kserve
 from rnnserve.server.grpc.servicers import SERVICE_NAME, RnnServeServicer, generic_handler
+from rnnserve.server.grpc.utils import transport_receive_limit
 from rnnserve.server.limits import Limits
 from rnnserve.server.metrics import MetricsServer
 from rnnserve.server.repository import ModelRepository
@@ -92,7 +93,8 @@ class RnnServer:
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
-                ("grpc.max_receive_message_length", limit),
+                # Past the limit, up to the transport's, ``parse`` refuses a message naming the flag.
+                ("grpc.max_receive_message_length", transport_receive_limit(limit)),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),
             ],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -13,14 +12,14 @@ import numpy as np
 
 from rnnserve.proto import rnnserve_pb2 as pb
 from rnnserve.server.dataplane import DataPlane
+from rnnserve.server.errors import InvalidArgument
 from rnnserve.server.grpc import converters
-from rnnserve.server.grpc.streams import AnswerQueue
+from rnnserve.server.grpc.streams import AnswerQueue, observe
 from rnnserve.server.grpc.utils import parse, to_status
 from rnnserve.server.limits import Limits
 from rnnserve.server.model import LoadedModel
 from rnnserve.server.repository import FailedModel
 
-log = logging.getLogger(__name__)
 SERVICE_NAME = "rnnserve.v1.RnnServe"
 
 
@@ -175,7 +174,13 @@ class RnnServeServicer:
         async def read() -> None:
             try:
                 async for raw in request_iterator:
-                    message = parse(pb.StreamStepRequest, raw)
+                    message = parse(pb.StreamStepRequest, raw, self.limits.max_message_bytes)
+                    if message.HasField("batch") and not message.batch.session_ids:
+                        # A StepBatch result has a status per row: one with no rows has nowhere to say why.
+                        raise InvalidArgument(
+                            "the message's StepBatch has no session_ids: give one session id per row of its "
+                            "stacked inputs, or leave the batch out"
+                        )
                     refused = self.limits.stream_message_error(message)
                     if refused is not None:  # the whole message is refused; the stream goes on
                         batch = message.batch
@@ -228,12 +233,16 @@ class RnnServeServicer:
                 await queue.put(exc)
 
         reader = asyncio.get_running_loop().create_task(read())
+        item = None
         try:
             while (item := await queue.get()) is not done:
                 if isinstance(item, Exception):
                     code, message = to_status(item)
                     self.rejected[("StreamStep", code.name)] += 1
-                    await context.abort(code, message)
+                    # Set, not raised (``context.abort``): see ``_unary``.
+                    context.set_code(code)
+                    context.set_details(message)
+                    return
                 entries, batch = item
                 response = pb.StreamStepResponse()
                 if isinstance(entries, _Grouped):
@@ -259,7 +268,10 @@ class RnnServeServicer:
                     await self._answer_batch(response.batch, *batch)
                 yield response
         finally:
-            reader.cancel()
+            # The stream ended: what its client will never read still applies (steps are submitted with
+            # keep), and an error of it is nobody's to report.
+            _drop_answers(item)
+            queue.close(reader, _drop_answers)
 
     def _steps_as_group(self, steps: Sequence[pb.StepRequest]) -> _Grouped | None:
         """A list-form message of single steps of distinct sessions, with the same input names, shapes and
@@ -344,6 +356,20 @@ class RnnServeServicer:
         converters.batch_result(result, model, await future, len(ids), wanted)
 
 
+def _drop_answers(item: object) -> None:
+    """Observe the steps of a stream message whose answer nobody will read (``streams.observe``)."""
+    if not isinstance(item, tuple):
+        return
+    entries, batch = item
+    if isinstance(entries, _Grouped):
+        observe(entries.future)
+    else:
+        for entry in entries:
+            observe(entry[2])
+    if batch is not None:
+        observe(batch[3])
+
+
 GROUP_MIN = 8
 """Single steps in one list-form message from which they run as a columnar group (fewer: per step)."""
 
@@ -376,19 +402,23 @@ METHODS: dict[str, tuple[type, type, bool]] = {
 }
 
 
-def _unary(method: Callable, request_type: type, rejected: Counter[tuple[str, str]] | None = None) -> Callable:
+def _unary(
+    method: Callable, request_type: type, rejected: Counter[tuple[str, str]] | None = None, *, limits: Limits
+) -> Callable:
     name = method.__name__
 
     async def handler(raw: bytes, context: grpc.aio.ServicerContext):
         try:
-            return await method(parse(request_type, raw), context)
+            return await method(parse(request_type, raw, limits.max_message_bytes), context)
         except Exception as exc:
-            code, message = to_status(exc)
+            code, message = to_status(exc, log_as=request_type.DESCRIPTOR.name)
             if rejected is not None:
                 rejected[(name, code.name)] += 1
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("internal error in %s", request_type.DESCRIPTOR.name)
-            await context.abort(code, message)
+        # The status is set, not raised (``context.abort``): grpc keeps the error it raises in a reference
+        # cycle with this frame, and so the refused request's bytes, until a full collection.
+        context.set_code(code)
+        context.set_details(message)
+        return None
 
     return handler
 
@@ -405,7 +435,7 @@ def generic_handler(servicer: RnnServeServicer) -> grpc.GenericRpcHandler:
             )
         else:
             handlers[name] = grpc.unary_unary_rpc_method_handler(
-                _unary(method, request_type, servicer.rejected),
+                _unary(method, request_type, servicer.rejected, limits=servicer.limits),
                 request_deserializer=None,
                 response_serializer=response_type.SerializeToString,
             )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 
@@ -40,9 +41,13 @@ class AnswerQueue:
     async def put(self, item: Any, *, waiter_used: bool = False) -> None:
         """Append ``item``; ``waiter_used``: its step got the future ``take_waiter`` gave, which wakes the writer
         when the step is done (so the writer is not woken now)."""
-        while len(self._items) >= self._limit:
-            self._reader = self._loop.create_future()
-            await self._reader
+        try:
+            while len(self._items) >= self._limit:
+                self._reader = self._loop.create_future()
+                await self._reader
+        except asyncio.CancelledError:
+            self._items.append(item)  # the stream is ending (``close``): its work is handed over with the rest
+            raise
         self._items.append(item)
         if self._lent:
             self._lent = False
@@ -73,3 +78,26 @@ class AnswerQueue:
         items = list(self._items)
         self._items.clear()
         return items
+
+    def close(self, reader: asyncio.Task, drop: Callable[[Any], None]) -> None:
+        """The stream ended (the client left, or its status is out): stop ``reader`` and, once it has
+        stopped, hand each unanswered item to ``drop``."""
+        reader.cancel()
+        reader.add_done_callback(lambda _: [drop(item) for item in self.drain()])
+
+
+def observe(pending: Awaitable[Any] | None) -> None:
+    """Read the outcome of a step nobody will answer (its stream's client left), once it is done: the step
+    still applies, and asyncio would log an error left unread ("Future exception was never retrieved").
+    A coroutine (a response still to build around a step's future) runs to its end for the same reason."""
+    if pending is None:
+        return
+    if asyncio.iscoroutine(pending):
+        pending = asyncio.ensure_future(pending)
+    if isinstance(pending, asyncio.Future):
+        pending.add_done_callback(_read_outcome)
+
+
+def _read_outcome(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from rnnserve.server.errors import InvalidArgument, RnnServeError
+from rnnserve.server.errors import InvalidArgument, ResourceExhausted, RnnServeError
 from rnnserve.tensors import TensorDecodeError
+
+log = logging.getLogger(__name__)
 
 STATUS_CODES: dict[str, grpc.StatusCode] = {
     "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
@@ -23,19 +27,64 @@ STATUS_CODES: dict[str, grpc.StatusCode] = {
 }
 
 
-def to_status(exc: Exception) -> tuple[grpc.StatusCode, str]:
-    """The status and message a failed call returns."""
+MAX_STATUS_MESSAGE_BYTES = 2048
+"""A status message's bound (UTF-8 bytes). It travels in a response header, percent-encoded (up to 3
+bytes a byte), and clients refuse headers past 8 kB by default: the status itself would then be lost."""
+
+
+def to_status(exc: BaseException, *, log_as: str | None = None) -> tuple[grpc.StatusCode, str]:
+    """The status and message a failed call returns; ``log_as``: log an INTERNAL error as this call's, with
+    its traceback.
+
+    Then drops the error's traceback (and those of the errors it chains): its frames hold the refused
+    request's bytes, decoded message and tensors, and an error kept by a stream's queue or by grpc would
+    keep them all alive, in reference cycles the server's tuned collector rarely visits."""
     if isinstance(exc, RnnServeError):
-        return STATUS_CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.message
-    if isinstance(exc, TensorDecodeError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+        code, message = STATUS_CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.message
+    elif isinstance(exc, TensorDecodeError):
+        code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    else:
+        code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+    if log_as is not None and code == grpc.StatusCode.INTERNAL:
+        log.error("internal error in %s", log_as, exc_info=exc)
+    forget_frames(exc)
+    return code, bounded(message)
 
 
-def parse(message_type: type[Message], data: bytes) -> Message:
+def forget_frames(exc: BaseException | None) -> None:
+    """Drop the tracebacks of ``exc`` and the errors it chains (``__cause__``, ``__context__``)."""
+    seen = 0
+    while exc is not None and seen < 16:  # a chain is short; the bound guards against a cycle of contexts
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+
+
+def bounded(message: str) -> str:
+    """``message`` cut to ``MAX_STATUS_MESSAGE_BYTES`` of UTF-8 (on a character boundary), the cut marked."""
+    data = message.encode("utf-8", errors="replace")
+    if len(data) <= MAX_STATUS_MESSAGE_BYTES:
+        return message
+    return data[: MAX_STATUS_MESSAGE_BYTES - 32].decode("utf-8", errors="ignore") + f"...({len(data)} bytes)"
+
+
+def parse(message_type: type[Message], data: bytes, max_bytes: int | None = None) -> Message:
     """Deserialize a request ourselves so garbage bytes get INVALID_ARGUMENT with the expected type named
-    (grpc's own deserializer would answer INTERNAL)."""
+    (grpc's own deserializer would answer INTERNAL), and a message over ``max_bytes`` (--max-message-bytes)
+    gets RESOURCE_EXHAUSTED naming that flag (see ``transport_receive_limit``)."""
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ResourceExhausted(
+            f"the {message_type.DESCRIPTOR.name} message is {len(data)} bytes; the limit is {max_bytes} bytes "
+            "per message (--max-message-bytes)"
+        )
     try:
         return message_type.FromString(data)
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise InvalidArgument(f"request is not a valid {message_type.DESCRIPTOR.full_name} message ({exc})") from exc
+
+
+def transport_receive_limit(max_message_bytes: int) -> int:
+    """grpc's own receive limit for a server whose messages are bounded by ``max_message_bytes``: twice that,
+    so a message somewhat over the bound reaches ``parse`` and its refusal names --max-message-bytes (grpc's
+    own refusal names neither the flag nor the limit). grpc caps the option at 2**31 - 1."""
+    return min(2 * max_message_bytes, 2**31 - 1)
