@@ -201,11 +201,12 @@ class Persistence:
             self.moved(session)
 
     def moved(self, session: Session) -> None:
-        """Event loop: another replica changed ``session``; drop this server's copy and keep the record."""
+        """Event loop: the store holds a newer ``session`` (``stale``, or a refused write); drop this server's
+        copy and keep the record."""
         if session.revision == MOVED and session.closed:
             return
         session.revision = MOVED
-        log.info("session %s was changed by another replica: dropped its stale copy here", session.id)
+        log.info("the session store holds a newer session %s: dropped the stale copy here", session.id)
         if self.on_moved is not None:
             self.on_moved(session)
 
