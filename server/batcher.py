@@ -173,19 +173,43 @@ LATENCY_BOUNDS_NS = [
 
 @dataclass
 class BatchStats:
-    steps: int = 0
+    """One model's batching counters, updated once per batch on the event loop. Every counter only grows.
+
+    Besides the native stats (GetStats, /metrics), these hold Triton's statistics (server/grpc/kserve_models.py):
+    a step is one request, and its compute time is its batch's, split in three: ``input`` (from the batch being
+    taken to the model call: the hop to a worker thread, gathering states and stacking inputs), ``infer`` (the
+    model call) and ``output`` (checking and scattering states, the durable write, the hop back)."""
+
+    steps: int = 0  # computed by successful batches
     batches: int = 0
     max_batch: int = 0
     histogram: list[int] = field(default_factory=lambda: [0] * 12)
-    compute_ns: int = 0
-    queue_ns: int = 0
+    compute_ns: int = 0  # per batch
+    queue_ns: int = 0  # per step
     # Per step, bucketed once per batch at the batch's mean (each batch adds its size to one bucket).
     queue_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS_NS) + 1))
     latency_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS_NS) + 1))
     latency_ns: int = 0
     inline: int = 0  # of ``batches``: those run on the event loop (Batcher._run)
+    # Triton's per-request counts: steps answered, and their queue and compute time (each its batch's).
+    success: int = 0
+    success_queue_ns: int = 0
+    input_ns: int = 0
+    infer_ns: int = 0
+    output_ns: int = 0
+    # Steps the batcher took that did not apply: their batch failed, or the durable store refused them.
+    fail: int = 0
+    fail_ns: int = 0
+    # Exact batch size -> [executions, input ns, infer ns, output ns] (per execution).
+    sizes: dict[int, list[int]] = field(default_factory=dict)
+    last_ns: int = 0  # perf_counter_ns at the end of the last successful batch; 0: none yet
 
-    def record(self, size: int, compute_ns: int, queue_ns: int) -> None:
+    def record(
+        self, size: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int, end_ns: int, refused: int = 0
+    ) -> None:
+        """A batch of ``size`` steps computed; ``queue_ns``: their waits summed; ``refused``: of them, rows the
+        durable store refused (they did not apply)."""
+        compute_ns = input_ns + infer_ns + output_ns
         self.steps += size
         self.batches += 1
         self.max_batch = max(self.max_batch, size)
@@ -196,6 +220,35 @@ class BatchStats:
         self.queue_buckets[bisect.bisect_left(LATENCY_BOUNDS_NS, mean_queue)] += size
         self.latency_buckets[bisect.bisect_left(LATENCY_BOUNDS_NS, mean_queue + compute_ns)] += size
         self.latency_ns += queue_ns + compute_ns * size
+        per_size = self.sizes.get(size)
+        if per_size is None:
+            per_size = self.sizes[size] = [0, 0, 0, 0]
+        per_size[0] += 1
+        per_size[1] += input_ns
+        per_size[2] += infer_ns
+        per_size[3] += output_ns
+        self.last_ns = end_ns
+        ok = size - refused
+        if refused:
+            ok_queue_ns = queue_ns * ok // size
+            self.failed(refused, queue_ns - ok_queue_ns + compute_ns * refused)
+            queue_ns = ok_queue_ns
+        self.success += ok
+        self.success_queue_ns += queue_ns
+        self.input_ns += input_ns * ok
+        self.infer_ns += infer_ns * ok
+        self.output_ns += output_ns * ok
+
+    def failed(self, steps: int, ns: int) -> None:
+        """``steps`` taken by the batcher did not apply; ``ns``: their time in the server, summed."""
+        self.fail += steps
+        self.fail_ns += ns
+
+    def last_inference_ms(self) -> int:
+        """When the last successful batch ended, in ms since the epoch (0: none yet)."""
+        if not self.last_ns:
+            return 0
+        return (time.time_ns() - (time.perf_counter_ns() - self.last_ns)) // 1_000_000
 
 
 def _abandoned(job: StepJob | ControlJob) -> bool:
@@ -447,19 +500,26 @@ class Batcher:
         error: BaseException | None,
         model_ns: int = 0,
         inline: bool = False,
+        run: tuple[int, int] = (0, 0),
     ) -> None:
+        """``run``: when the model call began and ended (perf_counter_ns), for the statistics' compute split."""
         end = time.perf_counter_ns()
-        compute_ns = end - t0
         if self._last_end_ns and model_ns:
             busy = min(1.0, model_ns / max(end - self._last_end_ns, 1))
             self._busy += (busy - self._busy) / 8
         self._last_end_ns = end
         if error is None:
-            self.stats.record(len(batch), compute_ns, sum(t0 - s.ready_since for s in batch))
+            run_start, run_end = run
+            queue_ns = sum(t0 - s.ready_since for s in batch)
+            self.stats.record(
+                len(batch), queue_ns, run_start - t0, run_end - run_start, end - run_end, end, len(refused)
+            )
             self.stats.inline += inline
             if len(batch) <= self.inline_max:
                 # The call itself, without the thread hops around it: what running it inline would cost.
                 self._small_ns = model_ns if not self._small_ns else (7 * self._small_ns + model_ns) // 8
+        else:
+            self.stats.failed(len(batch), sum(end - s.ready_since for s in batch))
         if whole and error is None and not refused:
             self._complete_group(batch, jobs, per_output, time.monotonic())
         else:
@@ -469,11 +529,11 @@ class Batcher:
         try:
             jobs, whole, t0 = self._begin(batch)
             try:
-                per_output, refused, model_ns = self._timed_compute(jobs, whole)
+                per_output, refused, model_ns, run = self._timed_compute(jobs, whole)
             except Exception as exc:
                 self._end(batch, jobs, whole, t0, [], set(), self._failure(exc, len(batch)))
             else:
-                self._end(batch, jobs, whole, t0, per_output, refused, None, model_ns, inline=True)
+                self._end(batch, jobs, whole, t0, per_output, refused, None, model_ns, inline=True, run=run)
         finally:
             self._computing -= 1
             self._slots.release()
@@ -483,26 +543,31 @@ class Batcher:
             jobs, whole, t0 = self._begin(batch)
             loop = asyncio.get_running_loop()
             try:
-                per_output, refused, model_ns = await loop.run_in_executor(
+                per_output, refused, model_ns, run = await loop.run_in_executor(
                     self._executor, self._timed_compute, jobs, whole
                 )
             except Exception as exc:
                 self._end(batch, jobs, whole, t0, [], set(), self._failure(exc, len(batch)))
             else:
-                self._end(batch, jobs, whole, t0, per_output, refused, None, model_ns)
+                self._end(batch, jobs, whole, t0, per_output, refused, None, model_ns, run=run)
         finally:
             self._computing -= 1
             self._slots.release()
             self._wakeup.set()
 
-    def _timed_compute(self, jobs: Sequence[StepJob], whole: bool) -> tuple[list[np.ndarray], set[int], int]:
+    def _timed_compute(
+        self, jobs: Sequence[StepJob], whole: bool
+    ) -> tuple[list[np.ndarray], set[int], int, tuple[int, int]]:
         t0 = time.perf_counter_ns()
-        per_output, refused = self._compute(jobs, whole)
-        return per_output, refused, time.perf_counter_ns() - t0
+        per_output, refused, run = self._compute(jobs, whole)
+        return per_output, refused, time.perf_counter_ns() - t0, run
 
-    def _compute(self, jobs: Sequence[StepJob], whole: bool = False) -> tuple[list[np.ndarray], set[int]]:
-        """Worker thread: gather, run, scatter. Returns each data output with the batch axis first, and the
-        rows whose session another replica changed (durable store refused the write: not applied). ``whole``:
+    def _compute(
+        self, jobs: Sequence[StepJob], whole: bool = False
+    ) -> tuple[list[np.ndarray], set[int], tuple[int, int]]:
+        """Worker thread: gather, run, scatter. Returns each data output with the batch axis first, the rows
+        whose session another replica changed (durable store refused the write: not applied), and when the
+        model call began and ended (perf_counter_ns). ``whole``:
         the batch is one StepBatch message, rows in order, whose stacked inputs are fed as they are."""
         model = self.model
         n = len(jobs)
@@ -518,7 +583,9 @@ class Batcher:
         for spec, value in zip(model.slab.specs, model.slab.gather(slots), strict=True):
             feeds[spec.name] = value
         feeds.update(model.constants)
+        run_start = time.perf_counter_ns()
         out = model.runtime.run(feeds)
+        run_end = time.perf_counter_ns()
         new_states = []
         for spec, dtype in zip(model.manifest.states, model.slab.dtypes, strict=False):
             value = out[spec.output]
@@ -545,7 +612,7 @@ class Batcher:
         # Only a fully successful call touches the slab: a failed batch leaves every state as it was. Refused
         # rows are scattered too, harmlessly: their sessions are dropped, slots and all.
         model.slab.scatter(slots, new_states)
-        return result, refused
+        return result, refused, (run_start, run_end)
 
     def _complete(
         self,

@@ -35,6 +35,12 @@ from rnnserve.server.sessions import Session
 log = logging.getLogger(__name__)
 SERVICE_NAME = "inference.GRPCInferenceService"  # Triton's name: the path every KServe client calls
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "sequence")
+# Triton's decoupled-streaming convention: a request carrying EMPTY_FINAL (perf_analyzer sends it, tritonclient
+# with enable_empty_final_response) has each stream response say whether it is the request's last. An rnnserve
+# model answers every request with exactly one response, so that one is marked final and no empty final
+# response follows.
+EMPTY_FINAL = "triton_enable_empty_final_response"
+FINAL_RESPONSE = "triton_final_response"
 
 
 def client_key(context: grpc.aio.ServicerContext) -> str:
@@ -47,6 +53,12 @@ def client_key(context: grpc.aio.ServicerContext) -> str:
     principal = current_principal()
     key = "id:" + ",".join(i.decode(errors="replace") for i in identities) if identities else ""
     return key if principal is None else f"{key}|principal:{principal}"
+
+
+def _check_empty_final(request: kpb.ModelInferRequest) -> None:
+    params = request.parameters
+    if EMPTY_FINAL in params and params[EMPTY_FINAL].WhichOneof("parameter_choice") != "bool_param":
+        raise InvalidArgument(f"invalid value type for '{EMPTY_FINAL}' parameter, expected bool_param")
 
 
 def _version(text: str) -> int:
@@ -198,6 +210,7 @@ class KServeServicer:
         completes this future (a stream writer's own, server/grpc/streams.py); a request without a sequence
         leaves it alone."""
         flags = sequence_flags(request)
+        _check_empty_final(request)
         version = _version(request.model_version)
         model = self.dp.model(request.model_name, version)
         # A sequence step in the usual form is matched against the model in one pass; anything else (and
@@ -300,7 +313,11 @@ class KServeServicer:
         response.model_version = model.version_text
         response.id = request.id
         encode_outputs(response, outputs, wanted, one_row=one_row)
-        return wrapper if wrapper is not None else response
+        if wrapper is None:
+            return response
+        if EMPTY_FINAL in request.parameters:
+            response.parameters[FINAL_RESPONSE].bool_param = True
+        return wrapper
 
     def _close(self, session: Session) -> None:
         with contextlib.suppress(RnnServeError):  # it expired or was ended meanwhile: nothing left to free
@@ -359,6 +376,8 @@ class KServeServicer:
         if request is not None:  # lets the client tell which request failed
             response.infer_response.model_name = request.model_name
             response.infer_response.id = request.id
+            if EMPTY_FINAL in request.parameters:  # an error ends its request too
+                response.infer_response.parameters[FINAL_RESPONSE].bool_param = True
         return response
 
 

@@ -77,25 +77,33 @@ def _duration(count: int, ns: int) -> kpb.StatisticDuration:
 
 
 def model_statistics(model: LoadedModel) -> kpb.ModelStatistics:
-    """Counts from the model's batcher. ``batch_stats`` comes from its power-of-two histogram, so each
-    entry's batch_size is the lower bound of its bucket; compute time is not split by batch size."""
+    """Triton's statistics from the model's batcher (server/batcher.py BatchStats), all cumulative: a step is
+    one request, counted once answered, and its compute time is its batch's (input, infer and output as
+    BatchStats splits them); ``batch_stats`` has one entry per exact batch size executed, counting executions."""
     s = model.batcher.stats if model.batcher is not None else BatchStats()
-    # A step's compute time is its batch's: the batch total counts once per step in it, as Triton counts it.
-    step_compute_ns = s.compute_ns * s.steps // s.batches if s.batches else 0
+    n = s.success
     return kpb.ModelStatistics(
         name=model.name,
         version=str(model.version),
-        inference_count=s.steps,
+        last_inference=s.last_inference_ms(),
+        inference_count=n,
         execution_count=s.batches,
         inference_stats=kpb.InferStatistics(
-            success=_duration(s.steps, s.queue_ns + step_compute_ns),
-            queue=_duration(s.steps, s.queue_ns),
-            compute_infer=_duration(s.steps, step_compute_ns),
+            success=_duration(n, s.success_queue_ns + s.input_ns + s.infer_ns + s.output_ns),
+            fail=_duration(s.fail, s.fail_ns),
+            queue=_duration(n, s.success_queue_ns),
+            compute_input=_duration(n, s.input_ns),
+            compute_infer=_duration(n, s.infer_ns),
+            compute_output=_duration(n, s.output_ns),
         ),
         batch_stats=[
-            kpb.InferBatchStatistics(batch_size=1 << i, compute_infer=_duration(n, 0))
-            for i, n in enumerate(s.histogram)
-            if n
+            kpb.InferBatchStatistics(
+                batch_size=size,
+                compute_input=_duration(count, input_ns),
+                compute_infer=_duration(count, infer_ns),
+                compute_output=_duration(count, output_ns),
+            )
+            for size, (count, input_ns, infer_ns, output_ns) in sorted(s.sizes.items())
         ],
     )
 
