@@ -319,17 +319,18 @@ def test_startup_scan_skips_folders_that_resolve_outside(tmp_path):
     assert not repository.failed
 
 
-def test_artifact_symlinked_out_of_the_version_folder_is_refused(tmp_path):
+@pytest.mark.parametrize("name", ["model.onnx", "manifest.json"])
+def test_a_file_symlinked_out_of_the_version_folder_is_refused(tmp_path, name: str):
     outside = build_tiny_repository(tmp_path / "outside")
     repo = tmp_path / "repo"
     shutil.copytree(outside / "gru", repo / "gru")
-    artifact = repo / "gru" / "1" / "model.onnx"
-    artifact.unlink()
-    artifact.symlink_to(outside / "gru" / "1" / "model.onnx")
+    link = repo / "gru" / "1" / name
+    link.unlink()
+    link.symlink_to(outside / "gru" / "1" / name)
     repository = ModelRepository(repo)
     repository.load_all()
     assert not repository.models
-    assert "outside" in repository.failed[("gru", 1)].error
+    assert f"{name} resolves outside" in repository.failed[("gru", 1)].error
 
 
 def test_kserve_sequences_need_a_token_and_stay_with_their_principal(auth_server):
