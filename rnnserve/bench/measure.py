@@ -87,10 +87,10 @@ class BenchConfig:
     def estimate_s(self) -> float:
         """A rough duration of the whole run, for the first progress line."""
         pa_systems = 3 if self.peer else 2
-        # A perf_analyzer run: 3 to max_trials windows (about 4 on a steady host) plus its start.
-        pa = len(self.sessions) * self.repeat * pa_systems * (4 * self.window_ms / 1000 + 1.0)
+        # A perf_analyzer run: 3 to max_trials windows (about 5 on a busy 2-core host) plus start and stop.
+        pa = len(self.sessions) * self.repeat * pa_systems * (5 * self.window_ms / 1000 + 2.0)
         native = (len(self.sessions) + 2) * self.repeat * 2 * 3.0
-        idle = self.repeat * (5.0 + self.idle_sessions / 2000)
+        idle = self.repeat * (5.0 + self.idle_sessions / 3000)  # ~30 s per 100,000 opens on 2 cores
         scale = 30.0 + 3 * self.repeat * 4.0
         compute = len(self.compute_batches()) * self.repeat * (self.compute_seconds + 0.1)
         return 30.0 + compute + pa + native + idle + scale + (60.0 if self.peer else 0.0)
