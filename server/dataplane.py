@@ -101,10 +101,11 @@ class DataPlane:
     ) -> Session:
         """``owner``: the caller's principal (or host, for the per-client limit); see SessionManager.open.
         Unset, it is the current principal, so every API that opens sessions (KServe sequences too) binds them.
-        ``session_id``: the id the client chose (empty: a random one); a durable model's store write then
-        also refuses an id another replica holds (``opened``). A ``snapshot`` opens on its own model and version
-        (``model_name``/``version`` may only name those), or with ``allow_other_version`` on the given or newest
-        version of its model."""
+        ``session_id``: the id the client chose (empty: a random one), in the caller's own namespace of ids
+        (server/sessions.py): only the caller's own session of that id, here or (for a durable model, refused
+        by its store write in ``opened``) at another replica, makes it unavailable. A ``snapshot`` opens on its
+        own model and version (``model_name``/``version`` may only name those), or with ``allow_other_version``
+        on the given or newest version of its model."""
         if owner is None:
             owner = current_principal()
         if session_id:

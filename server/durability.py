@@ -20,7 +20,7 @@ Per model (``ModelManifest.durability``, or the server's ``--durability`` for a 
 All modes: OpenSession, ResetSession and SetState of a durable model write the session before answering;
 a graceful shutdown writes every open session (a clean restart keeps them all, ``none`` included); closing
 or expiry deletes the record. A request naming a session this server does not hold looks it up in the store
-and, when found, restores it (same id, state, parameters and step count) before going on: that is how a
+and, when found, restores it (same id, owner, state, parameters and step count) before going on: that is how a
 restarted server picks its sessions up. A ``none`` session's record is deleted once restored, so it is
 never resurrected at a stale step.
 
@@ -61,6 +61,7 @@ import numpy as np
 from rnnserve.manifest import Durability
 from rnnserve.server.errors import OutcomeUnknown, SessionIdUnavailable, SessionMoved
 from rnnserve.server.metrics import store_error
+from rnnserve.server.sessions import session_key
 from rnnserve.server.store import ReplayEntry, SessionRecord, SessionStore, StoreUnavailable, Unsure, ahead
 
 if TYPE_CHECKING:
@@ -189,7 +190,7 @@ class Persistence:
 
         def check() -> bool:
             try:
-                (stored,) = self.store.revisions([session.id])
+                (stored,) = self.store.revisions([session.key])
             except StoreUnavailable:
                 return False  # a read is still served (from this copy) while the store is down
             return ahead(stored, session.revision)
@@ -217,7 +218,7 @@ class Persistence:
         row = model.slab.read(session.slot)
         state = {**model.state_dict(row), **model.parameter_dict(row)}
         replay = list(session.replay or ())
-        return SessionRecord(session.id, model.name, model.version, session.steps, state, session.owner or "", replay)
+        return SessionRecord(session.key, model.name, model.version, session.steps, state, session.owner or "", replay)
 
     @staticmethod
     def _mark_written(session: Session, steps: int, now: float) -> None:
@@ -267,7 +268,7 @@ class Persistence:
                 replay = replay[-(session.replay.maxlen or len(replay)) :]
             records.append(
                 SessionRecord(
-                    session.id,
+                    session.key,
                     model.name,
                     model.version,
                     session.steps + 1,
@@ -309,8 +310,8 @@ class Persistence:
 
     def _mark_dirty(self, session: Session, due_at: float) -> None:
         with self._lock:
-            if session.id not in self._dirty:
-                self._dirty.add(session.id)
+            if session.key not in self._dirty:
+                self._dirty.add(session.key)
                 heapq.heappush(self._due, (due_at, next(self._seq), session))
 
     async def _write_due(self) -> None:
@@ -325,7 +326,7 @@ class Persistence:
             with self._lock:
                 while self._due and self._due[0][0] <= now:
                     session = heapq.heappop(self._due)[2]
-                    self._dirty.discard(session.id)
+                    self._dirty.discard(session.key)
                     popped.append(session)
             ready = [s for s in popped if not s.closed and not s.scheduled and s.steps != s.stored_steps]
             if ready:
@@ -372,38 +373,39 @@ class Persistence:
 
         def delete() -> None:
             if session.closed == "client":
-                self.store.delete_many([session.id])
+                self.store.delete_many([session.key])
             elif session.revision != 0:
-                self.store.delete_many([session.id], [session.revision], self.writer)
+                self.store.delete_many([session.key], [session.revision], self.writer)
 
         self._submit(delete).add_done_callback(
             _on_failure(f"deleting session {session.id}", "delete", [(session.model.name, session.model.version)])
         )
 
     async def restore(self, session_ids: Iterable[str], dataplane: DataPlane) -> None:
-        """Bring the sessions the store holds among ``session_ids`` (none of them here) into this server.
-        Ids the store does not know stay unknown (the caller's lookup answers NOT_FOUND); a store failure
-        raises StoreUnavailable."""
+        """Bring the calling principal's sessions the store holds among ``session_ids`` (none of them here)
+        into this server. Ids the store does not know stay unknown (the caller's lookup answers NOT_FOUND); a
+        store failure raises StoreUnavailable."""
         loop = asyncio.get_running_loop()
         sessions = dataplane.sessions
-        waiting = {self._restoring[sid] for sid in session_ids if sid in self._restoring}
-        fresh = [sid for sid in dict.fromkeys(session_ids) if sid not in self._restoring and not sessions.known(sid)]
+        keys = {session_key(sid): sid for sid in session_ids}
+        waiting = {self._restoring[key] for key in keys if key in self._restoring}
+        fresh = [key for key, sid in keys.items() if key not in self._restoring and not sessions.known(sid)]
         if fresh:
             done: asyncio.Future[BaseException | None] = loop.create_future()
-            for sid in fresh:
-                self._restoring[sid] = done
+            for key in fresh:
+                self._restoring[key] = done
             error: BaseException | None = None
             try:
                 records = await self._run(self.store.get_many, fresh)
-                for record in records:
-                    if record is not None and not sessions.known(record.session_id):
-                        self._adopt(record, dataplane)
+                for key, record in zip(fresh, records, strict=True):
+                    if record is not None and not sessions.known(keys[key]):
+                        self._adopt(record, keys[key], dataplane)
             except StoreUnavailable as exc:
                 store_error("", 0, "load")  # which model the sessions are of is in the records it could not read
                 error = exc
             finally:
-                for sid in fresh:
-                    self._restoring.pop(sid, None)
+                for key in fresh:
+                    self._restoring.pop(key, None)
                 done.set_result(error)
             if error is not None:
                 raise error
@@ -412,7 +414,8 @@ class Persistence:
             if error is not None:
                 raise error
 
-    def _adopt(self, record: SessionRecord, dataplane: DataPlane) -> None:
+    def _adopt(self, record: SessionRecord, session_id: str, dataplane: DataPlane) -> None:
+        """Open ``record``, the calling principal's session ``session_id``, here (its owner as it was)."""
         try:
             model = dataplane.repository.get(record.model, record.version)
             names = {p.name for p in model.manifest.parameters}
@@ -420,10 +423,10 @@ class Persistence:
             params = model.check_parameters({k: v for k, v in record.state.items() if k in names})
         except Exception as exc:
             # Left unknown: the caller answers NOT_FOUND. Its model may load later; the record stays until then.
-            log.warning("session %s is in the session store but cannot be restored here: %s", record.session_id, exc)
+            log.warning("session %s is in the session store but cannot be restored here: %s", session_id, exc)
             return
         session = dataplane.sessions.open(
-            model, state, record.steps, params, record.owner or None, session_id=record.session_id
+            model, state, record.steps, params, record.owner or None, session_id=session_id
         )
         if record.replay and dataplane.replay_window:
             session.replay = deque(record.replay, maxlen=dataplane.replay_window)
@@ -432,7 +435,7 @@ class Persistence:
         if not self.durable(session):
             # Consumed: a crash must not bring a `none` session back at a stale step.
             session.revision = 0
-            self._submit(self.store.delete_many, [record.session_id], [record.revision], self.writer).add_done_callback(
+            self._submit(self.store.delete_many, [record.key], [record.revision], self.writer).add_done_callback(
                 _on_failure(f"deleting restored session {session.id}", "delete", [(model.name, model.version)])
             )
         log.debug("restored session %s of %s at step %d", session.id, model.key, session.steps)

@@ -77,9 +77,10 @@ class AlreadyExists(RnnServeError):
 
 
 class SessionIdUnavailable(AlreadyExists):
-    """A proposed session id this caller cannot take. One answer whoever holds it (this caller, another
-    principal, a replica through the session store, a session the server ended): it names no holder and no
-    place, and the caller's own retry still reads it as "my earlier attempt opened it" (the SDK's adopt)."""
+    """A proposed session id this caller cannot take: its own session of that id is open (here, or at a
+    replica through the session store) or was ended by the server. Ids are per principal with authentication
+    on, so another principal's session never makes an id unavailable. The message names no place, and the
+    caller's own retry reads it as "my earlier attempt opened it" (the SDK's adopt)."""
 
     def __init__(self, session_id: str):
         super().__init__(f"session id '{session_id}' is not available: choose another id")

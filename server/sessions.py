@@ -1,4 +1,10 @@
-"""Sessions: ids, ownership of a slab slot, idle expiry and the global cap."""
+"""Sessions: ids, ownership of a slab slot, idle expiry and the global cap.
+
+With authentication on, each principal has its own space of session ids: a session is kept under
+``session_key(id)``, its id within the calling principal's namespace, here and in the session store. Another
+principal's session of the same id is then simply not there (a lookup answers as for an id never opened; a
+proposed id it holds opens the caller's own session), so an id reveals nothing about other principals.
+Without authentication the key is the id itself."""
 
 from __future__ import annotations
 
@@ -13,9 +19,23 @@ import numpy as np
 
 from rnnserve.server.errors import ResourceExhausted, SessionEnded, SessionNotFound
 from rnnserve.server.model import LoadedModel
-from rnnserve.server.principal import current_principal
+from rnnserve.server.principal import PRINCIPAL
 
 log = logging.getLogger(__name__)
+
+
+def session_key(session_id: str) -> str:
+    """The key of the calling principal's session ``session_id``, in the session table and the session store:
+    the id itself without authentication. With it, the id prefixed by the principal and its length, so that no
+    (principal, id) pair makes another pair's key whatever either holds (ids looked up are not checked), and
+    no key of a principal equals a plain id (opened ids never hold ':'; ``session_id_of`` reads them back)."""
+    principal = PRINCIPAL.get()
+    return session_id if principal is None else f"{len(principal)}:{principal}:{session_id}"
+
+
+def session_id_of(key: str) -> str:
+    """The client's session id in a key of ``session_key`` (for a record read back from the session store)."""
+    return key.rpartition(":")[2]
 
 
 class Session:
@@ -23,6 +43,7 @@ class Session:
     __slots__ = (
         "closed",
         "id",
+        "key",
         "last_used",
         "model",
         "next_index",
@@ -38,8 +59,11 @@ class Session:
         "stored_steps",
     )
 
-    def __init__(self, session_id: str, model: LoadedModel, slot: int, steps: int = 0, owner: str | None = None):
-        self.id = session_id
+    def __init__(
+        self, session_id: str, model: LoadedModel, slot: int, steps: int = 0, owner: str | None = None, key: str = ""
+    ):
+        self.id = session_id  # the client's id: every message and response shows this one
+        self.key = key or session_id  # session_key(id) of the principal that opened it
         # The principal that opened it (auth on: only it may use the session), else the peer's host (for
         # --max-sessions-per-client only). None: not counted per client.
         self.owner = owner
@@ -69,13 +93,13 @@ class SessionManager:
     def __init__(self, *, max_sessions: int, ttl: float):
         self.max_sessions = max_sessions
         self.ttl = ttl
-        # Ordered by last use, oldest first, so expiry only looks at the front.
+        # session_key -> session, ordered by last use, oldest first, so expiry only looks at the front.
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self.expired = 0
         self._reaper: asyncio.Task | None = None
-        # Sessions the server ended itself (forced unload) -> (when, why): a call on one says why instead of
-        # NOT_FOUND, for one TTL.
-        self._ended: OrderedDict[str, tuple[float, str, str | None]] = OrderedDict()
+        # Sessions the server ended itself (forced unload), by session_key -> (when, why): a call on one says
+        # why instead of NOT_FOUND, for one TTL.
+        self._ended: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self.max_sessions_per_client: int | None = None
         self._per_client: Counter[str] = Counter()
         # (model, version, reason) -> sessions the server closed itself: "expired" (TTL) or "forced" (unload).
@@ -88,8 +112,10 @@ class SessionManager:
         return iter(list(self._sessions.values()))
 
     def known(self, session_id: str) -> bool:
-        """Held here, or ended by the server (not to be looked up in the session store)."""
-        return session_id in self._sessions or session_id in self._ended
+        """The caller's session ``session_id`` is held here, or was ended by the server (not to be looked up in
+        the session store)."""
+        key = session_key(session_id)
+        return key in self._sessions or key in self._ended
 
     def open(
         self,
@@ -100,7 +126,8 @@ class SessionManager:
         owner: str | None = None,
         session_id: str | None = None,
     ) -> Session:
-        """A new session; ``session_id``: keep this id (a session restored from the session store)."""
+        """A new session of the calling principal; ``session_id``: keep this id (one the client proposed, or a
+        session restored from the session store), which the caller checked is not ``known``."""
         limit = self.max_sessions_per_client
         if owner is not None and limit is not None and self._per_client[owner] >= limit:
             self.expire()
@@ -117,46 +144,44 @@ class SessionManager:
                     "or raise --max-sessions"
                 )
         session_id = session_id or secrets.token_hex(16)  # 128 random bits: ids are capabilities, not counters
-        session = Session(session_id, model, model.acquire(state, parameters), steps, owner)
-        self._sessions[session_id] = session
+        key = session_key(session_id)
+        session = Session(session_id, model, model.acquire(state, parameters), steps, owner, key)
+        self._sessions[key] = session
         if owner is not None:
             self._per_client[owner] += 1
         return session
 
     def peek(self, session_id: str) -> Session | None:
-        """The session if held here, without an owner check or counting as a use (internal lookups)."""
-        return self._sessions.get(session_id)
+        """The caller's session if held here, without counting as a use (internal lookups)."""
+        return self._sessions.get(session_key(session_id))
 
     def get(self, session_id: str) -> Session:
-        session = self._sessions.get(session_id)
-        principal = current_principal()
-        if session is None or (principal is not None and session.owner != principal):
-            # Another principal's session is indistinguishable from an unknown one: same status, same message.
-            ended = self._ended.get(session_id)
-            if ended is not None and (principal is None or ended[2] == principal):
+        key = session_key(session_id)
+        session = self._sessions.get(key)
+        if session is None:
+            # Another principal's session is not under this key: its id answers as one never opened.
+            ended = self._ended.get(key)
+            if ended is not None:
                 raise SessionEnded(f"session '{session_id}' has ended: {ended[1]}")
             raise SessionNotFound(session_id)
         session.last_used = time.monotonic()
-        self._sessions.move_to_end(session_id)
+        self._sessions.move_to_end(key)
         return session
 
     def close(self, session_id: str) -> None:
-        session = self._sessions.get(session_id)
-        principal = current_principal()
-        if session is None or (principal is not None and session.owner != principal):
-            ended = self._ended.get(session_id)
-            if ended is not None and (principal is None or ended[2] == principal):
-                del self._ended[session_id]
+        key = session_key(session_id)
+        session = self._sessions.pop(key, None)
+        if session is None:
+            if self._ended.pop(key, None) is not None:
                 return  # the client acknowledges a session the server ended: nothing left to free
             raise SessionNotFound(session_id)
-        del self._sessions[session_id]
         self._end(session, "client")
 
     def drop(self, session: Session) -> None:
         """Forget a session another replica took over (server/durability.py): its state lives on there and in
         the session store; only this server's stale copy goes."""
-        if self._sessions.get(session.id) is session:
-            del self._sessions[session.id]
+        if self._sessions.get(session.key) is session:
+            del self._sessions[session.key]
             self._end(session, "moved")
 
     def _end(self, session: Session, why: str) -> None:
@@ -185,7 +210,7 @@ class SessionManager:
             if session.pending:
                 # Busy sessions are not idle: their steps keep them alive.
                 session.last_used = time.monotonic()
-                self._sessions[session.id] = session
+                self._sessions[session.key] = session
                 continue
             self._end(session, "expired")
             self.evictions[(session.model.name, session.model.version, "expired")] += 1
@@ -196,7 +221,7 @@ class SessionManager:
     def close_model_sessions(self, model: LoadedModel) -> int:
         doomed = [s for s in self._sessions.values() if s.model is model]
         for s in doomed:
-            del self._sessions[s.id]
+            del self._sessions[s.key]
             self._end(s, "unloaded")
         return len(doomed)
 
@@ -206,8 +231,8 @@ class SessionManager:
         doomed = [s for s in self._sessions.values() if s.model is model]
         now = time.monotonic()
         for s in doomed:
-            del self._sessions[s.id]
-            self._ended[s.id] = (now, reason, s.owner)
+            del self._sessions[s.key]
+            self._ended[s.key] = (now, reason)
             self._end(s, "unloaded")
             self.evictions[(model.name, model.version, "forced")] += 1
         return len(doomed)

@@ -166,8 +166,8 @@ def record(sid: str = "s1", steps: int = 3) -> SessionRecord:
 
 # ---- the store backends ---------------------------------------------------------------------------------------
 def same_record(got: SessionRecord, want: SessionRecord) -> None:
-    assert (got.session_id, got.model, got.version, got.steps, got.owner, got.extra) == (
-        want.session_id, want.model, want.version, want.steps, want.owner, want.extra,
+    assert (got.key, got.model, got.version, got.steps, got.owner, got.extra) == (
+        want.key, want.model, want.version, want.steps, want.owner, want.extra,
     )  # fmt: skip
     assert got.state.keys() == want.state.keys()
     assert all(np.array_equal(got.state[k], v) and got.state[k].dtype == v.dtype for k, v in want.state.items())

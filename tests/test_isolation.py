@@ -1,6 +1,6 @@
 """One client's requests never change another's: KServe sequences per principal, refused STARTs, per-client
 session limits on every API, sessions with different free dimensions batching side by side, snapshots that
-restore only into their own model, a metrics port that stays on this host, and ids that reveal nothing."""
+restore only into their own model, a metrics port that stays on this host, and session ids per principal."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ import pytest
 from conftest import TINY_INPUT, ServerHandle, build_tiny_repository, tiny_expected
 
 from rnnserve.client import Client, RnnServeError
+from rnnserve.proto import rnnserve_pb2 as pb
+from rnnserve.proto import rnnserve_pb2_grpc as pb_grpc
+from rnnserve.tensors import from_proto, to_proto
 
 tritonclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -317,36 +320,154 @@ def redis_url() -> Iterator[str]:
     store.stop()
 
 
-def test_a_proposed_id_gets_one_answer_whoever_holds_it_and_wherever(
-    redis_url, server_factory, tiny_repository, tokens_file
+class Principal:
+    """Raw native calls with one principal's token: what the server answers, without the SDK's retries."""
+
+    def __init__(self, address: str, token: str):
+        self.channel = grpc.insecure_channel(address)
+        self.stub = pb_grpc.RnnServeStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),)
+
+    def call(self, method: str, request):
+        return getattr(self.stub, method)(request, metadata=self.metadata, timeout=10)
+
+    def refused(self, method: str, request) -> tuple[grpc.StatusCode, str]:
+        with pytest.raises(grpc.RpcError) as info:
+            self.call(method, request)
+        return info.value.code(), info.value.details()
+
+    def open(self, sid: str) -> str:
+        return self.call("OpenSession", pb.OpenSessionRequest(model="gru", session_id=sid)).session_id
+
+    def step(self, sid: str, x: np.ndarray) -> np.ndarray:
+        response = self.call("Step", pb.StepRequest(session_id=sid, inputs={"x": to_proto(x)}))
+        assert response.session_id == sid
+        return from_proto(response.outputs["y"])
+
+    def stream_step(self, sid: str, x: np.ndarray, *, batch: bool) -> np.ndarray:
+        """One step on a StreamStep: as a one-row StepBatch, or in the list form."""
+        if batch:
+            message = pb.StreamStepRequest(batch=pb.StepBatch(session_ids=[sid], inputs={"x": to_proto(x[None])}))
+        else:
+            message = pb.StreamStepRequest(steps=[pb.StepRequest(session_id=sid, inputs={"x": to_proto(x)})])
+        (response,) = self.stub.StreamStep(iter([message]), metadata=self.metadata, timeout=10)
+        if batch:
+            assert list(response.batch.session_ids) == [sid] and list(response.batch.codes) == [0]
+            return from_proto(response.batch.outputs["y"])[0]
+        (result,) = response.results
+        assert result.session_id == sid and result.code == 0, result.message
+        return from_proto(result.outputs["y"])
+
+    def state(self, sid: str) -> pb.SessionState:
+        return self.call("GetState", pb.SessionRequest(session_id=sid))
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+SID = "a-guessable-session-id-0001"
+TAKEN = (grpc.StatusCode.ALREADY_EXISTS, f"session id '{SID}' is not available: choose another id")
+
+
+def test_an_id_another_principal_holds_opens_the_callers_own_session(
+    server_factory, tiny_repository, tokens_file
 ) -> None:
-    from rnnserve.proto import rnnserve_pb2 as pb
-    from rnnserve.proto import rnnserve_pb2_grpc as pb_grpc
+    server = server_factory(tiny_repository, auth_tokens=tokens_file)
+    alice, bob = Principal(server.address, ALICE), Principal(server.address, BOB)
+    xa, xb = _xs(11, 5), _xs(12, 4)
+    try:
+        assert alice.open(SID) == SID
+        ya = [alice.step(SID, xa[0])]
+        # bob learned alice's id: proposing it opens bob's own session, exactly as if alice's were not there.
+        assert bob.open(SID) == SID
+        yb = [bob.step(SID, xb[0])]
+        for t in (1, 2, 3):  # interleaved, over Step, a StreamStep list and a StreamStep StepBatch
+            if t == 1:
+                ya.append(alice.step(SID, xa[t]))
+                yb.append(bob.step(SID, xb[t]))
+            else:
+                ya.append(alice.stream_step(SID, xa[t], batch=t == 3))
+                yb.append(bob.stream_step(SID, xb[t], batch=t == 3))
+        for who, xs in ((alice, xa[:4]), (bob, xb)):
+            view = who.state(SID)
+            assert (view.session_id, view.steps) == (SID, 4)
+            np.testing.assert_allclose(from_proto(view.state["h"])[0], tiny_expected(xs)[1], **TOL)
+        # Each one's own live id is taken, for that one only; reading it works (the SDK's adopt of its own id).
+        request = pb.OpenSessionRequest(model="gru", session_id=SID)
+        assert alice.refused("OpenSession", request) == TAKEN and bob.refused("OpenSession", request) == TAKEN
+        bob.call("CloseSession", pb.SessionRequest(session_id=SID))
+        ya.append(alice.step(SID, xa[4]))  # bob's close ended bob's session only
+        # Now bob holds no session of that id: alice's answers exactly as one that never existed.
+        never = "never-opened-session-id-0001"
+        for method, make in (
+            ("Step", lambda sid: pb.StepRequest(session_id=sid, inputs={"x": to_proto(xb[0])})),
+            ("GetState", lambda sid: pb.SessionRequest(session_id=sid)),
+            ("CloseSession", lambda sid: pb.SessionRequest(session_id=sid)),
+        ):
+            code, message = bob.refused(method, make(SID))
+            assert (code, message.replace(SID, never)) == bob.refused(method, make(never))
+            assert code == grpc.StatusCode.NOT_FOUND
+        assert alice.state(SID).steps == 5
+    finally:
+        alice.close()
+        bob.close()
+    np.testing.assert_allclose(np.stack(ya), tiny_expected(xa)[0], **TOL)
+    np.testing.assert_allclose(np.stack(yb), tiny_expected(xb)[0], **TOL)
+
+
+def test_one_id_of_two_principals_is_two_sessions_in_the_session_store(redis_url, tiny_repository, tokens_file) -> None:
+    from rnnserve.server.store import open_store
 
     settings = {"auth_tokens": tokens_file, "session_store": redis_url, "durability": "every-step"}
-    here, there = server_factory(tiny_repository, **settings), server_factory(tiny_repository, **settings)
-    sid = "a-guessable-session-id-0001"
+    xa, xb = _xs(21, 3), _xs(22, 3)
+    running: list[ServerHandle] = []  # stopped by the test itself: the restart is part of it
 
-    def open_as(server: ServerHandle, token: str) -> tuple[grpc.StatusCode, str]:
-        with grpc.insecure_channel(server.address) as channel:
-            try:
-                pb_grpc.RnnServeStub(channel).OpenSession(
-                    pb.OpenSessionRequest(model="gru", session_id=sid),
-                    metadata=(("authorization", f"Bearer {token}"),),
-                    timeout=10,
-                )
-            except grpc.RpcError as exc:
-                return exc.code(), exc.details()
-        return grpc.StatusCode.OK, ""
+    def start() -> ServerHandle:
+        running.append(ServerHandle(tiny_repository, **settings))
+        return running[-1]
 
-    assert open_as(here, ALICE) == (grpc.StatusCode.OK, "")
-    # alice's own retry (the SDK's lost-answer case), bob here, bob at a replica only the store tells: one
-    # answer, which says neither who holds the id nor where.
-    answers = {open_as(here, ALICE), open_as(here, BOB), open_as(there, BOB), open_as(there, ALICE)}
-    assert answers == {(grpc.StatusCode.ALREADY_EXISTS, f"session id '{sid}' is not available: choose another id")}
-    # The SDK adopts its own id after ALREADY_EXISTS by reading it: alice can, bob cannot.
-    with Client(here.address, token=ALICE, timeout=10) as alice, Client(here.address, token=BOB) as bob:
-        assert alice._call(alice._stub.GetState, pb.SessionRequest(session_id=sid)).steps == 0
-        with pytest.raises(RnnServeError) as info:
-            bob._call(bob._stub.GetState, pb.SessionRequest(session_id=sid))
-        assert info.value.code == grpc.StatusCode.NOT_FOUND
+    def stop(server: ServerHandle) -> None:
+        running.remove(server)
+        server.stop()
+
+    try:
+        here, there = start(), start()
+        alice, bob = Principal(here.address, ALICE), Principal(there.address, BOB)
+        assert alice.open(SID) == SID
+        ya = [alice.step(SID, xa[0])]
+        # Another replica, which knows alice's session only through the store: bob's own session all the same.
+        assert bob.open(SID) == SID
+        yb = [bob.step(SID, xb[0])]
+        alice.close()
+        bob.close()
+        # Each moves to the replica holding the other one's session of that id, and finds its own in the store.
+        alice, bob = Principal(there.address, ALICE), Principal(here.address, BOB)
+        ya.append(alice.step(SID, xa[1]))
+        yb.append(bob.step(SID, xb[1]))
+        alice.close()
+        bob.close()
+        store = open_store(redis_url, ttl=60)
+        try:
+            assert len(store.keys()) == 2
+        finally:
+            store.close()
+        stop(here)
+        stop(there)
+        # A restart: each principal's session comes back apart from the other's, with its owner.
+        fresh = start()
+        alice, bob = Principal(fresh.address, ALICE), Principal(fresh.address, BOB)
+        try:
+            # bob's own id, held only by the store: still taken for bob.
+            assert bob.refused("OpenSession", pb.OpenSessionRequest(model="gru", session_id=SID)) == TAKEN
+            ya.append(alice.step(SID, xa[2]))
+            yb.append(bob.step(SID, xb[2]))
+            assert sorted((s.id, s.owner) for s in fresh.server.sessions) == [(SID, "alice"), (SID, "bob")]
+            assert (alice.state(SID).steps, bob.state(SID).steps) == (3, 3)
+        finally:
+            alice.close()
+            bob.close()
+    finally:
+        for server in list(running):
+            stop(server)
+    np.testing.assert_allclose(np.stack(ya), tiny_expected(xa)[0], **TOL)
+    np.testing.assert_allclose(np.stack(yb), tiny_expected(xb)[0], **TOL)

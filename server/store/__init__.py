@@ -1,12 +1,18 @@
 """The session store: where sessions' state lives beyond one server process (``--session-store``).
 
-A :class:`SessionStore` maps a session id to a :class:`SessionRecord`: the session's model, version, step
+A :class:`SessionStore` maps a session's key to a :class:`SessionRecord`: the session's model, version, step
 count, state and per-session parameters, its owner (the principal that opened it) and its exactly-once
 replay cache. Two backends: :class:`~rnnserve.server.store.memory.MemoryStore` (embedded, the default; it
 lives and dies with the process) and :class:`~rnnserve.server.store.redis.RedisStore` (a Redis server;
 sessions survive a crash or restart of rnnserve), which keeps each record as byte fields (``encode_record``:
 the body is a snapshot, server/snapshot.py). Methods block: the server calls them off the event loop (see
 server/durability.py), except an ``inline`` store's, which never wait on I/O.
+
+A key is ``sessions.session_key``: the session id itself without authentication; with it, the id within its
+principal's namespace, so two principals' sessions of one id are two records, and a restarted server or another
+replica finds each under its own principal. (A server with authentication on therefore does not look up a
+record under a plain id, as a server that kept every session under its plain id wrote them: such sessions are
+not restored there and expire with their TTL.)
 
 Records are written with a time to live equal to the session TTL, so the store forgets abandoned sessions
 the way the server does.
@@ -52,7 +58,8 @@ class Unsure(int):
 
 @dataclass
 class SessionRecord:
-    session_id: str
+    key: str
+    """Where the store keeps it: ``sessions.session_key`` of the session (the client's id, ``session_id_of``)."""
     model: str
     version: int
     steps: int
@@ -98,26 +105,26 @@ class SessionStore(ABC):
         record's new revision, 0 where its condition failed and nothing was written for it."""
 
     @abstractmethod
-    def get_many(self, session_ids: Sequence[str]) -> list[SessionRecord | None]:
-        """The records of ``session_ids`` in order; None where there is none (or it expired)."""
+    def get_many(self, keys: Sequence[str]) -> list[SessionRecord | None]:
+        """The records of these keys in order; None where there is none (or it expired)."""
 
     @abstractmethod
-    def delete_many(self, session_ids: Sequence[str], expect: Expect = None, writer: str = "") -> None:
+    def delete_many(self, keys: Sequence[str], expect: Expect = None, writer: str = "") -> None:
         """Forget these sessions (missing ones are fine); with ``expect``, only those whose condition holds."""
 
     @abstractmethod
     def keys(self) -> list[str]:
-        """The session ids held (for tests and tools: it walks the whole store)."""
+        """The keys held (for tests and tools: it walks the whole store)."""
 
-    def revisions(self, session_ids: Sequence[str]) -> list[int]:
+    def revisions(self, keys: Sequence[str]) -> list[int]:
         """Each session's stored revision (0: none), without reading the records."""
-        return [r.revision if r is not None else 0 for r in self.get_many(session_ids)]
+        return [r.revision if r is not None else 0 for r in self.get_many(keys)]
 
-    def get(self, session_id: str) -> SessionRecord | None:
-        return self.get_many([session_id])[0]
+    def get(self, key: str) -> SessionRecord | None:
+        return self.get_many([key])[0]
 
-    def delete(self, session_id: str) -> None:
-        self.delete_many([session_id])
+    def delete(self, key: str) -> None:
+        self.delete_many([key])
 
     @staticmethod
     def holds(expect: int, writer: str, revision: int, last_writer: str) -> bool:

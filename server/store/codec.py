@@ -14,6 +14,7 @@ import numpy as np
 
 from rnnserve.server import snapshot as snapshots
 from rnnserve.server.errors import Internal, InvalidArgument
+from rnnserve.server.sessions import session_id_of
 from rnnserve.server.store import ReplayEntry, SessionRecord
 
 MAGIC = b"RNR1"
@@ -78,13 +79,14 @@ def _fields(data: bytes) -> dict[str, bytes]:
     return fields
 
 
-def decode_record(session_id: str, data: bytes) -> SessionRecord:
+def decode_record(key: str, data: bytes) -> SessionRecord:
     try:
         fields = _fields(data)
         snap = snapshots.decode(fields.pop(_SNAPSHOT))
         replay = decode_replay(fields.pop(_REPLAY, b""))
     except (ValueError, KeyError, struct.error, InvalidArgument) as exc:
         reason = exc.message if isinstance(exc, InvalidArgument) else f"{type(exc).__name__}: {exc}"
-        raise Internal(f"session '{session_id}' in the session store is corrupt: {reason}") from exc
+        # Named by the client's id: the key may hold the principal, which no message shows.
+        raise Internal(f"session '{session_id_of(key)}' in the session store is corrupt: {reason}") from exc
     owner = fields.pop(_OWNER, b"").decode()
-    return SessionRecord(session_id, snap.model, snap.version, snap.steps, snap.state, owner, replay, fields)
+    return SessionRecord(key, snap.model, snap.version, snap.steps, snap.state, owner, replay, fields)

@@ -18,14 +18,14 @@ class MemoryStore(SessionStore):
 
     def __init__(self, ttl: float):
         super().__init__(ttl)
-        # id -> (expires at, writer, record); the record's revision is the stored one.
+        # key -> (expires at, writer, record); the record's revision is the stored one.
         self._records: dict[str, tuple[float, str, SessionRecord]] = {}
         # Batch worker threads write while the event loop reads and deletes.
         self._lock = threading.Lock()
         self._next_sweep = time.monotonic() + ttl
 
-    def _current(self, session_id: str, now: float) -> tuple[int, str]:
-        item = self._records.get(session_id)
+    def _current(self, key: str, now: float) -> tuple[int, str]:
+        item = self._records.get(key)
         if item is None or item[0] <= now:
             return 0, ""
         return item[2].revision, item[1]
@@ -35,14 +35,14 @@ class MemoryStore(SessionStore):
         written = []
         with self._lock:
             for i, record in enumerate(records):
-                revision, last = self._current(record.session_id, now)
+                revision, last = self._current(record.key, now)
                 known = expect[i] if expect is not None else None
                 if known is not None and not self.holds(known, writer, revision, last):
                     written.append(0)
                     continue
                 # A copy: the caller keeps its record object; the stored one carries the stored revision.
                 stored = dataclasses.replace(record, revision=self.next_revision(revision, known))
-                self._records[record.session_id] = (now + self.ttl, writer, stored)
+                self._records[record.key] = (now + self.ttl, writer, stored)
                 written.append(stored.revision)
             if now >= self._next_sweep:
                 # Expired records are dropped as they are read; this catches those nobody reads again.
@@ -51,21 +51,21 @@ class MemoryStore(SessionStore):
         return written
 
     def _sweep(self, now: float) -> None:
-        for sid in [sid for sid, (expires, _, _) in self._records.items() if expires <= now]:
-            del self._records[sid]
+        for key in [key for key, (expires, _, _) in self._records.items() if expires <= now]:
+            del self._records[key]
 
-    def get_many(self, session_ids: Sequence[str]) -> list[SessionRecord | None]:
+    def get_many(self, keys: Sequence[str]) -> list[SessionRecord | None]:
         now = time.monotonic()
         with self._lock:
-            found = [self._records.get(sid) for sid in session_ids]
+            found = [self._records.get(key) for key in keys]
         return [item[2] if item is not None and item[0] > now else None for item in found]
 
-    def delete_many(self, session_ids: Sequence[str], expect: Expect = None, writer: str = "") -> None:
+    def delete_many(self, keys: Sequence[str], expect: Expect = None, writer: str = "") -> None:
         now = time.monotonic()
         with self._lock:
-            for i, sid in enumerate(session_ids):
-                if expect is None or self.holds(expect[i], writer, *self._current(sid, now)):
-                    self._records.pop(sid, None)
+            for i, key in enumerate(keys):
+                if expect is None or self.holds(expect[i], writer, *self._current(key, now)):
+                    self._records.pop(key, None)
 
     def keys(self) -> list[str]:
         with self._lock:

@@ -1,5 +1,6 @@
-"""The Redis session store: one hash per session (``rnnserve:session:ID``) with the record's bytes (``b``,
-server/store/codec.py), its revision (``r``) and its last writer (``w``), written with its TTL.
+"""The Redis session store: one hash per session (``rnnserve:session:KEY``, KEY: the record's key) with the
+record's bytes (``b``, server/store/codec.py), its revision (``r``) and its last writer (``w``), written with
+its TTL.
 
 Conditional writes and deletes (server/store/__init__.py) are Lua scripts, so the test of the stored revision
 and the write are one atomic step in Redis, and a batch of records is still one round trip. Reads are one
@@ -125,49 +126,49 @@ class RedisStore(SessionStore):
         if not records:
             return []
         mode, expected = _expected(expect, len(records))
-        keys = [PREFIX + r.session_id for r in records]
+        keys = [PREFIX + r.key for r in records]
         args: list[bytes | str | int] = [self._ttl_ms, writer, mode]
         for e, r in zip(expected, records, strict=True):
             args += [e, encode_record(r)]
         revisions = self._call(f"writing {len(records)} session(s)", lambda: self._put(keys=keys, args=args))
         return [int(r) for r in revisions]
 
-    def get_many(self, session_ids: Sequence[str]) -> list[SessionRecord | None]:
-        if not session_ids:
+    def get_many(self, keys: Sequence[str]) -> list[SessionRecord | None]:
+        if not keys:
             return []
 
         def get() -> list:
             pipe = self._client.pipeline(transaction=False)
-            for sid in session_ids:
-                pipe.hmget(PREFIX + sid, "r", "b")
+            for key in keys:
+                pipe.hmget(PREFIX + key, "r", "b")
             return pipe.execute()
 
-        found = self._call(f"reading {len(session_ids)} session(s)", get)
+        found = self._call(f"reading {len(keys)} session(s)", get)
         records: list[SessionRecord | None] = []
-        for sid, (revision, body) in zip(session_ids, found, strict=True):
+        for key, (revision, body) in zip(keys, found, strict=True):
             if not body:
                 records.append(None)
                 continue
-            record = decode_record(sid, body)
+            record = decode_record(key, body)
             record.revision = int(revision or 0)
             records.append(record)
         return records
 
-    def revisions(self, session_ids: Sequence[str]) -> list[int]:
+    def revisions(self, keys: Sequence[str]) -> list[int]:
         def get() -> list:
             pipe = self._client.pipeline(transaction=False)
-            for sid in session_ids:
-                pipe.hget(PREFIX + sid, "r")
+            for key in keys:
+                pipe.hget(PREFIX + key, "r")
             return pipe.execute()
 
-        return [int(r or 0) for r in self._call("reading revisions", get)] if session_ids else []
+        return [int(r or 0) for r in self._call("reading revisions", get)] if keys else []
 
-    def delete_many(self, session_ids: Sequence[str], expect: Expect = None, writer: str = "") -> None:
-        if not session_ids:
+    def delete_many(self, keys: Sequence[str], expect: Expect = None, writer: str = "") -> None:
+        if not keys:
             return
-        mode, expected = _expected(expect, len(session_ids))
-        keys = [PREFIX + sid for sid in session_ids]
-        self._call("deleting sessions", lambda: self._delete(keys=keys, args=[writer, mode, *expected]))
+        mode, expected = _expected(expect, len(keys))
+        names = [PREFIX + key for key in keys]
+        self._call("deleting sessions", lambda: self._delete(keys=names, args=[writer, mode, *expected]))
 
     def keys(self) -> list[str]:
         def scan() -> list[str]:
