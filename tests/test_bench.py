@@ -392,6 +392,10 @@ def test_markdown_report() -> None:
     assert "(15,000)" in floor64 and "INVALID: load CPUs saturated in 3 of 3 runs" in floor64
     assert "- **FAIL** 16 session(s) >= 2x Triton's steps/s: 1.85x" in text
     assert "- idle: 100,000 open sessions: 5,400 bytes/session (5,300-5,500)" in text
+    quick = _with_report_fields(_result(peer=True))
+    quick["targets_note"] = cli.targets_note(quick=True, repository=None)
+    text = _finished(quick, markdown=True, check_targets=False)[1]
+    assert text.splitlines()[-1] == f"- targets not evaluated: {quick['targets_note']}"
 
 
 def _scale_row(label: str, processes: int, gateway: bool, steps_per_s: float) -> dict:

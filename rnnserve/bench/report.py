@@ -405,10 +405,11 @@ def header(result: dict[str, Any]) -> list[str]:
     ]
 
 
-def _target_lines(result: dict[str, Any]) -> list[str]:
+def _target_lines(result: dict[str, Any], markdown: bool = False) -> list[str]:
     if result.get("targets_note"):
         return [f"targets not evaluated: {result['targets_note']}"]
-    return [f"{t['status']}  {t['target']}: {t['detail']}" for t in result.get("targets") or []]
+    status = "**{}**" if markdown else "{} "
+    return [f"{status.format(t['status'])} {t['target']}: {t['detail']}" for t in result.get("targets") or []]
 
 
 def _footer(result: dict[str, Any]) -> list[str]:
@@ -435,7 +436,7 @@ def markdown_report(result: dict[str, Any]) -> str:
         lines += [*_markdown(LOAD_COLUMNS, rows), ""]
     idle = idle_line(result)
     lines += [f"- {idle}"] if idle else []
-    lines += [f"- **{line.split('  ', 1)[0]}** {line.split('  ', 1)[-1]}" for line in _target_lines(result)]
+    lines += [f"- {line}" for line in _target_lines(result, markdown=True)]
     lines += [f"- {line}" for line in _footer(result)]
     return "\n".join(lines)
 
