@@ -14,9 +14,10 @@ Every server error, whether a failed call or a failed step inside a stream, rais
 """
 
 from rnnserve.client._aio import AsyncClient, AsyncMultiStream, AsyncSession
-from rnnserve.client._base import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_WINDOW
+from rnnserve.client._channel import DEFAULT_MAX_MESSAGE_BYTES
 from rnnserve.client._errors import RnnServeError
 from rnnserve.client._predict import PredictResult
+from rnnserve.client._stream import DEFAULT_WINDOW
 from rnnserve.client._sync import Client, MultiStream, Session
 from rnnserve.client._types import BatchResult, ModelInfo, ModelStats, StateSpec, Stats, TensorSpec, UnloadResult
 

@@ -20,6 +20,8 @@ from rnnserve.tensors import PB_TO_DTYPE, decode_map, encode_map
 Inputs: TypeAlias = ArrayLike | Mapping[str, ArrayLike]
 # What a step returns: an array when the result has exactly one output, else named arrays.
 Outputs: TypeAlias = np.ndarray | dict[str, np.ndarray]
+# Named arrays given by the caller: a state, session parameters.
+Arrays: TypeAlias = Mapping[str, ArrayLike]
 # Several consecutive timesteps: stacked (leading time axis) or a sequence of per-step Inputs.
 Chunk: TypeAlias = ArrayLike | Mapping[str, ArrayLike] | Sequence[Inputs]
 
@@ -149,7 +151,8 @@ def _is_step_list(xs: Sequence[Any]) -> bool:
     return isinstance(first, Mapping | np.ndarray)
 
 
-def step_request(
+def fill_step(
+    req: pb.StepRequest,
     session_id: str,
     inputs: Mapping[str, np.ndarray],
     *,
@@ -157,12 +160,15 @@ def step_request(
     outputs: Sequence[str] | None = None,
     request_id: str = "",
     step_index: int = 0,
-) -> pb.StepRequest:
-    req = pb.StepRequest(session_id=session_id, num_steps=num_steps, request_id=request_id, step_index=step_index)
+) -> None:
+    """Fill an empty StepRequest: one of its own, or one added to a StreamStepRequest (no copy of the arrays)."""
+    req.session_id = session_id
+    req.num_steps = num_steps
+    req.request_id = request_id
+    req.step_index = step_index
     encode_map(inputs, req.inputs)
     if outputs:
         req.outputs.extend(outputs)
-    return req
 
 
 def state_map(

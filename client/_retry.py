@@ -1,23 +1,24 @@
-"""When and how long the clients wait before retrying a call, and what a resumed stream must resend.
+"""Retry decisions: which failures are retried, how long to wait before each retry, and how many in a row.
 
 Only UNAVAILABLE (no connection, a dropped one, a server restarting, its session store down),
 DEADLINE_EXCEEDED (the call's deadline, or a step whose session-store write was not confirmed: its outcome is
 unknown) and ABORTED (the session moved to another replica behind the gateway, which the retry reaches) are
-retried, as a call's status and as a stream step's (``_base.check_resumable``): every other status is the
+retried, as a call's status and as a stream step's (``_stream.check_resumable``): every other status is the
 server's answer and would be the same again. Steps are safe to resend because each carries
 its session's ``step_index``: the server answers a repeat of an applied step from its replay cache instead of
 stepping twice (README "Exactly-once steps and retries").
+
+Nothing here does I/O: the shells report failures, and sleep for the delays these decisions return.
 """
 
 from __future__ import annotations
 
 import random
-from collections import deque
 from dataclasses import dataclass
 
 import grpc
 
-from rnnserve.proto import rnnserve_pb2 as pb
+from rnnserve.client._errors import RnnServeError, from_rpc_error
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED})
 
@@ -63,27 +64,37 @@ class RetryPolicy:
         return cap / 2 + random.uniform(0, cap / 2)
 
 
-class Unacknowledged:
-    """A stream's steps that were sent (or built to be sent) and not answered yet, oldest first.
+Failure = grpc.RpcError | RnnServeError
+"""How an attempt failed: the call's own status (as grpc raised it), or the server's answer inside it."""
 
-    A resumed stream resends them in order, with their original step indexes; ``acked`` counts the answered
-    ones, so a sender's position in the stream is absolute and survives the deque shrinking.
+
+def failure_status(failure: Failure) -> tuple[grpc.StatusCode | None, RnnServeError]:
+    """The status ``failure`` counts as for retrying, and the error the caller gets when it is not retried."""
+    if isinstance(failure, RnnServeError):
+        return failure.code, failure
+    return retry_code(failure), from_rpc_error(failure)
+
+
+class Attempts:
+    """The consecutive failed attempts of one call, or of one stream's calls, under a policy.
+
+    A stream counts failures since its last answered step: ``retries`` bounds reconnections in a row, not in
+    a stream's lifetime, so a long stream rides out many separate drops.
     """
 
-    def __init__(self) -> None:
-        self.steps: deque[pb.StepRequest] = deque()
-        self.acked = 0
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+        self.failures = 0
 
-    @property
-    def built(self) -> int:
-        return self.acked + len(self.steps)
+    def after(self, failure: Failure, *, allowed: bool = True) -> float:
+        """Seconds to wait before the next attempt after ``failure``; raises the failure as RnnServeError
+        when it is not retried (``allowed=False``: the request may not be resent, whatever the status)."""
+        code, error = failure_status(failure)
+        if not (allowed and self.policy.should_retry(code, self.failures)):
+            raise error from None  # the grpc exception adds nothing the RnnServeError does not say
+        delay = self.policy.delay(self.failures)
+        self.failures += 1
+        return delay
 
-    def at(self, position: int) -> pb.StepRequest:
-        return self.steps[position - self.acked]
-
-    def ack(self) -> pb.StepRequest | None:
-        """The step the next result answers (None when nothing is outstanding: a protocol error)."""
-        if not self.steps:
-            return None
-        self.acked += 1
-        return self.steps.popleft()
+    def succeeded(self) -> None:
+        self.failures = 0
