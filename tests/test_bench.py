@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from rnnserve.bench import cli, perf_analyzer, procs, report
+from rnnserve.bench.measure import BenchConfig
 from rnnserve.bench.model import TINY, build_lstm_repository
 
 # The scale phase (N server processes behind the gateway versus one) needs both; CI installs them.
@@ -85,7 +86,7 @@ def test_bench_quick_end_to_end(tmp_path: Path, perf_analyzer_path: Path) -> Non
     assert "targets not evaluated" in done.stdout and "FAIL" not in done.stdout
     if HAVE_SCALE:
         _check_scale_rows(result, workers=2, sessions=4)
-        assert "scale: 2 workers on 2 CPUs behind the gateway do " in done.stdout
+        assert f"scale: 2 workers on {min(2, len(ALLOWED))} CPUs behind the gateway do " in done.stdout
     else:
         assert result["scale"] == [] and "apt-get install redis-server nginx" in result["skipped"]["scale"]
 
@@ -100,7 +101,9 @@ def _check_scale_rows(result: dict, *, workers: int, sessions: int) -> None:
     direct, one, many = result["scale"]
     assert [(r["processes"], r["gateway"]) for r in (direct, one, many)] == [(1, False), (1, True), (workers, True)]
     assert {r["sessions"] for r in result["scale"]} == {sessions}
-    assert direct["cpus"] == one["cpus"] == SERVER_CPUS and len(many["cpus"]) == workers
+    # N workers on N CPUs where the machine has them (the server CPU first).
+    assert direct["cpus"] == one["cpus"] == SERVER_CPUS and many["cpus"][0] == SERVER_CPUS[0]
+    assert len(many["cpus"]) == min(workers, len(ALLOWED))
     for row in (direct, one, many):
         assert len(row["runs"]) == 3 and "error" not in row
     for row in (one, many):
@@ -432,6 +435,14 @@ def test_scale_ratios() -> None:
     assert report.scale_summary({"skipped": {"scale": "nginx not installed"}}) == [
         "scale: skipped: nginx not installed"
     ]
+
+
+def test_scale_workers_take_spare_cpus_before_the_load_cpus() -> None:
+    settings = {k: v for k, v in cli.DEFAULTS.items() if k != "scale_workers"}
+    cfg = BenchConfig(client_procs=1, server_cpus=[2], load_cpus=[1], available_cpus=[0, 1, 2, 3], **settings)
+    assert cfg.scale_cpus(1) == [2] and cfg.scale_cpus(3) == [2, 0, 3] and cfg.scale_cpus(4) == [2, 0, 3, 1]
+    two = BenchConfig(client_procs=1, server_cpus=[0], load_cpus=[1], available_cpus=[0, 1], **settings)
+    assert two.scale_cpus(2) == [0, 1] and two.scale_cpus(3) == [0, 1]
 
 
 def test_cpu_lists() -> None:

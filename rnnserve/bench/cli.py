@@ -272,7 +272,13 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     settings = _settings(args)
-    cfg = BenchConfig(steps=args.steps, server_args=list(args.server_arg), peer=args.peer, **settings)
+    cfg = BenchConfig(
+        steps=args.steps,
+        server_args=list(args.server_arg),
+        peer=args.peer,
+        available_cpus=sorted(os.sched_getaffinity(0)),
+        **settings,
+    )
     if args.quick:
         # Smoke-test windows are short: any steady figure will do, a flaky stability check would fail CI.
         cfg.pa_max_trials, cfg.pa_stability = 10, 100

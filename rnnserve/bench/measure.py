@@ -59,6 +59,7 @@ class BenchConfig:
     scale_sessions: int = 256
     scale_workers: int = 2
     peer: str | None = None
+    available_cpus: list[int] = field(default_factory=list)  # this process's CPUs before the bench pinned it
 
     def steps_for(self, sessions: int, factor: int = 1) -> int:
         """Timesteps per session of one run with ``sessions``: about ``step_budget * factor`` steps in all."""
@@ -80,7 +81,7 @@ class BenchConfig:
     def scale_cpus(self, workers: int) -> list[int]:
         """CPUs for ``workers`` server processes: the server CPUs first, then CPUs no load runs on, then (on a
         machine without enough of those) the load CPUs."""
-        rest = sorted(os.sched_getaffinity(0) | set(self.server_cpus) | set(self.load_cpus))
+        rest = sorted(set(self.available_cpus) | set(self.server_cpus) | set(self.load_cpus))
         order = [*self.server_cpus, *(c for c in rest if c not in self.load_cpus), *self.load_cpus]
         return list(dict.fromkeys(order))[:workers]
 
@@ -518,6 +519,8 @@ class Bench:
             rows = []
             for (meta, _, _), found in zip(deployments, runs, strict=True):
                 base = {"phase": "scale", "system": "rnnserve", "load": "rnnserve load", "sessions": n}
+                # A machine without enough spare CPUs puts workers next to the load: the row says so.
+                base["shares_load_cpus"] = bool(set(meta["cpus"]) & set(cfg.load_cpus))
                 row = report.summarize({**base, **meta}, found)
                 row["session_store"] = "redis, durability every-step"
                 rows.append(row)

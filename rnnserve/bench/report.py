@@ -338,7 +338,8 @@ def _note(row: Row) -> str:
     if row["phase"] == "scale":
         from rnnserve.bench.procs import cpu_list
 
-        notes.append(f"server CPUs {cpu_list(row['cpus'])}")
+        shared = " (shared with the load)" if row.get("shares_load_cpus") else ""
+        notes.append(f"server CPUs {cpu_list(row['cpus'])}{shared}")
         if "ratio" in row:
             notes.append(f"{row['ratio']:.2f}x {row['ratio_to']}")
         if "ratio_direct" in row:
