@@ -20,7 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "load": ("rnnserve.client.cli_load", "load or reload a model's version(s) on a running server"),
     "unload": ("rnnserve.client.cli_unload", "unload a model's version(s) from a running server"),
     "gateway": ("rnnserve.gateway", "run nginx as a session-affinity gateway in front of rnnserve replicas"),
-    "bench": ("rnnserve.bench.cli", "measure rnnserve against ceilings measured in the same run"),
+    "bench": ("rnnserve.bench.cli", "measure rnnserve against a floor (and Triton) on pinned CPUs"),
 }
 
 
