@@ -7,7 +7,7 @@ protobuf message, before tensors are decoded, so an oversized request costs no m
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,10 +52,13 @@ class Limits:
 
     # ---- tensors ----------------------------------------------------------------------------------------
     def check_tensor(self, msg: pb.Tensor, name: str) -> None:
-        count = element_count(msg.shape, name)
+        self.check_elements(name, msg.shape, element_count(msg.shape, name))
+
+    def check_elements(self, name: str, shape: Sequence[int], count: int) -> None:
+        """Refuse a tensor of either API whose claimed shape holds more than --max-tensor-elements elements."""
         if count > self.max_tensor_elements:
             raise ResourceExhausted(
-                f"tensor '{echo(name)}' has shape {list(msg.shape)} ({count} elements); the limit is "
+                f"tensor '{echo(name)}' has shape {list(shape)[:8]} ({count} elements); the limit is "
                 f"{self.max_tensor_elements} elements per tensor (--max-tensor-elements)"
             )
 

@@ -70,6 +70,28 @@ def test_tensor_elements_limit(server_factory, tiny_repository, channel_to):
     assert steps_of(stub, sid) == 3  # the refused step changed nothing
 
 
+def test_tensor_elements_limit_on_kserve(server_factory, tiny_repository):
+    server = server_factory(tiny_repository, max_tensor_elements=3 * TINY_INPUT)
+    infer = "/inference.GRPCInferenceService/ModelInfer"
+
+    def request(rows: int, sequence_id: int = 0) -> bytes:
+        data = np.ones((rows, TINY_INPUT), np.float32)
+        tensor = kpb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=list(data.shape))
+        message = kpb.ModelInferRequest(model_name="gru", inputs=[tensor], raw_input_contents=[data.tobytes()])
+        if sequence_id:
+            message.parameters["sequence_id"].int64_param = sequence_id
+            message.parameters["sequence_start"].bool_param = True
+        return message.SerializeToString()
+
+    with grpc.insecure_channel(server.address) as channel:
+        call = channel.unary_unary(infer, response_deserializer=kpb.ModelInferResponse.FromString)
+        assert len(call(request(3)).outputs) == 1  # exactly at the limit
+        for message in (request(4), request(4, sequence_id=7)):
+            err = refused(call, message)
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "--max-tensor-elements" in err.details() and "'x'" in err.details()
+
+
 def test_message_over_max_message_bytes_names_the_flag(server_factory, tiny_repository, channel_to):
     # The default limit, 16 MiB, and a real 17 MiB request on each API: refused naming the flag and the limit
     # (grpc's own refusal, "Received message larger than max", names neither), and nothing changes.

@@ -218,7 +218,7 @@ class KServeServicer:
         step = self._decoder(model).decode(request) if flags.id is not None else None
         wanted = _wanted(model, request)
         if step is None:
-            inputs = decode_inputs(request)
+            inputs = decode_inputs(request, self.dp.limits)
             _check_inputs(model, inputs, sequence=flags.id is not None)
             if flags.id is None:
                 return asyncio.ensure_future(self._stateless(request, model, inputs, wanted, stream))

@@ -12,6 +12,7 @@ import numpy as np
 from rnnserve.proto import kserve_grpc_service_pb2 as kpb
 from rnnserve.proto import kserve_model_config_pb2 as kcfg
 from rnnserve.server.errors import InvalidArgument, echo
+from rnnserve.server.limits import Limits
 from rnnserve.tensors import element_count
 
 if TYPE_CHECKING:
@@ -47,8 +48,9 @@ _CONTENTS_FIELD: dict[str, str] = {
 }
 
 
-def decode_inputs(request: kpb.ModelInferRequest) -> dict[str, np.ndarray]:
-    """The request's input tensors, with the shapes the client gave (leading batch dimension included)."""
+def decode_inputs(request: kpb.ModelInferRequest, limits: Limits) -> dict[str, np.ndarray]:
+    """The request's input tensors, with the shapes the client gave (leading batch dimension included), each
+    within ``limits``' element count."""
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidArgument(
@@ -59,11 +61,11 @@ def decode_inputs(request: kpb.ModelInferRequest) -> dict[str, np.ndarray]:
     for i, tensor in enumerate(request.inputs):
         if tensor.name in arrays:
             raise InvalidArgument(f"input '{echo(tensor.name)}' is given twice")
-        arrays[tensor.name] = _decode(tensor, raw[i] if raw else None)
+        arrays[tensor.name] = _decode(tensor, raw[i] if raw else None, limits)
     return arrays
 
 
-def _decode(tensor: kpb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.ndarray:
+def _decode(tensor: kpb.ModelInferRequest.InferInputTensor, raw: bytes | None, limits: Limits) -> np.ndarray:
     label = f"input '{echo(tensor.name)}'"
     dtype = NUMPY_DTYPES.get(tensor.datatype)
     if dtype is None:
@@ -72,6 +74,7 @@ def _decode(tensor: kpb.ModelInferRequest.InferInputTensor, raw: bytes | None) -
         )
     shape = tuple(tensor.shape)
     count = element_count(shape, tensor.name, dtype.itemsize, kind="input")
+    limits.check_elements(tensor.name, shape, count)
     if raw is not None:
         if len(raw) != count * dtype.itemsize:
             raise InvalidArgument(
