@@ -9,7 +9,7 @@ perform the actions the plans yield.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, TypeAlias, TypeVar
 
 import grpc
@@ -102,7 +102,7 @@ class ClientProtocol(Generic[_S]):
 
     def _rpc(
         self,
-        method: str | Any,
+        method: str | Callable[..., Any],
         request: Any,
         timeout: float | None = DEFAULT,
         *,
@@ -208,9 +208,11 @@ class ClientProtocol(Generic[_S]):
         req = pb.OpenSessionRequest(model=model, version=version or 0)
         if initial_state or parameters:
             # Cast to the declared dtypes, which needs the model's signature first.
-            info = yield from self._rpc("GetModel", pb.GetModelRequest(name=model, version=version or 0))
-            _convert.state_map(initial_state, _convert.model_info(info), req.initial_state)
-            _convert.state_map(parameters, _convert.model_info(info), req.parameters, parameters=True)
+            info = _convert.model_info(
+                (yield from self._rpc("GetModel", pb.GetModelRequest(name=model, version=version or 0)))
+            )
+            _convert.state_map(initial_state, info, req.initial_state)
+            _convert.state_map(parameters, info, req.parameters, parameters=True)
         return self._new_session((yield from self._open(req)))
 
     @operation
