@@ -262,8 +262,9 @@ class Bench:
         server = system.server
         with _KServeStats(server.address, system.kserve_model) as stats:
             cpu0, counts0 = _cpu(server.pids()), stats.get()
-            # Its windows until stable, then the last metadata calls: well within a minute past the windows.
-            timeout = cfg.pa_max_trials * cfg.window_ms / 1000 * 3 + 60
+            # Its windows, with the work between them (which grows with the requests it recorded: 1024 sequences
+            # on a busy load CPU took a minute for 1 s windows), then its last calls; past that it is stuck.
+            timeout = cfg.pa_max_trials * cfg.window_ms / 1000 * 10 + 120
             done = procs.run_measured(cmd, cpus=cfg.load_cpus, timeout=timeout, workdir=self.workdir)
             cpu1, counts1 = _cpu(server.pids()), stats.get()
         run: Run = {
