@@ -1,7 +1,7 @@
 """Regenerate the checked-in deployment files that are rendered from code: ``deploy/nginx/nginx.conf``, the
 docker compose gateway's configuration, is ``rnnserve.gateway.render_nginx_config`` for the compose replicas.
 
-tests/test_deploy.py fails when a checked-in file drifts from what this script writes, and checks that
+tests/system/test_deploy.py fails when a checked-in file drifts from what this script writes, and checks that
 docker-compose.yml's replica services and gateway port are the ones named here.
 
 Usage: python scripts/gen_deploy.py [--check] [--root DIR]

@@ -1,6 +1,6 @@
 """Regenerate the checked-in gRPC/protobuf code under proto/ from the .proto sources.
 
-The generated code is committed (so a plain install needs no grpcio-tools); tests/test_protos.py fails when
+The generated code is committed (so a plain install needs no grpcio-tools); tests/system/test_protos.py fails when
 it drifts from the sources. The sources are compiled with ``rnnserve/proto`` as their virtual proto root,
 so generated imports read ``from rnnserve.proto import ...`` and need no patching.
 

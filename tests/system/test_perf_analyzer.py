@@ -276,7 +276,7 @@ def test_empty_final_response_parameter_must_be_a_bool(server: ServerHandle, tri
 def test_server_metadata_lists_what_is_served(triton) -> None:
     extensions = set(triton.get_server_metadata().extensions)
     assert extensions == {"model_repository", "model_configuration", "statistics", "sequence"}
-    # Each one answers: the repository index (its load and unload: tests/test_kserve.py), the model's
+    # Each one answers: the repository index (its load and unload: tests/integration/test_kserve.py), the model's
     # configuration with its sequence batching, statistics, and a sequence step.
     assert {(m.name, m.state) for m in triton.get_model_repository_index().models} == {(MODEL, "READY")}
     assert triton.get_model_config(MODEL).config.HasField("sequence_batching")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_export_support import max_error, rnnserve_cli, run_artifact
+from export_support import max_error, rnnserve_cli, run_artifact
 from torch import nn
 
 from rnnserve.examples import EXAMPLES, SEQUENCE_EXAMPLES
@@ -76,7 +76,7 @@ def test_regressor_state_matches_nn_rnn_final_hidden() -> None:
 
 
 def _check_repository(repo: Path, fmt: str, suffix: str = "") -> None:
-    for name in SEQUENCE_EXAMPLES:  # whole-sequence models: Predict only (tests/test_predict.py runs them)
+    for name in SEQUENCE_EXAMPLES:  # whole-sequence models: Predict only (tests/integration/test_predict.py runs them)
         manifest = ModelManifest.read(repo / f"{name}{suffix}" / "1")
         assert manifest.format == fmt and manifest.kind == "sequence", name
     for name, factory in EXAMPLES.items():

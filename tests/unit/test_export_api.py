@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_export_support import max_error, run_artifact
+from export_support import max_error, run_artifact
 from torch import nn
 
 from rnnserve.export import (

@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-from test_export_support import max_error, run_artifact
+from export_support import max_error, run_artifact
 from torch import nn
 
 from rnnserve.export import ExportError, adapt, export

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
 
 def _block(starts_with: str, lang: str = "python") -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_export_support import max_error, rnnserve_cli, run_artifact
+from export_support import max_error, rnnserve_cli, run_artifact
 
 from rnnserve.cli import main
 from rnnserve.export import ExportError

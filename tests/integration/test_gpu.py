@@ -1,5 +1,5 @@
 """The CUDA path: state slab on the GPU, IOBinding (ONNX) and CUDA tensors (TorchScript). Skipped without a
-CUDA device; run on a GPU machine with `pytest tests/test_gpu.py` (onnxruntime-gpu and a CUDA torch)."""
+CUDA device; run on a GPU machine with `pytest tests/integration/test_gpu.py` (onnxruntime-gpu and a CUDA torch)."""
 
 from __future__ import annotations
 
