@@ -66,7 +66,7 @@ class DataPlane:
         self.sessions = sessions
         self.max_pending_steps = max_pending_steps
         self.replay_window = replay_window  # applied indexed steps kept per session to answer retries
-        self.limits = Limits()  # the server sets its configured limits (server/grpc/server.py)
+        self.limits = Limits()  # the server sets its configured limits (server/transport/server.py)
         self.admin = ModelAdmin(repository, sessions)
         self.predictor = Predictor()
         # Durable sessions (server/durability.py): every model the repository builds writes through it.
@@ -295,7 +295,7 @@ class DataPlane:
 
         ``checked``: the transport already matched the inputs to the model's names, dtypes and per-session
         shapes, in manifest order (the KServe fast path); only the NaN/Inf check is left to run here.
-        ``future``: the future to complete (a stream writer's own wait future, server/grpc/streams.py); the one
+        ``future``: the future to complete (a stream writer's own wait future, server/transport/pump.py); the one
         returned is another when the step is a repeat answered from its earlier result. ``outputs``: the ones
         the response is to carry; an unknown name refuses the step.
 

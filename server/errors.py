@@ -1,4 +1,4 @@
-"""Domain errors. Each carries the gRPC status it maps to (one table: server/grpc/utils.py), so the data
+"""Domain errors. Each carries the gRPC status it maps to (one table: server/transport/status.py), so the data
 plane never imports grpc and the transport never guesses a code."""
 
 from __future__ import annotations

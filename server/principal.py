@@ -1,6 +1,6 @@
 """Who is calling: the authenticated principal of the current RPC, for the data plane (which has no grpc).
 
-The auth interceptor (server/auth.py) sets it for the duration of each call; tasks a handler starts copy it.
+The auth interceptor (server/transport/auth.py) sets it for the duration of each call; tasks a handler starts copy it.
 None means authentication is off: sessions are then not bound to a caller.
 """
 

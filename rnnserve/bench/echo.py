@@ -32,9 +32,9 @@ import rnnserve
 from rnnserve.manifest import ModelManifest
 from rnnserve.proto import kserve_grpc_service_pb2 as kpb
 from rnnserve.proto import rnnserve_pb2 as pb
-from rnnserve.server.grpc import kserve_models
-from rnnserve.server.grpc.kserve import EXTENSIONS
-from rnnserve.server.grpc.kserve_tensors import DATATYPES
+from rnnserve.server.transport.kserve import models as kserve_models
+from rnnserve.server.transport.kserve.servicer import EXTENSIONS
+from rnnserve.server.transport.kserve.tensors import DATATYPES
 from rnnserve.tensors import to_proto
 
 SHAPE_KEY = "x-bench-shape"

@@ -16,7 +16,7 @@ from conftest import TINY_INPUT, ServerHandle, tiny_expected
 from rnnserve.client import Client
 from rnnserve.proto import kserve_grpc_service_pb2 as kpb
 from rnnserve.proto import rnnserve_pb2 as pb
-from rnnserve.server.grpc.utils import MAX_STATUS_MESSAGE_BYTES
+from rnnserve.server.transport.status import MAX_STATUS_MESSAGE_BYTES
 from rnnserve.tensors import from_proto, to_proto
 
 hypothesis = pytest.importorskip("hypothesis")

@@ -17,8 +17,8 @@ from conftest import TINY_INPUT, build_tiny_repository
 
 from rnnserve.client import Client, RnnServeError
 from rnnserve.manifest import ModelManifest
-from rnnserve.server.auth import TokenError, load_tokens, parse_tokens
 from rnnserve.server.repository import ModelRepository
+from rnnserve.server.transport.auth import TokenError, load_tokens, parse_tokens
 
 X = np.ones(TINY_INPUT, np.float32)
 ALICE, BOB, ADMIN = "alice-token-0123456789", "bob-token-0123456789ab", "admin-token-0123456789"
@@ -135,8 +135,8 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(server_factory, ti
 
 
 def test_tls_settings_must_be_complete(tiny_repository, pki):
-    from rnnserve.server.grpc.server import RnnServer
     from rnnserve.server.settings import ServerSettings
+    from rnnserve.server.transport.server import RnnServer
 
     with pytest.raises(ValueError, match="both --tls-cert and --tls-key"):
         RnnServer(ServerSettings(repository=tiny_repository, tls_cert=pki["server_cert"]))
@@ -256,8 +256,8 @@ def test_sessions_per_principal(server_factory, tiny_repository, tokens_file):
 
 
 def test_bad_token_file_stops_the_server(tmp_path, tiny_repository):
-    from rnnserve.server.grpc.server import RnnServer
     from rnnserve.server.settings import ServerSettings
+    from rnnserve.server.transport.server import RnnServer
 
     bad = tmp_path / "tokens"
     bad.write_text("only-one-field-here-0123\n")

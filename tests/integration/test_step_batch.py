@@ -128,7 +128,7 @@ def test_concurrent_batches_split_ready_sessions(server_factory, tiny_repository
 
 
 def test_list_form_messages_keep_per_step_results(stub):
-    """A list-form message of many single steps runs as one columnar group (server/grpc/servicers.py) and
+    """A list-form message of many single steps runs as one columnar group (server/transport/native/) and
     must answer exactly as step by step: per-step codes, request ids, step counts and outputs; a bad step
     fails alone and changes nothing; an unknown session gets NOT_FOUND."""
     n, steps = 16, 3

@@ -1,4 +1,4 @@
-"""AnswerQueue (server/grpc/streams.py): the ordered hand-off between a stream's reader and its writer,
+"""AnswerQueue (server/transport/pump.py): the ordered hand-off between a stream's reader and its writer,
 including the lent waiter that lets a lone step wake the writer once."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from rnnserve.server.grpc.streams import AnswerQueue
+from rnnserve.server.transport.pump import AnswerQueue
 
 
 def run(coro):

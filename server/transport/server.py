@@ -10,17 +10,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from rnnserve.proto import rnnserve_pb2 as pb
-from rnnserve.server.auth import AuthInterceptor, load_tokens
 from rnnserve.server.dataplane import DataPlane
-from rnnserve.server.grpc import kserve
-from rnnserve.server.grpc.servicers import SERVICE_NAME, RnnServeServicer, generic_handler
-from rnnserve.server.grpc.utils import transport_receive_limit
 from rnnserve.server.limits import Limits
 from rnnserve.server.metrics import MetricsServer
 from rnnserve.server.repository import ModelRepository
 from rnnserve.server.sessions import SessionManager
 from rnnserve.server.settings import ServerSettings
-from rnnserve.server.tls import server_credentials
+from rnnserve.server.transport.auth import AuthInterceptor, load_tokens
+from rnnserve.server.transport.kserve import servicer as kserve
+from rnnserve.server.transport.native.servicer import SERVICE_NAME, RnnServeServicer, generic_handler
+from rnnserve.server.transport.status import transport_receive_limit
+from rnnserve.server.transport.tls import server_credentials
 from rnnserve.server.watch import RepositoryWatcher
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class RnnServer:
             ],
         )
         server.add_generic_rpc_handlers((generic_handler(self.servicer),))
-        # The KServe v2 / Triton API on the same port, over the same data plane (server/grpc/kserve.py).
+        # The KServe v2 / Triton API on the same port, over the same data plane (server/transport/kserve/).
         kserve_servicer = kserve.KServeServicer(self.dataplane, max_stream_inflight=self.settings.max_stream_inflight)
         server.add_generic_rpc_handlers((kserve.kserve_handler(kserve_servicer),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -102,7 +102,7 @@ def fill_outputs(target, outputs: Mapping[str, np.ndarray], wanted: list[str]) -
 
 def batch_result(result: pb.StepBatchResult, model: LoadedModel | None, group, n: int, wanted: list[str]) -> None:
     """Fill a StepBatchResult from a finished JobGroup: outputs stacked by row, zeros in failed rows."""
-    from rnnserve.server.grpc.utils import to_status
+    from rnnserve.server.transport.status import to_status
 
     codes = [0] * n
     messages = [""] * n

@@ -13,10 +13,10 @@ from rnnserve.manifest import TensorSpec
 from rnnserve.proto import kserve_grpc_service_pb2 as kpb
 from rnnserve.proto import kserve_model_config_pb2 as kcfg
 from rnnserve.server.batcher import BatchStats
-from rnnserve.server.grpc.kserve_tensors import CONFIG_TYPES, DATATYPES
 from rnnserve.server.model import LoadedModel
 from rnnserve.server.repo_paths import all_version_dirs
 from rnnserve.server.repository import ModelRepository
+from rnnserve.server.transport.kserve.tensors import CONFIG_TYPES, DATATYPES
 
 PLATFORMS: dict[str, tuple[str, str]] = {  # manifest format -> (Triton platform, backend)
     "onnx": ("onnxruntime_onnx", "onnxruntime"),

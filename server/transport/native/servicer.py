@@ -13,12 +13,12 @@ import numpy as np
 from rnnserve.proto import rnnserve_pb2 as pb
 from rnnserve.server.dataplane import DataPlane
 from rnnserve.server.errors import InvalidArgument
-from rnnserve.server.grpc import converters
-from rnnserve.server.grpc.streams import AnswerQueue, observe
-from rnnserve.server.grpc.utils import parse, to_status
 from rnnserve.server.limits import Limits
 from rnnserve.server.model import LoadedModel
 from rnnserve.server.repository import FailedModel
+from rnnserve.server.transport.native import codec as converters
+from rnnserve.server.transport.pump import AnswerQueue, observe
+from rnnserve.server.transport.status import parse, to_status
 
 SERVICE_NAME = "rnnserve.v1.RnnServe"
 

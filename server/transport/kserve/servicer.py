@@ -1,7 +1,7 @@
 """``inference.GRPCInferenceService``: the KServe v2 / Triton gRPC API on rnnserve's data plane.
 
 Served on the native API's port, so ``tritonclient.grpc`` code works unchanged. A request with Triton's
-sequence parameters is one step of a sequence, kept in a native session (see kserve_sequences.py) and
+sequence parameters is one step of a sequence, kept in a native session (see sequences.py) and
 batched with every other session's steps by the model's batcher. A request without them is answered alone,
 from the model's initial state (a one-step Predict), and may carry a batch.
 """
@@ -21,16 +21,16 @@ import rnnserve
 from rnnserve.proto import kserve_grpc_service_pb2 as kpb
 from rnnserve.server.dataplane import DataPlane
 from rnnserve.server.errors import InvalidArgument, NotFound, RnnServeError, echo, echo_names
-from rnnserve.server.grpc import kserve_models as models
-from rnnserve.server.grpc.kserve_sequences import SequenceTable, missing_start, sequence_flags
-from rnnserve.server.grpc.kserve_tensors import DATATYPES, StepInputs, decode_inputs, encode_outputs
-from rnnserve.server.grpc.servicers import _unary
-from rnnserve.server.grpc.streams import AnswerQueue, observe
-from rnnserve.server.grpc.utils import parse, to_status
 from rnnserve.server.model import LoadedModel
 from rnnserve.server.principal import current_principal
 from rnnserve.server.repository import FailedModel
 from rnnserve.server.sessions import Session
+from rnnserve.server.transport.kserve import models
+from rnnserve.server.transport.kserve.sequences import SequenceTable, missing_start, sequence_flags
+from rnnserve.server.transport.kserve.tensors import DATATYPES, StepInputs, decode_inputs, encode_outputs
+from rnnserve.server.transport.native.servicer import _unary
+from rnnserve.server.transport.pump import AnswerQueue, observe
+from rnnserve.server.transport.status import parse, to_status
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "inference.GRPCInferenceService"  # Triton's name: the path every KServe client calls
@@ -207,7 +207,7 @@ class KServeServicer:
         result for its response (a ModelStreamInferResponse with ``stream``). Everything refusable is refused
         here, before anything changes. ``client``: ``client_key``; ``peer``: grpc's ``context.peer()``, which
         a START's new session is counted against (--max-sessions-per-client). ``waiter``: a sequence step
-        completes this future (a stream writer's own, server/grpc/streams.py); a request without a sequence
+        completes this future (a stream writer's own, server/transport/pump.py); a request without a sequence
         leaves it alone."""
         flags = sequence_flags(request)
         _check_empty_final(request)
