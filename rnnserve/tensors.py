@@ -10,8 +10,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from rnnserve.echo import echo
 from rnnserve.proto import rnnserve_pb2 as pb
-from rnnserve.server.errors import echo
 
 # dtype name (numpy spelling, as used in manifests) <-> wire enum
 DTYPE_TO_PB: dict[str, int] = {
