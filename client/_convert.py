@@ -6,7 +6,7 @@ Nothing here does I/O, so both clients build the same requests and read the same
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -134,8 +134,8 @@ def stacked_inputs(xs: Chunk, model: ModelInfo | None) -> tuple[dict[str, np.nda
         if any(step.keys() != names for step in per_step):
             raise ValueError("every timestep of a chunk must name the same inputs")
         arrays = {name: np.stack([step[name] for step in per_step]) for name in names}
-    else:
-        arrays = named_inputs(xs, model)
+    else:  # stacked: one array (a nested list of numbers included) or named arrays
+        arrays = named_inputs(cast(Inputs, xs), model)
     lengths = {arr.shape[0] if arr.ndim else 0 for arr in arrays.values()}
     if len(lengths) != 1 or 0 in lengths:
         raise ValueError(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Generic, TypeAlias, TypeVar
+from typing import Any, Generic, TypeAlias, TypeVar, cast
 
 import grpc
 import numpy as np
@@ -303,7 +303,7 @@ class SessionProtocol:
         if chunk:
             arrays, num_steps = _convert.stacked_inputs(x, self.model)
         else:
-            arrays, num_steps = _convert.named_inputs(x, self.model), 0
+            arrays, num_steps = _convert.named_inputs(cast(_convert.Inputs, x), self.model), 0
         req = pb.StepRequest()
         _convert.fill_step(req, self.id, arrays, num_steps=num_steps, outputs=outputs, step_index=self.steps + 1)
         response = yield from self._rpc("Step", req, timeout)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh), then lint, check the generated gRPC code and the import layers, and run the tests.
-# Arguments go to pytest:  scripts/test.sh -k deploy -x
+# Set up (scripts/setup.sh), then lint, check the generated gRPC code, the import layers and the types, then run
+# the tests. Arguments go to pytest:  scripts/test.sh -k deploy -x
 # RNNSERVE_SYSTEM_DEPS=1 also installs the system packages tests use (see scripts/setup.sh; .ci/run sets it).
 set -euo pipefail
 
@@ -25,6 +25,9 @@ python scripts/gen_protos.py --check
 
 step "python scripts/lint_imports.py (layer contracts: [tool.importlinter] in pyproject.toml)"
 python scripts/lint_imports.py
+
+step "python scripts/typecheck.py (mypy: [tool.mypy] in pyproject.toml)"
+python scripts/typecheck.py
 
 step "pytest $*"
 exec python -m pytest "$@"
