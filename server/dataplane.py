@@ -447,12 +447,6 @@ class DataPlane:
             outputs = dict(zip(names, per_step[0], strict=True))
         return StepResult(outputs, steps)
 
-    async def step(
-        self, session_id: str, inputs: Mapping[str, np.ndarray], num_steps: int = 0, step_index: int = 0
-    ) -> StepResult:
-        model, future = self.submit_step(session_id, inputs, num_steps, step_index)
-        return self.step_result(model, await future, num_steps)
-
     # ---- whole sequences --------------------------------------------------------------------------------
     async def predict(
         self,

@@ -218,13 +218,6 @@ class SessionManager:
         self.expired += count
         return count
 
-    def close_model_sessions(self, model: LoadedModel) -> int:
-        doomed = [s for s in self._sessions.values() if s.model is model]
-        for s in doomed:
-            del self._sessions[s.key]
-            self._end(s, "unloaded")
-        return len(doomed)
-
     def end_model_sessions(self, model: LoadedModel, reason: str) -> int:
         """End every session of ``model`` (a forced unload); a later call on one gets FAILED_PRECONDITION
         with ``reason``. Steps already queued fail; a batch computing finishes first (the batcher frees those)."""

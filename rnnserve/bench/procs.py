@@ -91,17 +91,6 @@ def memory(pid: int) -> dict[str, int]:
     return result
 
 
-def reset_peak_rss(pid: int) -> bool:
-    """Restart VmHWM from the current RSS (``5`` > /proc/PID/clear_refs), so each phase reports its own
-    peak. False where the kernel does not allow it; the peak is then the process's lifetime peak."""
-    try:
-        with open(f"/proc/{pid}/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 class ServerProcess:
     """A server subprocess that writes its port to a file once it listens; stopped on ``stop()``."""
 
