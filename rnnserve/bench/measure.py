@@ -256,6 +256,7 @@ class Bench:
             system.server.address,
             concurrency,
             cfg.window_ms,
+            threads=len(cfg.load_cpus),
             max_trials=cfg.pa_max_trials,
             stability=cfg.pa_stability,
         )

@@ -213,7 +213,7 @@ def test_perf_analyzer_command_is_the_fields_sequence_load() -> None:
     cmd = perf_analyzer.command("/x/perf_analyzer", "lstm", "127.0.0.1:9", 64, 2000)
     assert " ".join(cmd) == (
         "/x/perf_analyzer -m lstm -u 127.0.0.1:9 -i grpc --streaming --sequence-length 100 "
-        "--concurrency-range 64 -p 2000 -r 6 -s 50"
+        "--concurrency-range 64 -p 2000 -r 6 -s 50 --max-threads 1"
     )
 
 
