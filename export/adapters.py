@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import cast
 
 import torch
 from torch import nn
@@ -113,7 +114,7 @@ def _adapt_recurrent(module: nn.RNNBase, head: nn.Module | None) -> Exportable:
             units.append(GRUUnit(w_ih, w_hh, b_ih, b_hh))
         else:
             units.append(RNNUnit(w_ih, w_hh, b_ih, b_hh, relu=module.mode == "RNN_RELU"))
-    dtype = module.weight_ih_l0.dtype
+    dtype = cast(torch.Tensor, module.weight_ih_l0).dtype  # nn.Module types attributes as Tensor | Module
     out_size = module.proj_size or module.hidden_size
     states = [StateInfo("h", (layers, -1, out_size), batch_axis=1, dtype=dtype)]
     if module.mode == "LSTM":

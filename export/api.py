@@ -29,6 +29,7 @@ from rnnserve.export.torchscript import load_torchscript, write_torchscript
 from rnnserve.export.verify import verify
 from rnnserve.manifest import (
     ConstantInit,
+    DType,
     FileInit,
     ModelManifest,
     StateSpec,
@@ -197,7 +198,7 @@ def _publish(tmp: Path, final: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-_DTYPES = {
+_DTYPES: dict[torch.dtype, DType] = {
     torch.float32: "float32",
     torch.float64: "float64",
     torch.float16: "float16",
@@ -210,7 +211,7 @@ _DTYPES = {
 }
 
 
-def _dtype_name(info: TensorInfo) -> str:
+def _dtype_name(info: TensorInfo) -> DType:
     if info.dtype not in _DTYPES:
         raise ExportError(f"{info.name}: dtype {info.dtype} is not servable; use one of {sorted(_DTYPES.values())}")
     return _DTYPES[info.dtype]
@@ -260,7 +261,7 @@ def export_examples(
     """
     from rnnserve.examples import EXAMPLES, SEQUENCE_EXAMPLES
 
-    factories = {**EXAMPLES, **SEQUENCE_EXAMPLES}
+    factories: dict[str, Callable[[], Exportable | SequenceExportable]] = {**EXAMPLES, **SEQUENCE_EXAMPLES}
     formats = list(formats)
     chosen = list(factories) if names is None else list(names)
     unknown = sorted(set(chosen) - set(factories))

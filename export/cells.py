@@ -19,10 +19,10 @@ class RNNUnit(nn.Module):
 
     def __init__(
         self,
-        w_ih: nn.Parameter,
-        w_hh: nn.Parameter,
-        b_ih: nn.Parameter | None,
-        b_hh: nn.Parameter | None,
+        w_ih: torch.Tensor,
+        w_hh: torch.Tensor,
+        b_ih: torch.Tensor | None,
+        b_hh: torch.Tensor | None,
         relu: bool,
     ) -> None:
         super().__init__()
@@ -39,7 +39,7 @@ class GRUUnit(nn.Module):
     """GRU step, gates r, z, n as in ``nn.GRU``: ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``."""
 
     def __init__(
-        self, w_ih: nn.Parameter, w_hh: nn.Parameter, b_ih: nn.Parameter | None, b_hh: nn.Parameter | None
+        self, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor | None, b_hh: torch.Tensor | None
     ) -> None:
         super().__init__()
         self.w_ih, self.w_hh, self.b_ih, self.b_hh = w_ih, w_hh, b_ih, b_hh
@@ -59,11 +59,11 @@ class LSTMUnit(nn.Module):
 
     def __init__(
         self,
-        w_ih: nn.Parameter,
-        w_hh: nn.Parameter,
-        b_ih: nn.Parameter | None,
-        b_hh: nn.Parameter | None,
-        w_hr: nn.Parameter | None,
+        w_ih: torch.Tensor,
+        w_hh: torch.Tensor,
+        b_ih: torch.Tensor | None,
+        b_hh: torch.Tensor | None,
+        w_hr: torch.Tensor | None,
     ) -> None:
         super().__init__()
         self.w_ih, self.w_hh, self.b_ih, self.b_hh, self.w_hr = w_ih, w_hh, b_ih, b_hh, w_hr

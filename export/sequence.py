@@ -247,7 +247,7 @@ def export_sequence(
             ex, runner, batch_sizes=batch_sizes, max_lengths=max_lengths, tolerance=tolerance, label=label
         )
         progress(f"verified: max abs error {error:.3g} <= tolerance {tolerance:g}")
-        output = TensorSpec(name=ex.output.name, dtype=_dtype_name(ex.output), shape=list(ex.output.shape))  # type: ignore[arg-type]
+        output = TensorSpec(name=ex.output.name, dtype=_dtype_name(ex.output), shape=list(ex.output.shape))
         ModelManifest(
             name=name,
             version=version,

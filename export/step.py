@@ -103,7 +103,8 @@ class Exportable:
 
     step: nn.Module
     input: TensorInfo
-    states: tuple[StateInfo, ...] = ()
+    states: Sequence[StateInfo] = ()
+    """Any sequence; kept as a tuple."""
     output: TensorInfo | None = None
     """Declared output; ``None`` to take it from a probe call (named ``y``)."""
     reference_fn: ReferenceFn | None = None
