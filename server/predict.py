@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from rnnserve.manifest import TensorSpec
-from rnnserve.server.errors import FailedPrecondition, Internal, InvalidArgument, RnnServeError, echo_names
+from rnnserve.server.errors import FailedPrecondition, Internal, InvalidArgument, RnnServeError
 from rnnserve.server.model import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -92,33 +92,6 @@ def _check_range(model: LoadedModel, lengths: np.ndarray, max_length: int) -> No
         )
 
 
-def _per_sequence(
-    model: LoadedModel,
-    kind: str,
-    given: Mapping[str, np.ndarray],
-    specs: list,
-    defaults: list[np.ndarray | None],
-    batch: int,
-) -> list[np.ndarray]:
-    """Per-sequence states or parameters stacked on a leading batch axis; missing ones take their default."""
-    unknown = sorted(set(given) - {s.name for s in specs})
-    if unknown:
-        raise InvalidArgument(
-            f"model {model.key} has no {kind} named {echo_names(unknown)}; it has {[s.name for s in specs]}"
-        )
-    values = []
-    for spec, default in zip(specs, defaults, strict=True):
-        if spec.name in given:
-            arr = given[spec.name]
-            model._check_tensor(kind, spec.name, arr, np.dtype(spec.dtype), (batch, *spec.session_shape), lead="batch")
-            values.append(arr)
-        elif default is None:
-            raise InvalidArgument(f"model {model.key} needs {kind} '{spec.name}' ({spec.dtype}, one per sequence)")
-        else:
-            values.append(np.broadcast_to(default, (batch, *default.shape)))
-    return values
-
-
 class _Job:
     """One validated Predict request; ``run`` computes it on a worker thread."""
 
@@ -160,17 +133,15 @@ class _SequenceJob(_Job):
             raise InvalidArgument(f"model {model.key} takes whole sequences: it has no state or parameters to give")
         m = model.manifest
         self.specs = [t for t in m.inputs if t.name != m.lengths_input]
-        if set(inputs) != {t.name for t in self.specs}:
-            expected = ", ".join(f"'{t.name}' {t.dtype}{_model_shape(t)}" for t in self.specs)
-            raise InvalidArgument(
-                f"model {model.key} takes input tensor(s) {expected} and the lengths; got {echo_names(sorted(inputs))}"
-            )
+        model.checks.names(
+            "input", inputs, [(t.name, f"{t.dtype}{_model_shape(t)}") for t in self.specs], " and the lengths"
+        )
         batch = len(self.lengths)
         max_length = 0
         for spec in self.specs:
             arr = inputs[spec.name]
             shape = tuple(batch if i == spec.batch_axis else d for i, d in enumerate(spec.shape))
-            model._check_tensor("input", spec.name, arr, np.dtype(spec.dtype), shape, lead="batch")
+            model.checks.tensor("input", spec.name, arr, np.dtype(spec.dtype), shape, lead="batch")
             if arr.ndim > spec.batch_axis + 1:  # the padded time axis follows the batch axis
                 max_length = max(max_length, arr.shape[spec.batch_axis + 1])
         _check_range(model, self.lengths, max_length or int(self.lengths.max()))
@@ -202,24 +173,18 @@ class _StepsJob(_Job):
         model = self.model
         m = model.manifest
         batch = len(self.lengths)
-        names = {t.name for t in m.inputs}
-        if set(inputs) != names:
-            expected = ", ".join(f"'{t.name}' {t.dtype}{_steps_shape(t)}" for t in m.inputs)
-            raise InvalidArgument(
-                f"model {model.key} takes input tensor(s) {expected}; got {echo_names(sorted(inputs))}"
-            )
+        model.checks.names("input", inputs, [(t.name, f"{t.dtype}{_steps_shape(t)}") for t in m.inputs])
         max_length = 0
         for spec in m.inputs:
             arr = inputs[spec.name]
             want = (batch, max_length or -1, *spec.session_shape)
-            model._check_tensor("input", spec.name, arr, np.dtype(spec.dtype), want, lead="batch, time")
+            model.checks.tensor("input", spec.name, arr, np.dtype(spec.dtype), want, lead="batch, time")
             max_length = arr.shape[1]
         _check_range(model, self.lengths, max_length)
         self.max_length = max_length
         self.inputs = {t.name: inputs[t.name] for t in m.inputs}
-        self.states = _per_sequence(model, "state", initial_state, m.states, list(model.initial_state), batch)
-        defaults = list(model.parameter_defaults)
-        self.parameters = _per_sequence(model, "parameter", parameters, m.parameters, defaults, batch)
+        self.states = model.checks.states(initial_state, model.initial_state, partial=True, batch=batch)
+        self.parameters = model.checks.parameters(parameters, model.parameter_defaults, batch=batch)
 
     def run(self) -> PredictResult:
         model = self.model

@@ -1,21 +1,32 @@
-"""A bidirectional stream's answers in arrival order: what both streaming servicers share.
+"""The one stream pump both streaming services run (StreamStep and ModelStreamInfer): a reader task turns each
+arriving message into queued work, and the handler writes the answers in arrival order.
 
-The stream's reader task queues each message's work as soon as it arrives (so the steps of different messages
-batch together) and appends it here; the handler writes the answers from the head, in order. Past ``limit``
-unanswered entries the reader waits: the stream's backpressure.
+The reader queues each message's work as soon as it arrives (so the steps of different messages batch
+together) and appends it to an ``AnswerQueue``; the handler answers from its head, in order. Past ``limit``
+unanswered messages the reader waits: the stream's backpressure. What a message means, how its work is
+queued and how its answer reads is its service's codec's (``StreamCodec``).
 
 A lock-step client (one message in flight, the usual case) costs one event-loop wakeup of the writer per
-message, not two: while the writer waits for work, the reader may take the writer's own wait future
-(``take_waiter``) and queue the step with it as the step's future, so the writer wakes when the step's result
-is there rather than once when the step is queued and again when it is done.
+message, not two: while the writer waits for work, the codec may take the writer's own wait future (the
+``lend`` it is given) and queue the step with it as the step's future, so the writer wakes when the step's
+result is there rather than once when the step is queued and again when it is done.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+import grpc
+
+from rnnserve.server.transport.status import end_with
+
+Message = TypeVar("Message")
+Item = TypeVar("Item")
+Response = TypeVar("Response")
 
 
 class AnswerQueue:
@@ -93,6 +104,8 @@ def observe(pending: Awaitable[Any] | None) -> None:
     if pending is None:
         return
     if asyncio.iscoroutine(pending):
+        if pending.cr_frame is None:  # it ran already (its stream's writer was awaiting it)
+            return
         pending = asyncio.ensure_future(pending)
     if isinstance(pending, asyncio.Future):
         pending.add_done_callback(_read_outcome)
@@ -101,3 +114,104 @@ def observe(pending: Awaitable[Any] | None) -> None:
 def _read_outcome(future: asyncio.Future) -> None:
     if not future.cancelled():
         future.exception()
+
+
+class StreamCodec(Protocol[Message, Item, Response]):
+    """One streaming service's side of the pump: wire messages to queued work and back to responses."""
+
+    def receive(self, raw: bytes) -> tuple[Message, Awaitable[Any] | None]:
+        """Decode one message; what it raises ends the stream with its status. The awaitable, if any, runs
+        before the message's work is queued (sessions to load from the session store first)."""
+        ...
+
+    def submit(self, message: Message, lend: Callable[[], asyncio.Future | None]) -> tuple[Item, bool]:
+        """Queue the message's work now and return what the writer answers it from, and whether a step kept
+        the future ``lend`` gave (``AnswerQueue.take_waiter``). Never raises: a refusal is answered in the item."""
+        ...
+
+    def answer(self, item: Item) -> Awaitable[Response]:
+        """The message's response, once its work is done."""
+        ...
+
+    def failed(self, item: Item, exc: Exception) -> Response:
+        """The response for a message whose ``answer`` raised (the stream goes on)."""
+        ...
+
+    def drop(self, item: Item) -> None:
+        """Nobody will read this message's answer (the client left): its accepted work still applies; read its
+        outcome once done (``observe``)."""
+        ...
+
+    def ended(self, code: grpc.StatusCode) -> None:
+        """The stream ends with this status (for the refusal counts)."""
+        ...
+
+
+class _Ended:
+    """The reader's last item when the stream must end with an error's status."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+_DONE = object()  # the reader's last item when the client half-closed the stream
+
+
+async def pump(
+    requests: AsyncIterator[bytes],
+    context: grpc.aio.ServicerContext,
+    codec_for: Callable[[grpc.aio.ServicerContext], StreamCodec[Message, Item, Response]],
+    limit: int,
+) -> AsyncIterator[Response]:
+    """Answer a bidirectional stream of ``requests`` in order through the stream's codec (``codec_for`` its
+    context), at most ``limit`` messages unanswered."""
+    codec = codec_for(context)
+    queue = AnswerQueue(limit)
+    reader = asyncio.get_running_loop().create_task(_read(requests, codec, queue))
+    answering: Any = None  # the item whose answer the writer awaits
+    try:
+        while (item := await queue.get()) is not _DONE:
+            if type(item) is _Ended:
+                codec.ended(end_with(context, item.error))
+                return
+            answering = item
+            try:
+                response = await codec.answer(item)
+            except Exception as exc:  # one message's failure does not end the stream
+                response = codec.failed(item, exc)
+            answering = None
+            yield response
+    finally:
+        # The stream ended: what its client will never read still applies, and an error of it is nobody's to
+        # report.
+        if answering is not None:
+            codec.drop(answering)
+        queue.close(reader, functools.partial(_drop, codec))
+
+
+def stream_handler(
+    codec_for: Callable[[grpc.aio.ServicerContext], StreamCodec[Message, Item, Response]], limit: int
+) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], AsyncIterator[Response]]:
+    """``pump`` as a grpc stream handler: a partial of the async generator function, which grpc takes for one
+    (a generator wrapping ``pump`` would cost a hop per message)."""
+    return functools.partial(pump, codec_for=codec_for, limit=limit)
+
+
+def _drop(codec: StreamCodec, item: object) -> None:
+    if item is not _DONE and type(item) is not _Ended:
+        codec.drop(item)
+
+
+async def _read(requests: AsyncIterator[bytes], codec: StreamCodec, queue: AnswerQueue) -> None:
+    try:
+        async for raw in requests:
+            message, before = codec.receive(raw)
+            if before is not None:  # (no await per message when there is nothing to wait for)
+                await before
+            item, used = codec.submit(message, queue.take_waiter)
+            await queue.put(item, waiter_used=used)
+        await queue.put(_DONE)
+    except Exception as exc:  # the message or the transport failed: the stream ends with its status
+        await queue.put(_Ended(exc))

@@ -19,7 +19,7 @@ from rnnserve.server.settings import ServerSettings
 from rnnserve.server.transport.auth import AuthInterceptor, load_tokens
 from rnnserve.server.transport.kserve import servicer as kserve
 from rnnserve.server.transport.native.servicer import SERVICE_NAME, RnnServeServicer, generic_handler
-from rnnserve.server.transport.status import transport_receive_limit
+from rnnserve.server.transport.rpc import transport_receive_limit
 from rnnserve.server.transport.tls import server_credentials
 from rnnserve.server.watch import RepositoryWatcher
 

@@ -1,13 +1,12 @@
-"""The one table from domain errors to gRPC status codes, and request parsing that never crashes."""
+"""The one table from domain errors to gRPC status codes, and how a call or a stream ends with a status."""
 
 from __future__ import annotations
 
 import logging
 
 import grpc
-from google.protobuf.message import DecodeError, Message
 
-from rnnserve.server.errors import InvalidArgument, ResourceExhausted, RnnServeError
+from rnnserve.server.errors import RnnServeError
 from rnnserve.tensors import TensorDecodeError
 
 log = logging.getLogger(__name__)
@@ -68,23 +67,12 @@ def bounded(message: str) -> str:
     return data[: MAX_STATUS_MESSAGE_BYTES - 32].decode("utf-8", errors="ignore") + f"...({len(data)} bytes)"
 
 
-def parse(message_type: type[Message], data: bytes, max_bytes: int | None = None) -> Message:
-    """Deserialize a request ourselves so garbage bytes get INVALID_ARGUMENT with the expected type named
-    (grpc's own deserializer would answer INTERNAL), and a message over ``max_bytes`` (--max-message-bytes)
-    gets RESOURCE_EXHAUSTED naming that flag (see ``transport_receive_limit``)."""
-    if max_bytes is not None and len(data) > max_bytes:
-        raise ResourceExhausted(
-            f"the {message_type.DESCRIPTOR.name} message is {len(data)} bytes; the limit is {max_bytes} bytes "
-            "per message (--max-message-bytes)"
-        )
-    try:
-        return message_type.FromString(data)
-    except (DecodeError, RuntimeError, ValueError) as exc:
-        raise InvalidArgument(f"request is not a valid {message_type.DESCRIPTOR.full_name} message ({exc})") from exc
+def end_with(context: grpc.aio.ServicerContext, exc: BaseException, *, log_as: str | None = None) -> grpc.StatusCode:
+    """End the call with ``exc``'s status (``to_status``) and return its code.
 
-
-def transport_receive_limit(max_message_bytes: int) -> int:
-    """grpc's own receive limit for a server whose messages are bounded by ``max_message_bytes``: twice that,
-    so a message somewhat over the bound reaches ``parse`` and its refusal names --max-message-bytes (grpc's
-    own refusal names neither the flag nor the limit). grpc caps the option at 2**31 - 1."""
-    return min(2 * max_message_bytes, 2**31 - 1)
+    The status is set, not raised (``context.abort``): grpc keeps the error it raises in a reference cycle with
+    the handler's frame, and so the refused request's bytes, until a full collection."""
+    code, message = to_status(exc, log_as=log_as)
+    context.set_code(code)
+    context.set_details(message)
+    return code

@@ -1,18 +1,34 @@
-"""Protobuf <-> data-plane values."""
+"""The native API's codec: its messages to the data plane's work and the results back into responses.
+
+A Step request is one step (or chunk) of one session. A StreamStep message carries list-form steps and/or a
+columnar StepBatch: the StepBatch is one row per session sharing one group; list-form steps are each their own
+step, except that eight or more single steps of distinct sessions of one model, alike in names, shapes and
+dtypes (what a multiplexing client sends), are stacked and queued as one group too (``GROUP_MIN``), their
+results answered per step exactly as they would be one by one.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
+import grpc
 import numpy as np
 
 from rnnserve.manifest import StateSpec, TensorSpec
 from rnnserve.proto import rnnserve_pb2 as pb
-from rnnserve.server.dataplane import SessionStateView
+from rnnserve.server.dataplane import DataPlane, SessionStateView
+from rnnserve.server.errors import InvalidArgument
+from rnnserve.server.limits import Limits
 from rnnserve.server.model import LoadedModel
 from rnnserve.server.predict import PredictResult
 from rnnserve.server.repository import FailedModel
-from rnnserve.tensors import DTYPE_TO_PB, decode_map, encode_map, from_proto, to_proto
+from rnnserve.server.transport.pump import observe
+from rnnserve.server.transport.rpc import parse
+from rnnserve.server.transport.status import to_status
+from rnnserve.tensors import DTYPE_TO_PB, encode_map, to_proto
 
 
 def tensor_spec(spec: TensorSpec) -> pb.TensorSpec:
@@ -66,14 +82,6 @@ def failed_model_info(failed: FailedModel) -> pb.ModelInfo:
     return pb.ModelInfo(name=failed.name, version=failed.version, state="FAILED", error=failed.error)
 
 
-def tensors(field: Mapping[str, pb.Tensor]) -> dict[str, np.ndarray]:
-    return decode_map(field)
-
-
-def tensor(msg: pb.Tensor, name: str) -> np.ndarray:
-    return from_proto(msg, name)
-
-
 def predict_response(
     request: pb.PredictRequest, model: LoadedModel, result: PredictResult, wanted: list[str]
 ) -> pb.PredictResponse:
@@ -102,8 +110,6 @@ def fill_outputs(target, outputs: Mapping[str, np.ndarray], wanted: list[str]) -
 
 def batch_result(result: pb.StepBatchResult, model: LoadedModel | None, group, n: int, wanted: list[str]) -> None:
     """Fill a StepBatchResult from a finished JobGroup: outputs stacked by row, zeros in failed rows."""
-    from rnnserve.server.transport.status import to_status
-
     codes = [0] * n
     messages = [""] * n
     for i, exc in group.errors.items():
@@ -130,3 +136,282 @@ def batch_result(result: pb.StepBatchResult, model: LoadedModel | None, group, n
             if outputs is not None:
                 stacked[i] = outputs[j]
         to_proto(stacked, result.outputs[spec.name])
+
+
+# ---- Step ---------------------------------------------------------------------------------------------------
+def step_response(request: pb.StepRequest, model: LoadedModel, done: Any) -> pb.StepResponse:
+    """A Step's response from its finished future's value (``DataPlane.step_result``)."""
+    result = DataPlane.step_result(model, done, request.num_steps)
+    response = pb.StepResponse(session_id=request.session_id, steps=result.steps, request_id=request.request_id)
+    fill_outputs(response.outputs, result.outputs, list(request.outputs))
+    return response
+
+
+# ---- StreamStep ---------------------------------------------------------------------------------------------
+GROUP_MIN = 8
+"""Single steps in one list-form message from which they run as a columnar group (fewer: per step)."""
+
+
+class PendingStep:
+    """One list-form step of a message: queued (``future``) or refused (``error``)."""
+
+    __slots__ = ("error", "future", "model", "request", "wanted")
+
+    def __init__(
+        self,
+        request: pb.StepRequest,
+        model: LoadedModel | None,
+        future: asyncio.Future | None,
+        wanted: list[str],
+        error: Exception | None = None,
+    ):
+        self.request = request
+        self.model = model
+        self.future = future
+        self.wanted = wanted
+        self.error = error
+
+
+class PendingGroup:
+    """A list-form message's single steps queued as one columnar group (``StepStream._as_group``)."""
+
+    __slots__ = ("future", "model", "requests", "wanted")
+
+    def __init__(
+        self, requests: Sequence[pb.StepRequest], model: LoadedModel | None, future: asyncio.Future, wanted: list[str]
+    ):
+        self.requests = requests
+        self.model = model
+        self.future = future
+        self.wanted = wanted
+
+
+class PendingBatch:
+    """A message's StepBatch: queued as one group (``future``) or refused as a whole (``error``)."""
+
+    __slots__ = ("error", "future", "ids", "model", "request", "wanted")
+
+    def __init__(
+        self,
+        request: pb.StepBatch,
+        ids: list[str],
+        model: LoadedModel | None = None,
+        future: asyncio.Future | None = None,
+        wanted: list[str] | None = None,
+        error: Exception | None = None,
+    ):
+        self.request = request
+        self.ids = ids
+        self.model = model
+        self.future = future
+        self.wanted = wanted or []
+        self.error = error
+
+
+class PendingMessage:
+    """A stream message's queued work, answered in one StreamStepResponse."""
+
+    __slots__ = ("batch", "steps")
+
+    def __init__(self, steps: list[PendingStep] | PendingGroup, batch: PendingBatch | None):
+        self.steps = steps
+        self.batch = batch
+
+
+class RefusedMessage:
+    """A message refused as a whole (past --max-steps-per-message): each of its steps answers the refusal."""
+
+    __slots__ = ("error", "message")
+
+    def __init__(self, message: pb.StreamStepRequest, error: Exception):
+        self.message = message
+        self.error = error
+
+
+class StepStream:
+    """StreamStep's codec for the stream pump (server/transport/pump.py)."""
+
+    def __init__(self, dataplane: DataPlane, limits: Limits, rejected: Counter[tuple[str, str]]):
+        self.dp = dataplane
+        self.limits = limits
+        self.rejected = rejected  # (method, status name) -> refused steps, for the metrics
+
+    def receive(self, raw: bytes) -> tuple[pb.StreamStepRequest | RefusedMessage, Awaitable[None] | None]:
+        message = parse(pb.StreamStepRequest, raw, self.limits.max_message_bytes)
+        if message.HasField("batch") and not message.batch.session_ids:
+            # A StepBatch result has a status per row: one with no rows has nowhere to say why.
+            raise InvalidArgument(
+                "the message's StepBatch has no session_ids: give one session id per row of its stacked inputs, "
+                "or leave the batch out"
+            )
+        refused = self.limits.stream_message_error(message)
+        if refused is not None:  # the whole message is refused; the stream goes on
+            return RefusedMessage(message, refused), None
+        # Sessions only the session store holds are loaded before anything of the message is queued, so its
+        # steps stay in order.
+        steps = message.steps
+        batch_ids = list(message.batch.session_ids)
+        restoring = self.dp.restore_missing(
+            [s.session_id for s in steps] + batch_ids,
+            [s.step_index for s in steps] + (list(message.batch.step_indices) or [0] * len(batch_ids)),
+        )
+        return message, restoring
+
+    def submit(
+        self, message: pb.StreamStepRequest | RefusedMessage, lend: Callable[[], asyncio.Future | None]
+    ) -> tuple[PendingMessage, bool]:
+        if type(message) is RefusedMessage:
+            error, refused = message.error, message.message
+            batch = PendingBatch(refused.batch, list(refused.batch.session_ids), error=error)
+            return PendingMessage(
+                [PendingStep(step, None, None, [], error) for step in refused.steps],
+                batch if refused.HasField("batch") else None,
+            ), False
+        has_batch = message.HasField("batch")
+        group = self._as_group(message.steps)
+        if group is not None:
+            return PendingMessage(group, self._submit_batch(message.batch) if has_batch else None), False
+        steps = []
+        # A lone step may complete the writer's own wait future (one wakeup, not two).
+        waiter = lend() if len(message.steps) == 1 and not has_batch else None
+        used = False
+        for step in message.steps:
+            try:
+                model, future = self.dp.submit_step(
+                    step.session_id,
+                    self.limits.tensors(step.inputs),
+                    step.num_steps,
+                    step.step_index,
+                    keep=True,
+                    future=waiter,
+                    outputs=step.outputs,
+                )
+                used = waiter is not None and future is waiter
+                steps.append(PendingStep(step, model, future, list(step.outputs)))
+            except Exception as exc:  # reported in this step's result
+                steps.append(PendingStep(step, None, None, [], exc))
+        return PendingMessage(steps, self._submit_batch(message.batch) if has_batch else None), used
+
+    def _as_group(self, steps: Sequence[pb.StepRequest]) -> PendingGroup | None:
+        """A list-form message of single steps of distinct sessions, with the same input names, shapes and
+        dtypes and the same requested outputs, runs as one columnar group: one input check for the message,
+        one batch, the model's stacked outputs (the StepBatch's way). Each step keeps its own result, code and
+        message. None: anything else (or anything a step would be refused for), which takes the per-step way,
+        so every error reads exactly as it does there."""
+        if len(steps) < GROUP_MIN:
+            return None
+        first = steps[0]
+        wanted = list(first.outputs)
+        ids = [s.session_id for s in steps]
+        if len(set(ids)) != len(ids) or any(s.num_steps or list(s.outputs) != wanted for s in steps):
+            return None
+        # One model for all (the list form allows several; a StepBatch does not), and outputs it has.
+        # (An unknown session fails alone in the group, NOT_FOUND, as it would alone.)
+        known = [session for sid in ids if (session := self.dp.sessions.peek(sid)) is not None]
+        if not known or any(session.model is not known[0].model for session in known):
+            return None
+        model = known[0].model
+        try:
+            wanted_checked = model.check_outputs(wanted)
+            decoded = [self.limits.tensors(s.inputs) for s in steps]
+        except Exception:
+            return None
+        names = decoded[0].keys()
+        shapes = {n: (a.shape, a.dtype) for n, a in decoded[0].items()}
+        for arrays in decoded:
+            if arrays.keys() != names or any((a.shape, a.dtype) != shapes[n] for n, a in arrays.items()):
+                return None
+        stacked = {n: np.stack([arrays[n] for arrays in decoded]) for n in names}
+        indices = [s.step_index for s in steps]
+        try:
+            batch_model, future = self.dp.submit_batch(ids, stacked, indices if any(indices) else ())
+        except Exception:
+            return None  # refused as a whole (nothing was queued): the per-step way says why, step by step
+        return PendingGroup(steps, batch_model, future, wanted_checked)
+
+    def _submit_batch(self, batch: pb.StepBatch) -> PendingBatch:
+        ids = list(batch.session_ids)
+        try:
+            model, future = self.dp.submit_batch(
+                ids, self.limits.tensors(batch.inputs), batch.step_indices, outputs=batch.outputs
+            )
+        except Exception as exc:  # the whole batch fails with this status, the stream goes on
+            return PendingBatch(batch, ids, error=exc)
+        return PendingBatch(batch, ids, model, future, list(batch.outputs))
+
+    async def answer(self, item: PendingMessage) -> pb.StreamStepResponse:
+        response = pb.StreamStepResponse()
+        steps = item.steps
+        if type(steps) is PendingGroup:
+            await self._answer_group(response, steps)
+        else:
+            for step in steps:
+                request = step.request
+                result = response.results.add(session_id=request.session_id, request_id=request.request_id)
+                try:
+                    if step.error is not None:
+                        raise step.error
+                    # Submitted with keep: a broken stream cancelling this future does not drop the step (the
+                    # steps queued after it apply).
+                    value = await step.future  # type: ignore[misc]
+                    out = self.dp.step_result(step.model, value, request.num_steps)  # type: ignore[arg-type]
+                    result.steps = out.steps
+                    fill_outputs(result.outputs, out.outputs, step.wanted)
+                except Exception as exc:  # one step's failure does not end the stream
+                    self._refuse(result, exc)
+        if item.batch is not None:
+            await self._answer_batch(response.batch, item.batch)
+        return response
+
+    def _refuse(self, result: pb.StepResult, exc: BaseException) -> None:
+        code, message = to_status(exc)
+        self.rejected[("StreamStep", code.name)] += 1
+        result.code = code.value[0]
+        result.message = message
+
+    async def _answer_group(self, response: pb.StreamStepResponse, group: PendingGroup) -> None:
+        done = await group.future  # a group's rows have no futures of their own: cancelling drops nothing
+        model = group.model
+        names = [o.name for o in model.manifest.outputs] if model is not None else []
+        for i, request in enumerate(group.requests):
+            result = response.results.add(session_id=request.session_id, request_id=request.request_id)
+            error = done.errors.get(i)
+            if error is not None:
+                self._refuse(result, error)
+                continue
+            result.steps = done.steps[i]
+            if done.stacked is not None:
+                outputs = {n: done.stacked[j][i] for j, n in enumerate(names)}
+            else:
+                row = done.outputs[i]
+                outputs = dict(zip(names, row, strict=True)) if row is not None else {}
+            fill_outputs(result.outputs, outputs, group.wanted)
+
+    async def _answer_batch(self, result: pb.StepBatchResult, batch: PendingBatch) -> None:
+        ids = batch.ids
+        result.session_ids.extend(ids)
+        result.request_id = batch.request.request_id
+        if batch.error is not None:
+            code, message = to_status(batch.error)
+            self.rejected[("StreamStep", code.name)] += len(ids)
+            result.codes.extend([code.value[0]] * len(ids))
+            result.messages.extend([message] * len(ids))
+            result.steps.extend([0] * len(ids))
+            return
+        batch_result(result, batch.model, await batch.future, len(ids), batch.wanted)
+
+    def failed(self, item: PendingMessage, exc: Exception) -> pb.StreamStepResponse:
+        raise exc  # every refusal is answered in its step's result: anything else is the server's fault
+
+    def drop(self, item: PendingMessage) -> None:
+        steps = item.steps
+        if type(steps) is PendingGroup:
+            observe(steps.future)
+        else:
+            for step in steps:
+                observe(step.future)
+        if item.batch is not None:
+            observe(item.batch.future)
+
+    def ended(self, code: grpc.StatusCode) -> None:
+        self.rejected[("StreamStep", code.name)] += 1

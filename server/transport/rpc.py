@@ -1,0 +1,84 @@
+"""Both services' handlers take raw request bytes: the request is parsed here (garbage gets INVALID_ARGUMENT
+naming the expected type, not grpc's INTERNAL), and a unary method's refusal becomes the call's status."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from rnnserve.server.errors import InvalidArgument, ResourceExhausted
+from rnnserve.server.transport.status import end_with
+
+UnaryMethod = Callable[[Message, grpc.aio.ServicerContext], Awaitable[Message]]
+
+
+def parse(message_type: type[Message], data: bytes, max_bytes: int | None = None) -> Message:
+    """Deserialize a request ourselves so garbage bytes get INVALID_ARGUMENT with the expected type named
+    (grpc's own deserializer would answer INTERNAL), and a message over ``max_bytes`` (--max-message-bytes)
+    gets RESOURCE_EXHAUSTED naming that flag (see ``transport_receive_limit``)."""
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ResourceExhausted(
+            f"the {message_type.DESCRIPTOR.name} message is {len(data)} bytes; the limit is {max_bytes} bytes "
+            "per message (--max-message-bytes)"
+        )
+    try:
+        return message_type.FromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise InvalidArgument(f"request is not a valid {message_type.DESCRIPTOR.full_name} message ({exc})") from exc
+
+
+def transport_receive_limit(max_message_bytes: int) -> int:
+    """grpc's own receive limit for a server whose messages are bounded by ``max_message_bytes``: twice that,
+    so a message somewhat over the bound reaches ``parse`` and its refusal names --max-message-bytes (grpc's
+    own refusal names neither the flag nor the limit). grpc caps the option at 2**31 - 1."""
+    return min(2 * max_message_bytes, 2**31 - 1)
+
+
+def unary(
+    method: UnaryMethod,
+    request_type: type[Message],
+    *,
+    max_bytes: int,
+    rejected: Counter[tuple[str, str]] | None = None,
+) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Message | None]]:
+    """``method`` on the parsed request; a refusal ends the call with its status (counted in ``rejected``)."""
+    name = method.__name__
+
+    async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> Message | None:
+        try:
+            return await method(parse(request_type, raw, max_bytes), context)
+        except Exception as exc:
+            code = end_with(context, exc, log_as=request_type.DESCRIPTOR.name)
+            if rejected is not None:
+                rejected[(name, code.name)] += 1
+        return None
+
+    return handler
+
+
+def service_handler(
+    service: str,
+    servicer: object,
+    unary_methods: Mapping[str, tuple[type[Message], type[Message]]],
+    stream_methods: Mapping[str, type[Message]],
+    *,
+    max_bytes: int,
+    rejected: Counter[tuple[str, str]] | None = None,
+) -> grpc.GenericRpcHandler:
+    """``servicer``'s methods under ``service``: unary ones by (request, response) type, streaming ones by
+    response type (a stream parses its own messages, each in its own way: see server/transport/pump.py)."""
+    handlers: dict[str, grpc.RpcMethodHandler] = {
+        name: grpc.unary_unary_rpc_method_handler(
+            unary(getattr(servicer, name), request_type, max_bytes=max_bytes, rejected=rejected),
+            response_serializer=response_type.SerializeToString,
+        )
+        for name, (request_type, response_type) in unary_methods.items()
+    }
+    for name, response_type in stream_methods.items():
+        handlers[name] = grpc.stream_stream_rpc_method_handler(
+            getattr(servicer, name), response_serializer=response_type.SerializeToString
+        )
+    return grpc.method_handlers_generic_handler(service, handlers)
