@@ -9,11 +9,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rnnserve.server import exactly_once
 from rnnserve.server import snapshot as snapshots
 from rnnserve.server.admin import ModelAdmin, UnloadResult
-from rnnserve.server.batcher import ControlJob, JobGroup, StepJob
-from rnnserve.server.durability import MOVED, Persistence
+from rnnserve.server.core.work import ControlJob, JobGroup, StepJob, StepOutcome, answer, fingerprint
+from rnnserve.server.durability import Persistence
 from rnnserve.server.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -145,7 +144,7 @@ class DataPlane:
         future = asyncio.get_running_loop().create_future()
         self._batcher(session).enqueue(session, ControlJob(fn, future, steps))
         if steps is not None:
-            exactly_once.reset(session, steps)
+            session.renumber(steps)
         return await future
 
     def _batcher(self, session: Session):
@@ -164,7 +163,7 @@ class DataPlane:
         def reset() -> None:
             session.model.slab.write(session.slot, values)
             session.steps = 0
-            exactly_once.forget(session)
+            session.forget_replay()
 
         await self._control_durable(session, reset, 0)
 
@@ -214,7 +213,7 @@ class DataPlane:
             model.slab.write(session.slot, merged)
             if steps is not None:
                 session.steps = steps
-                exactly_once.forget(session)
+                session.forget_replay()
 
         await self._control_durable(session, write, steps)
 
@@ -271,7 +270,7 @@ class DataPlane:
         try:
             await self.persistence.opened(session)
         except AlreadyExists:
-            session.revision = MOVED  # another session's record: closing this one must not delete it
+            self.persistence.disown(session)  # another session's record: closing this one must not delete it
             self.sessions.close(session.id)
             raise
         except StoreUnavailable:
@@ -301,17 +300,17 @@ class DataPlane:
 
         Everything that can be rejected is rejected here, before the step is queued: a refused step never
         reaches the batcher and so never touches the session's state. A ``step_index`` repeating an earlier
-        step gets that step's result instead (server/exactly_once.py).
+        step gets that step's result instead (server/core/session.py).
         """
         session = self.sessions.get(session_id)
         model = session.model
         inputs = self.check_step(model, inputs, num_steps, checked=checked, outputs=outputs)
         print_ = 0
         if step_index:
-            print_ = exactly_once.fingerprint(inputs)
-            earlier = exactly_once.admit(session, step_index, num_steps, print_)
+            print_ = fingerprint(inputs)
+            earlier = session.admit(step_index, num_steps, print_)
             if earlier is not None:
-                return model, exactly_once.answer(earlier)
+                return model, answer(earlier)
         if len(session.pending) >= self.max_pending_steps:
             raise ResourceExhausted(
                 f"session '{session_id}' already has {len(session.pending)} steps queued (limit "
@@ -321,8 +320,8 @@ class DataPlane:
         self.limits.check_queue(batcher.queued_steps, num_steps or 1, model.key)
         if future is None:
             future = asyncio.get_running_loop().create_future()
-        batcher.enqueue(session, StepJob(session, inputs, num_steps, future, None, 0, step_index, print_, keep))
-        exactly_once.queued(session, num_steps, step_index, self.replay_window)
+        batcher.enqueue(session, StepJob(inputs, num_steps, future, None, 0, step_index, print_, keep))
+        session.queued(num_steps, step_index, self.replay_window)
         return model, future
 
     def check_step(
@@ -414,31 +413,32 @@ class DataPlane:
             # Unnumbered rows of distinct sessions (the common columnar message): queued together. A row's job
             # reads its inputs from the message's stacked tensors (StepJob.step_input).
             rows = [(i, s) for i, s in enumerate(sessions) if s is not None and i not in errors]
-            batcher.enqueue_rows([s for _, s in rows], [StepJob(s, checked, 0, None, group, i) for i, s in rows])
+            batcher.enqueue_rows([s for _, s in rows], [StepJob(checked, 0, None, group, i) for i, _ in rows])
             for _, session in rows:
-                session.next_index += 1  # exactly_once.queued, for an unnumbered single step
+                session.queued_step()
             return model, future
         for i, session in enumerate(sessions):
             if session is not None and i not in errors:
                 index = step_indices[i] if step_indices else 0
                 print_ = 0
                 if index:
-                    print_ = exactly_once.fingerprint({name: value[i] for name, value in checked.items()})
+                    print_ = fingerprint({name: value[i] for name, value in checked.items()})
                     try:
-                        earlier = exactly_once.admit(session, index, 0, print_)
+                        earlier = session.admit(index, 0, print_)
                     except FailedPrecondition as exc:
                         group.finish(i, None, 0, exc)
                         continue
                     if earlier is not None:
-                        exactly_once.answer_row(earlier, group, i)
+                        group.answer_row(i, earlier)
                         continue
-                batcher.enqueue(session, StepJob(session, checked, 0, None, group, i, index, print_))
-                exactly_once.queued(session, 0, index, self.replay_window)
+                batcher.enqueue(session, StepJob(checked, 0, None, group, i, index, print_))
+                session.queued(0, index, self.replay_window)
         return model, future
 
     @staticmethod
-    def step_result(model: LoadedModel, done: tuple[Sequence[list[np.ndarray]], int], num_steps: int) -> StepResult:
-        """Turn a finished step future's value into named outputs (stacked over time for a chunk)."""
+    def step_result(model: LoadedModel, done: StepOutcome, num_steps: int) -> StepResult:
+        """Turn a finished step's outcome (its future's value, or a group row's ``JobGroup.outcome``) into named
+        outputs (stacked over time for a chunk)."""
         per_step, steps = done
         names = [o.name for o in model.manifest.outputs]
         if num_steps:

@@ -52,23 +52,23 @@ import logging
 import secrets
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from rnnserve.manifest import Durability
+from rnnserve.server.core.work import ReplayEntry
 from rnnserve.server.errors import OutcomeUnknown, SessionIdUnavailable, SessionMoved
 from rnnserve.server.metrics import store_error
 from rnnserve.server.sessions import session_key
-from rnnserve.server.store import ReplayEntry, SessionRecord, SessionStore, StoreUnavailable, Unsure, ahead
+from rnnserve.server.store import SessionRecord, SessionStore, StoreUnavailable, Unsure, ahead
 
 if TYPE_CHECKING:
-    from rnnserve.server.batcher import StepJob
+    from rnnserve.server.core.session import Session
     from rnnserve.server.dataplane import DataPlane
     from rnnserve.server.model import LoadedModel
-    from rnnserve.server.sessions import Session
+    from rnnserve.server.scheduling.execution import CommittedBatch
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +201,12 @@ class Persistence:
         for session in sessions:
             self.moved(session)
 
+    @staticmethod
+    def disown(session: Session) -> None:
+        """``session``'s record in the store is another session's (its proposed id was taken there): nothing of
+        this copy is written or deleted any more."""
+        session.revision = MOVED
+
     def moved(self, session: Session) -> None:
         """Event loop: the store holds a newer ``session`` (``stale``, or a refused write); drop this server's
         copy and keep the record."""
@@ -217,8 +223,9 @@ class Persistence:
         model = session.model
         row = model.slab.read(session.slot)
         state = {**model.state_dict(row), **model.parameter_dict(row)}
-        replay = list(session.replay or ())
-        return SessionRecord(session.key, model.name, model.version, session.steps, state, session.owner or "", replay)
+        return SessionRecord(
+            session.key, model.name, model.version, session.steps, state, session.owner or "", session.replay_entries()
+        )
 
     @staticmethod
     def _mark_written(session: Session, steps: int, now: float) -> None:
@@ -226,25 +233,19 @@ class Persistence:
         session.stored_at = now
 
     # ---- the batch path (the batch's worker thread, between the model call and the scatter) --------------
-    def after_batch(
-        self,
-        model: LoadedModel,
-        jobs: Sequence[StepJob],
-        feeds: dict[str, Any],
-        new_states: Sequence[Any],
-        outputs: Sequence[Any],
-    ) -> set[int]:
-        """Write the sessions of this batch that are due. every-step: blocks, raises StoreUnavailable (the
-        caller then leaves the slab as it was), and returns the rows whose write was refused because another
-        replica changed their session (the caller fails those steps; periodic: such a session is dropped
-        later); periodic: submits and returns."""
+    def after_batch(self, batch: CommittedBatch) -> set[int]:
+        """Write the sessions of this batch that are due (the commit hook, server/scheduling/execution.py).
+        every-step: blocks, raises StoreUnavailable (the caller then leaves the slab as it was), and returns the
+        rows whose write was refused because another replica changed their session (the caller fails those
+        steps; periodic: such a session is dropped later); periodic: submits and returns."""
+        model, sessions, jobs, feeds, new_states, outputs = batch
         d = model.durability
         now = time.monotonic()
         due: list[int] = []
         for i, job in enumerate(jobs):
             if job.done + 1 < job.total:
                 continue  # mid-chunk: the store keeps the chunk's start until its last step
-            session = job.session
+            session = sessions[i]
             if d.mode == "every-step" or self._periodic_due(d, session, session.steps + 1, now):
                 due.append(i)
             elif d.every_ms is not None:
@@ -256,16 +257,16 @@ class Persistence:
         records = []
         for i in due:
             job = jobs[i]
-            session = job.session
+            session = sessions[i]
             state = {}
             for spec, a in zip([*model.manifest.states, *model.manifest.parameters], [*states, *params], strict=True):
                 state[spec.name] = np.take(a, i, axis=spec.batch_axis)
-            replay: list[ReplayEntry] = list(session.replay or ())
+            then = None
             if job.step_index and session.replay is not None:
                 # The entry the batcher adds once this batch completes: a retry after a crash is answered.
                 step_outputs = [*job.outputs, [_host(o)[i] for o in outputs]]
-                replay = [*replay, (job.step_index, job.num_steps, job.fingerprint, step_outputs)]
-                replay = replay[-(session.replay.maxlen or len(replay)) :]
+                then = ReplayEntry(job.step_index, job.num_steps, job.fingerprint, step_outputs)
+            replay = session.replay_entries(then)
             records.append(
                 SessionRecord(
                     session.key,
@@ -277,11 +278,11 @@ class Persistence:
                     replay,
                 )
             )
-        sessions = [jobs[i].session for i in due]
+        written = [sessions[i] for i in due]
         refused: set[int] = set()
         if d.mode == "every-step":
             try:
-                moved = self._submit(self._put, sessions, records).result()
+                moved = self._submit(self._put, written, records).result()
             except StoreUnavailable as exc:
                 store_error(model.name, model.version, "save")
                 raise OutcomeUnknown(
@@ -292,11 +293,11 @@ class Persistence:
                 ) from exc
             if moved:
                 ids = {id(s) for s in moved}
-                refused = {i for i in due if id(jobs[i].session) in ids}
+                refused = {i for i in due if id(sessions[i]) in ids}
         else:
-            self._write_later(sessions, records, f"periodic write of {len(records)} session(s) of {model.key}")
+            self._write_later(written, records, f"periodic write of {len(records)} session(s) of {model.key}")
         for i in due:
-            session = jobs[i].session
+            session = sessions[i]
             self._mark_written(session, session.steps + 1, now)
         return refused
 
@@ -428,8 +429,7 @@ class Persistence:
         session = dataplane.sessions.open(
             model, state, record.steps, params, record.owner or None, session_id=session_id
         )
-        if record.replay and dataplane.replay_window:
-            session.replay = deque(record.replay, maxlen=dataplane.replay_window)
+        session.restore_replay(record.replay, dataplane.replay_window)
         self._mark_written(session, record.steps, time.monotonic())
         session.revision = record.revision
         if not self.durable(session):

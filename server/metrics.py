@@ -16,6 +16,8 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from rnnserve.server.scheduling.stats import BATCH_SIZE_BOUNDS, LATENCY_BOUNDS_NS
+
 if TYPE_CHECKING:
     from rnnserve.server.dataplane import DataPlane
 
@@ -50,8 +52,6 @@ class RnnServeCollector:
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-
-        from rnnserve.server.batcher import BATCH_SIZE_BOUNDS, LATENCY_BOUNDS_NS
 
         mv = ["model", "version"]
         steps = CounterMetricFamily("rnnserve_steps", "Timesteps computed", labels=mv)

@@ -12,11 +12,10 @@ import asyncio
 import logging
 import secrets
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 
-import numpy as np
-
+from rnnserve.server.core.session import Session
 from rnnserve.server.errors import ResourceExhausted, SessionEnded, SessionNotFound
 from rnnserve.server.model import LoadedModel
 from rnnserve.server.principal import PRINCIPAL
@@ -36,57 +35,6 @@ def session_key(session_id: str) -> str:
 def session_id_of(key: str) -> str:
     """The client's session id in a key of ``session_key`` (for a record read back from the session store)."""
     return key.rpartition(":")[2]
-
-
-class Session:
-    # Slots keep an idle session small: 100k of them must fit beside their state.
-    __slots__ = (
-        "closed",
-        "id",
-        "key",
-        "last_used",
-        "model",
-        "next_index",
-        "owner",
-        "pending",
-        "ready_since",
-        "replay",
-        "revision",
-        "scheduled",
-        "slot",
-        "steps",
-        "stored_at",
-        "stored_steps",
-    )
-
-    def __init__(
-        self, session_id: str, model: LoadedModel, slot: int, steps: int = 0, owner: str | None = None, key: str = ""
-    ):
-        self.id = session_id  # the client's id: every message and response shows this one
-        self.key = key or session_id  # session_key(id) of the principal that opened it
-        # The principal that opened it (auth on: only it may use the session), else the peer's host (for
-        # --max-sessions-per-client only). None: not counted per client.
-        self.owner = owner
-        self.model = model
-        self.slot = slot
-        self.steps = steps
-        # Exactly-once (server/exactly_once.py): the step_index the next queued step must carry, and the
-        # outputs of the last applied indexed steps, (first index, num_steps, inputs fingerprint, per-step
-        # outputs in manifest order), oldest first; None until the session's first indexed step.
-        self.next_index = steps + 1
-        self.replay: deque[tuple[int, int, int, list[list[np.ndarray]]]] | None = None
-        self.last_used = time.monotonic()
-        self.pending: deque = deque()
-        self.scheduled = False  # queued in, or being computed by, the batcher
-        self.ready_since = 0
-        # False while open; once ended, why: "client" (CloseSession), "expired", "unloaded" or "moved".
-        self.closed: bool | str = False
-        # Durability (server/durability.py): the step count and time of the last write to the session store,
-        # and the store's revision of the record as this server last wrote or read it (0: none; a store.Unsure
-        # after a failed write; -1: no longer this server's to write). Only the store's FIFO thread updates it.
-        self.stored_steps = steps
-        self.stored_at = self.last_used
-        self.revision = 0
 
 
 class SessionManager:

@@ -20,13 +20,9 @@ from __future__ import annotations
 import asyncio
 import zlib
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
-
-if TYPE_CHECKING:
-    # For annotations only: the session module imports this one.
-    from rnnserve.server.core.session import Session
 
 StepOutcome = tuple[list[list[np.ndarray]], int]
 """A finished step's result: its outputs per timestep (one entry for a single step), each in manifest order,
@@ -117,7 +113,8 @@ Follower = Callable[[list[list[np.ndarray]], int, BaseException | None], None]
 
 
 class StepJob:
-    """One timestep, or a chunk of ``num_steps`` consecutive timesteps, of one session."""
+    """One timestep, or a chunk of ``num_steps`` consecutive timesteps, of one session. The job sits in its
+    session's queue (``Session.pending``) and holds no reference back: whoever takes it knows the session."""
 
     __slots__ = (
         "done",
@@ -130,7 +127,6 @@ class StepJob:
         "keep",
         "num_steps",
         "outputs",
-        "session",
         "start_state",
         "step_index",
     )
@@ -140,7 +136,6 @@ class StepJob:
 
     def __init__(
         self,
-        session: Session,
         inputs: Mapping[str, np.ndarray],
         num_steps: int,
         future: asyncio.Future[Any] | None,
@@ -150,7 +145,6 @@ class StepJob:
         fingerprint: int = 0,
         keep: bool = False,
     ):
-        self.session = session
         self.inputs = inputs
         self.num_steps = num_steps  # 0: a single step without a time axis
         self.done = 0

@@ -37,11 +37,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from rnnserve.server.core.work import ReplayEntry
 from rnnserve.server.errors import Unavailable
-
-# An exactly-once replay entry (server/exactly_once.py): (first step index, num_steps as sent, inputs
-# fingerprint, per-step outputs in manifest order).
-ReplayEntry = tuple[int, int, int, list[list[np.ndarray]]]
 
 
 class StoreUnavailable(Unavailable):

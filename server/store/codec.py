@@ -13,9 +13,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from rnnserve.server import snapshot as snapshots
+from rnnserve.server.core.work import ReplayEntry
 from rnnserve.server.errors import Internal, InvalidArgument
 from rnnserve.server.sessions import session_id_of
-from rnnserve.server.store import ReplayEntry, SessionRecord
+from rnnserve.server.store import SessionRecord
 
 MAGIC = b"RNR1"
 _NAME, _VALUE = struct.Struct("<H"), struct.Struct("<I")
@@ -42,7 +43,7 @@ def decode_replay(data: bytes) -> list[ReplayEntry]:
     row = 0
     for index, num_steps, print_ in arrays["meta"].tolist():
         count = num_steps or 1
-        entries.append((index, num_steps, print_, [[o[row + t] for o in outputs] for t in range(count)]))
+        entries.append(ReplayEntry(index, num_steps, print_, [[o[row + t] for o in outputs] for t in range(count)]))
         row += count
     return entries
 

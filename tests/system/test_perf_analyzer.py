@@ -16,7 +16,7 @@ import pytest
 from conftest import ServerHandle
 
 from rnnserve.bench.model import TINY, build_lstm_repository
-from rnnserve.server.batcher import BatchStats
+from rnnserve.server.scheduling.stats import BatchStats
 
 tritonclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402

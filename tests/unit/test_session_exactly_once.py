@@ -25,7 +25,7 @@ def _session(steps: int = 0) -> Session:
 def _queue(session: Session, x: float, index: int, num_steps: int = 0, future: Any = None) -> StepJob:
     """What the data plane does with a step it admitted: queue its job, then book it."""
     inputs = {"x": np.full((num_steps, 2) if num_steps else (2,), x, np.float32)}
-    job = StepJob(session, inputs, num_steps, future, step_index=index, fingerprint=fingerprint(inputs))
+    job = StepJob(inputs, num_steps, future, step_index=index, fingerprint=fingerprint(inputs))
     assert session.admit(index, num_steps, job.fingerprint) is None
     session.pending.append(job)
     session.queued(num_steps, index, WINDOW)

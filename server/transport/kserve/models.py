@@ -12,10 +12,10 @@ from pathlib import Path
 from rnnserve.manifest import TensorSpec
 from rnnserve.proto import kserve_grpc_service_pb2 as kpb
 from rnnserve.proto import kserve_model_config_pb2 as kcfg
-from rnnserve.server.batcher import BatchStats
 from rnnserve.server.model import LoadedModel
 from rnnserve.server.repo_paths import all_version_dirs
 from rnnserve.server.repository import ModelRepository
+from rnnserve.server.scheduling.stats import BatchStats
 from rnnserve.server.transport.kserve.tensors import CONFIG_TYPES, DATATYPES
 
 PLATFORMS: dict[str, tuple[str, str]] = {  # manifest format -> (Triton platform, backend)
@@ -77,7 +77,7 @@ def _duration(count: int, ns: int) -> kpb.StatisticDuration:
 
 
 def model_statistics(model: LoadedModel) -> kpb.ModelStatistics:
-    """Triton's statistics from the model's batcher (server/batcher.py BatchStats), all cumulative: a step is
+    """Triton's statistics from the model's batcher (server/scheduling/stats.py BatchStats), all cumulative: a step is
     one request, counted once answered, and its compute time is its batch's (input, infer and output as
     BatchStats splits them); ``batch_stats`` has one entry per exact batch size executed, counting executions."""
     s = model.batcher.stats if model.batcher is not None else BatchStats()
