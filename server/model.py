@@ -1,16 +1,15 @@
-"""A loaded model version: manifest, runtime, state slab, batcher, and the checks every request passes."""
+"""A loaded model version: manifest, runtime, state slab, batcher, and the checks its requests pass."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from rnnserve.manifest import Durability, ModelManifest, TensorSpec
-from rnnserve.server.errors import InvalidArgument, echo_names
+from rnnserve.manifest import Durability, ModelManifest
+from rnnserve.server.core.validation import TensorChecks
 from rnnserve.server.runtime import Runtime
 from rnnserve.server.scheduling.batcher import Batcher
 from rnnserve.server.slab import DeviceStateSlab, StateSlab
@@ -18,22 +17,6 @@ from rnnserve.server.slab import DeviceStateSlab, StateSlab
 if TYPE_CHECKING:
     from rnnserve.server.durability import Persistence
     from rnnserve.server.sessions import Session
-
-
-def all_finite(arr: np.ndarray) -> bool:
-    """No NaN or Inf in a float array. One C reduction: the float64 sum of finite values is finite unless it
-    overflows (only float64 inputs can), and any NaN or Inf makes it non-finite; only then is each element
-    looked at. A step's tensor is small, so this is about a third cheaper than ``np.isfinite(arr).all()``."""
-    if math.isfinite(_SUM(arr, None, np.float64)):
-        return True
-    return bool(np.isfinite(arr).all())
-
-
-_SUM = np.add.reduce
-
-
-def _shape_text(shape: tuple[int, ...]) -> str:
-    return "[" + ", ".join("*" if d == -1 else str(d) for d in shape) + "]"
 
 
 class LoadedModel:
@@ -91,9 +74,12 @@ class LoadedModel:
         # Set when a reload or unload retires this object: called once its last session is gone, to stop it.
         self.on_idle: Callable[[LoadedModel], None] | None = None
         self._info_pb = None  # the transport's ModelInfo message for this model, built once
-        self._input_checks = [(t.name, np.dtype(t.dtype), t.session_shape) for t in manifest.inputs]
-        self._state_checks = [(s.name, np.dtype(s.dtype), s.session_shape) for s in manifest.states]
-        self._check_finite = not manifest.allow_nonfinite
+        # The checks every API's requests pass (server/core/validation.py); the step path calls them directly.
+        self.checks = TensorChecks(manifest, self.key)
+        self.check_inputs = self.checks.inputs
+        self.check_outputs = self.checks.outputs
+        self.check_finite = self.checks.finite
+        self.nonfinite_rows = self.checks.nonfinite_rows
 
     def self_check(self) -> None:
         """Call the model once on zeros at batch 1 (and 2 where it batches) and compare every result with the
@@ -170,132 +156,14 @@ class LoadedModel:
             if self.open_sessions == 0 and self.on_idle is not None:
                 self.on_idle(self)
 
-    # ---- request checks ---------------------------------------------------------------------------------
-    def check_inputs(
-        self, inputs: Mapping[str, np.ndarray], num_steps: int, *, lead: str = "num_steps", finite: bool = True
-    ) -> dict[str, np.ndarray]:
-        """Validate one step's (or chunk's) data inputs; return them in manifest order.
-
-        Messages name the tensor and the expected dtype and per-session shape, so a client can fix its call.
-        ``lead`` names the leading axis when ``num_steps`` is set; ``finite=False`` leaves the NaN/Inf check
-        to the caller (a StepBatch rejects only its bad rows).
-        """
-        if len(inputs) != len(self._input_checks) or any(n not in inputs for n, _, _ in self._input_checks):
-            expected = ", ".join(f"'{n}' {d.name}{_shape_text(s)}" for n, d, s in self._input_checks)
-            raise InvalidArgument(
-                f"model {self.key} takes {len(self._input_checks)} input tensor(s): {expected}; "
-                f"got {echo_names(sorted(inputs))}"
-            )
-        checked = {}
-        lead_shape = (num_steps,) if num_steps else ()
-        for name, dtype, shape in self._input_checks:
-            arr = inputs[name]
-            self._check_tensor(
-                "input", name, arr, dtype, lead_shape + shape, lead=lead if num_steps else "", finite=finite
-            )
-            checked[name] = arr
-        return checked
-
-    def check_outputs(self, wanted: Sequence[str]) -> list[str]:
-        """The outputs a request asks for (empty: all), refused before its step is queued when one is unknown."""
-        if wanted:
-            names = [o.name for o in self.manifest.outputs]
-            unknown = [w for w in wanted if w not in names]
-            if unknown:
-                raise InvalidArgument(f"model {self.key} has no output {echo_names(unknown)}; its outputs are {names}")
-        return list(wanted)
-
-    def nonfinite_rows(self, inputs: Mapping[str, np.ndarray]) -> dict[int, str]:
-        """Rows (leading axis) of stacked inputs that hold NaN or Inf, with the first such input's name."""
-        if not self._check_finite:
-            return {}
-        bad: dict[int, str] = {}
-        for name, arr in inputs.items():
-            if arr.dtype.kind == "f" and arr.size:
-                rows = np.flatnonzero(~np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1))
-                for row in rows.tolist():
-                    bad.setdefault(row, name)
-        return bad
-
+    # ---- request checks (the inputs' and outputs': ``checks``) ----------------------------------------------
     def check_state(self, state: Mapping[str, np.ndarray], *, partial: bool) -> list[np.ndarray]:
         """Validate user-given state tensors; missing ones (when ``partial``) take the initial value."""
-        unknown = sorted(set(state) - {n for n, _, _ in self._state_checks})
-        if unknown:
-            names = [n for n, _, _ in self._state_checks]
-            raise InvalidArgument(f"model {self.key} has no state named {echo_names(unknown)}; its states are {names}")
-        result = []
-        for (name, dtype, shape), initial in zip(self._state_checks, self.initial_state, strict=True):
-            if name not in state:
-                if not partial:
-                    raise InvalidArgument(f"state '{name}' is missing: expected {dtype.name}{_shape_text(shape)}")
-                result.append(initial)
-                continue
-            arr = state[name]
-            self._check_tensor("state", name, arr, dtype, shape)
-            result.append(arr)
-        return result
-
-    def _check_tensor(
-        self,
-        kind: str,
-        name: str,
-        arr: np.ndarray,
-        dtype: np.dtype,
-        shape: tuple[int, ...],
-        *,
-        lead: str = "",
-        finite: bool = True,
-    ) -> None:
-        if arr.dtype != dtype:
-            raise InvalidArgument(
-                f"{kind} '{name}' of model {self.key}: expected dtype {dtype.name}, got {arr.dtype.name}"
-            )
-        if arr.ndim != len(shape) or any(e != -1 and e != g for e, g in zip(shape, arr.shape, strict=True)):
-            what = f"[{lead}, ...per-session shape]" if lead else "per-session shape, no batch axis"
-            raise InvalidArgument(
-                f"{kind} '{name}' of model {self.key}: expected shape {_shape_text(shape)} ({what}), "
-                f"got {list(arr.shape)}"
-            )
-        if finite and self._check_finite and arr.dtype.kind == "f" and not all_finite(arr):
-            raise self._nonfinite(kind, name)
-
-    def check_finite(self, inputs: Mapping[str, np.ndarray]) -> None:
-        """The NaN/Inf check alone, for inputs whose names, dtypes and shapes a transport already checked."""
-        if self._check_finite:
-            for name, arr in inputs.items():
-                if arr.dtype.kind == "f" and not all_finite(arr):
-                    raise self._nonfinite("input", name)
-
-    def _nonfinite(self, kind: str, name: str) -> InvalidArgument:
-        return InvalidArgument(
-            f"{kind} '{name}' of model {self.key} holds NaN or Inf, which this model does not accept "
-            "(set allow_nonfinite in its manifest to allow them)"
-        )
+        return self.checks.states(state, self.initial_state, partial=partial)
 
     def check_parameters(self, given: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Validate a session's parameters; missing ones take their default (or are refused without one)."""
-        specs = self.manifest.parameters
-        unknown = sorted(set(given) - {p.name for p in specs})
-        if unknown:
-            raise InvalidArgument(
-                f"model {self.key} has no parameter named {echo_names(unknown)}; "
-                f"its parameters are {[p.name for p in specs]}"
-            )
-        values = []
-        for spec, default in zip(specs, self.parameter_defaults, strict=True):
-            shape = spec.session_shape
-            if spec.name not in given:
-                if default is None:
-                    raise InvalidArgument(
-                        f"model {self.key} needs parameter '{spec.name}' ({spec.dtype}{_shape_text(shape)}) "
-                        "at session open"
-                    )
-                values.append(default)
-                continue
-            arr = given[spec.name]
-            self._check_tensor("parameter", spec.name, arr, np.dtype(spec.dtype), shape)
-            values.append(arr)
-        return values
+        return self.checks.parameters(given, self.parameter_defaults)
 
     def state_dict(self, values: list[np.ndarray]) -> dict[str, np.ndarray]:
         """Name the leading (state) arrays of a slab row."""
@@ -305,6 +173,3 @@ class LoadedModel:
         """Name the parameter arrays of a slab row (after the states)."""
         row = values[len(self.manifest.states) :]
         return {p.name: v for p, v in zip(self.manifest.parameters, row, strict=True)}
-
-    def input_specs(self) -> list[TensorSpec]:
-        return self.manifest.inputs
