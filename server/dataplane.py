@@ -338,11 +338,11 @@ class DataPlane:
         in the model's queue too); returns the inputs in manifest order. A caller about to replace a session
         (a KServe START on a live sequence) runs them first, so a refused step leaves the old session as it was."""
         if checked:
-            model.check_finite(inputs)
+            model.checks.finite(inputs)
         else:
-            inputs = model.check_inputs(inputs, num_steps)
+            inputs = model.checks.inputs(inputs, num_steps)
         if outputs:
-            model.check_outputs(outputs)
+            model.checks.outputs(outputs)
         if queue:
             self.limits.check_queue(self._batcher_of(model).queued_steps, num_steps or 1, model.key)
         return inputs
@@ -396,16 +396,11 @@ class DataPlane:
                 group.finish(i, None, 0, exc)
             return None, future
         self.limits.check_queue(self._batcher_of(model).queued_steps, n, model.key)
-        checked = model.check_inputs(inputs, n, lead="sessions", finite=False)
-        model.check_outputs(outputs)
-        for row, name in model.nonfinite_rows(checked).items():
-            errors.setdefault(
-                row,
-                InvalidArgument(
-                    f"input '{name}' of model {model.key}, row {row} (session '{session_ids[row]}'), holds NaN or "
-                    "Inf, which this model does not accept (set allow_nonfinite in its manifest to allow them)"
-                ),
-            )
+        checked = model.checks.inputs(inputs, n, lead="sessions", finite=False)
+        model.checks.outputs(outputs)
+        for row, name in model.checks.nonfinite_rows(checked).items():
+            where = f", row {row} (session '{session_ids[row]}'),"
+            errors.setdefault(row, model.checks.nonfinite("input", name, where))
         for i, exc in errors.items():
             group.finish(i, None, 0, exc)
         batcher = self._batcher_of(model)

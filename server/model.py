@@ -74,12 +74,8 @@ class LoadedModel:
         # Set when a reload or unload retires this object: called once its last session is gone, to stop it.
         self.on_idle: Callable[[LoadedModel], None] | None = None
         self._info_pb = None  # the transport's ModelInfo message for this model, built once
-        # The checks every API's requests pass (server/core/validation.py); the step path calls them directly.
+        # The checks its requests pass, whichever API brings them (server/core/validation.py).
         self.checks = TensorChecks(manifest, self.key)
-        self.check_inputs = self.checks.inputs
-        self.check_outputs = self.checks.outputs
-        self.check_finite = self.checks.finite
-        self.nonfinite_rows = self.checks.nonfinite_rows
 
     def self_check(self) -> None:
         """Call the model once on zeros at batch 1 (and 2 where it batches) and compare every result with the
@@ -156,7 +152,7 @@ class LoadedModel:
             if self.open_sessions == 0 and self.on_idle is not None:
                 self.on_idle(self)
 
-    # ---- request checks (the inputs' and outputs': ``checks``) ----------------------------------------------
+    # ---- a session's states and parameters (its inputs and outputs: ``checks``) -------------------------
     def check_state(self, state: Mapping[str, np.ndarray], *, partial: bool) -> list[np.ndarray]:
         """Validate user-given state tensors; missing ones (when ``partial``) take the initial value."""
         return self.checks.states(state, self.initial_state, partial=partial)

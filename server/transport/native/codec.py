@@ -312,7 +312,7 @@ class StepStream:
             return None
         model = known[0].model
         try:
-            wanted_checked = model.check_outputs(wanted)
+            wanted_checked = model.checks.outputs(wanted)
             decoded = [self.limits.tensors(s.inputs) for s in steps]
         except Exception:
             return None

@@ -147,7 +147,7 @@ class RnnServeServicer:
 
     async def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
         model = self.dp.model(request.model, request.version)
-        wanted = model.check_outputs(request.outputs)
+        wanted = model.checks.outputs(request.outputs)
         result = await self.dp.predict(
             request.model,
             request.version,
