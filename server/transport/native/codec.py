@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
 
 import grpc
 import numpy as np
 
 from rnnserve.manifest import StateSpec, TensorSpec
 from rnnserve.proto import rnnserve_pb2 as pb
+from rnnserve.server.core.work import JobGroup, StepOutcome
 from rnnserve.server.dataplane import DataPlane, SessionStateView
 from rnnserve.server.errors import InvalidArgument
 from rnnserve.server.limits import Limits
@@ -108,7 +108,9 @@ def fill_outputs(target, outputs: Mapping[str, np.ndarray], wanted: list[str]) -
     encode_map({k: v for k, v in outputs.items() if not wanted or k in wanted}, target)
 
 
-def batch_result(result: pb.StepBatchResult, model: LoadedModel | None, group, n: int, wanted: list[str]) -> None:
+def batch_result(
+    result: pb.StepBatchResult, model: LoadedModel | None, group: JobGroup, n: int, wanted: list[str]
+) -> None:
     """Fill a StepBatchResult from a finished JobGroup: outputs stacked by row, zeros in failed rows."""
     codes = [0] * n
     messages = [""] * n
@@ -139,12 +141,21 @@ def batch_result(result: pb.StepBatchResult, model: LoadedModel | None, group, n
 
 
 # ---- Step ---------------------------------------------------------------------------------------------------
-def step_response(request: pb.StepRequest, model: LoadedModel, done: Any) -> pb.StepResponse:
-    """A Step's response from its finished future's value (``DataPlane.step_result``)."""
-    result = DataPlane.step_result(model, done, request.num_steps)
-    response = pb.StepResponse(session_id=request.session_id, steps=result.steps, request_id=request.request_id)
-    fill_outputs(response.outputs, result.outputs, list(request.outputs))
+def step_response(request: pb.StepRequest, model: LoadedModel, done: StepOutcome) -> pb.StepResponse:
+    """A Step's response from its finished future's value."""
+    response = pb.StepResponse(session_id=request.session_id, request_id=request.request_id)
+    fill_result(response, model, done, request.num_steps, list(request.outputs))
     return response
+
+
+def fill_result(
+    result: pb.StepResponse | pb.StepResult, model: LoadedModel, outcome: StepOutcome, num_steps: int, wanted: list[str]
+) -> None:
+    """A step's step count and the outputs asked for, from its outcome: a lone step's future's value, or a
+    group row's (``JobGroup.outcome``)."""
+    out = DataPlane.step_result(model, outcome, num_steps)
+    result.steps = out.steps
+    fill_outputs(result.outputs, out.outputs, wanted)
 
 
 # ---- StreamStep ---------------------------------------------------------------------------------------------
@@ -353,10 +364,8 @@ class StepStream:
                         raise step.error
                     # Submitted with keep: a broken stream cancelling this future does not drop the step (the
                     # steps queued after it apply).
-                    value = await step.future  # type: ignore[misc]
-                    out = self.dp.step_result(step.model, value, request.num_steps)  # type: ignore[arg-type]
-                    result.steps = out.steps
-                    fill_outputs(result.outputs, out.outputs, step.wanted)
+                    outcome = await step.future  # type: ignore[misc]
+                    fill_result(result, step.model, outcome, request.num_steps, step.wanted)  # type: ignore[arg-type]
                 except Exception as exc:  # one step's failure does not end the stream
                     self._refuse(result, exc)
         if item.batch is not None:
@@ -371,21 +380,12 @@ class StepStream:
 
     async def _answer_group(self, response: pb.StreamStepResponse, group: PendingGroup) -> None:
         done = await group.future  # a group's rows have no futures of their own: cancelling drops nothing
-        model = group.model
-        names = [o.name for o in model.manifest.outputs] if model is not None else []
         for i, request in enumerate(group.requests):
             result = response.results.add(session_id=request.session_id, request_id=request.request_id)
-            error = done.errors.get(i)
-            if error is not None:
-                self._refuse(result, error)
-                continue
-            result.steps = done.steps[i]
-            if done.stacked is not None:
-                outputs = {n: done.stacked[j][i] for j, n in enumerate(names)}
-            else:
-                row = done.outputs[i]
-                outputs = dict(zip(names, row, strict=True)) if row is not None else {}
-            fill_outputs(result.outputs, outputs, group.wanted)
+            try:
+                fill_result(result, group.model, done.outcome(i), 0, group.wanted)  # type: ignore[arg-type]
+            except Exception as exc:  # this row's own refusal or failure
+                self._refuse(result, exc)
 
     async def _answer_batch(self, result: pb.StepBatchResult, batch: PendingBatch) -> None:
         ids = batch.ids
