@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +26,8 @@ class StateSlab:
         self.specs = list(specs)
         self.initial = [np.asarray(v) for v in initial]
         self.capacity = max(1, capacity)
-        self._arrays = [self._alloc(spec, self.capacity) for spec in self.specs]
+        # numpy arrays here, torch tensors in DeviceStateSlab: each subclass reads them with its own library.
+        self._arrays: list[Any] = [self._alloc(spec, self.capacity) for spec in self.specs]
         self._free: list[int] = list(range(self.capacity - 1, -1, -1))
         # Growth replaces the arrays; gathers and scatters run in worker threads, so both take this lock.
         self.lock = threading.Lock()

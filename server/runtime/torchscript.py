@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ class TorchScriptRuntime(Runtime):
             result = self.module(*args)
         flat: dict[str, torch.Tensor] = {}
         _unpack(self._results if len(self._results) > 1 else self._results[0], result, flat, "result")
-        out = {}
+        out: dict[str, Any] = {}  # numpy arrays, and device tensors for the state a GPU keeps
         for name, value in flat.items():
             # On a GPU the next state stays there (the slab holds device tensors); data goes to the host.
             out[name] = value if self._on_device and name in self._state_outputs else value.detach().cpu().numpy()
