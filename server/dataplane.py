@@ -435,7 +435,7 @@ class DataPlane:
         """Turn a finished step's outcome (its future's value, or a group row's ``JobGroup.outcome``) into named
         outputs (stacked over time for a chunk)."""
         per_step, steps = done
-        names = [o.name for o in model.manifest.outputs]
+        names = model.checks.output_names
         if num_steps:
             outputs = {n: np.stack([s[i] for s in per_step]) for i, n in enumerate(names)}
         else:

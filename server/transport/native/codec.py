@@ -151,8 +151,7 @@ def step_response(request: pb.StepRequest, model: LoadedModel, done: StepOutcome
 def fill_result(
     result: pb.StepResponse | pb.StepResult, model: LoadedModel, outcome: StepOutcome, num_steps: int, wanted: list[str]
 ) -> None:
-    """A step's step count and the outputs asked for, from its outcome: a lone step's future's value, or a
-    group row's (``JobGroup.outcome``)."""
+    """A step's step count and the outputs asked for, from its outcome (its future's value)."""
     out = DataPlane.step_result(model, outcome, num_steps)
     result.steps = out.steps
     fill_outputs(result.outputs, out.outputs, wanted)
@@ -380,12 +379,22 @@ class StepStream:
 
     async def _answer_group(self, response: pb.StreamStepResponse, group: PendingGroup) -> None:
         done = await group.future  # a group's rows have no futures of their own: cancelling drops nothing
+        # Each row read from the group's columns as they are (a row's ``JobGroup.outcome`` would build a lone
+        # step's lists first, which costs the grouped path a few percent).
+        names = group.model.checks.output_names if group.model is not None else []
         for i, request in enumerate(group.requests):
             result = response.results.add(session_id=request.session_id, request_id=request.request_id)
-            try:
-                fill_result(result, group.model, done.outcome(i), 0, group.wanted)  # type: ignore[arg-type]
-            except Exception as exc:  # this row's own refusal or failure
-                self._refuse(result, exc)
+            error = done.errors.get(i)
+            if error is not None:
+                self._refuse(result, error)
+                continue
+            result.steps = done.steps[i]
+            if done.stacked is not None:
+                outputs = {n: done.stacked[j][i] for j, n in enumerate(names)}
+            else:
+                row = done.outputs[i]
+                outputs = dict(zip(names, row, strict=True)) if row is not None else {}
+            fill_outputs(result.outputs, outputs, group.wanted)
 
     async def _answer_batch(self, result: pb.StepBatchResult, batch: PendingBatch) -> None:
         ids = batch.ids
