@@ -133,7 +133,7 @@ class MetricsServer:
         from prometheus_client.process_collector import ProcessCollector
 
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(RnnServeCollector(dataplane, rejected))  # type: ignore[arg-type]
+        self.registry.register(RnnServeCollector(dataplane, rejected))
         ProcessCollector(registry=self.registry)  # RSS, CPU seconds, open fds of the server process
         self._httpd, self._thread = start_http_server(port, addr=host, registry=self.registry)
         self.port: int = self._httpd.server_port

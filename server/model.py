@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -82,7 +82,7 @@ class LoadedModel:
         manifest, so a config that disagrees with its model fails at load, with a message, not at a step."""
         m = self.manifest
         for n in (1, 2) if self.max_batch_size > 1 else (1,):
-            feeds: dict[str, np.ndarray] = {}
+            feeds: dict[str, Any] = {}  # numpy arrays; torch tensors on a GPU
             for spec in m.inputs:
                 shape = [n if i == spec.batch_axis else (1 if d == -1 else d) for i, d in enumerate(spec.shape)]
                 feeds[spec.name] = (

@@ -215,11 +215,11 @@ class _StepsJob(_Job):
                             f"{new.dtype} for a batch of {live}; the manifest declares {spec.shape} {spec.dtype}"
                         )
                     state[(slice(None),) * spec.batch_axis + (slice(0, live),)] = new
-                for spec in m.outputs:
-                    y = _batch_first(model, spec, out[spec.name], live)
-                    if spec.name not in outputs:
-                        outputs[spec.name] = np.zeros((batch, self.max_length, *y.shape[1:]), y.dtype)
-                    outputs[spec.name][rows[:live], t] = y
+                for out_spec in m.outputs:
+                    y = _batch_first(model, out_spec, out[out_spec.name], live)
+                    if out_spec.name not in outputs:
+                        outputs[out_spec.name] = np.zeros((batch, self.max_length, *y.shape[1:]), y.dtype)
+                    outputs[out_spec.name][rows[:live], t] = y
             for spec, state, dest in zip(m.states, states, final, strict=True):
                 dest[rows] = np.moveaxis(state, spec.batch_axis, 0)
         return PredictResult(outputs, {s.name: v for s, v in zip(m.states, final, strict=True)})
