@@ -4,10 +4,12 @@ naming the expected type, not grpc's INTERNAL), and a unary method's refusal bec
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
+from google.protobuf.message_factory import GetMessageClass
 
 from rnnserve.server.errors import InvalidArgument, ResourceExhausted
 from rnnserve.server.transport.status import end_with
@@ -60,25 +62,28 @@ def unary(
 
 
 def service_handler(
-    service: str,
+    name: str,
+    service: ServiceDescriptor,
     servicer: object,
-    unary_methods: Mapping[str, tuple[type[Message], type[Message]]],
-    stream_methods: Mapping[str, type[Message]],
     *,
     max_bytes: int,
     rejected: Counter[tuple[str, str]] | None = None,
 ) -> grpc.GenericRpcHandler:
-    """``servicer``'s methods under ``service``: unary ones by (request, response) type, streaming ones by
-    response type (a stream parses its own messages, each in its own way: see server/transport/pump.py)."""
-    handlers: dict[str, grpc.RpcMethodHandler] = {
-        name: grpc.unary_unary_rpc_method_handler(
-            unary(getattr(servicer, name), request_type, max_bytes=max_bytes, rejected=rejected),
-            response_serializer=response_type.SerializeToString,
-        )
-        for name, (request_type, response_type) in unary_methods.items()
-    }
-    for name, response_type in stream_methods.items():
-        handlers[name] = grpc.stream_stream_rpc_method_handler(
-            getattr(servicer, name), response_serializer=response_type.SerializeToString
-        )
-    return grpc.method_handlers_generic_handler(service, handlers)
+    """Every method of ``service`` (the proto's descriptor), served under ``name`` by ``servicer``'s method of
+    the same name: a unary one on its parsed request (``unary``), a streaming one on the raw message stream (it
+    parses each message its own way: see server/transport/pump.py)."""
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        call = getattr(servicer, method.name)
+        response_type = GetMessageClass(method.output_type)
+        if method.client_streaming:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                call, response_serializer=response_type.SerializeToString
+            )
+        else:
+            request_type = GetMessageClass(method.input_type)
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                unary(call, request_type, max_bytes=max_bytes, rejected=rejected),
+                response_serializer=response_type.SerializeToString,
+            )
+    return grpc.method_handlers_generic_handler(name, handlers)

@@ -9,7 +9,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from rnnserve.proto import rnnserve_pb2 as pb
 from rnnserve.server.dataplane import DataPlane
 from rnnserve.server.limits import Limits
 from rnnserve.server.metrics import MetricsServer
@@ -18,7 +17,7 @@ from rnnserve.server.sessions import SessionManager
 from rnnserve.server.settings import ServerSettings
 from rnnserve.server.transport.auth import AuthInterceptor, load_tokens
 from rnnserve.server.transport.kserve import servicer as kserve
-from rnnserve.server.transport.native.servicer import SERVICE_NAME, RnnServeServicer, generic_handler
+from rnnserve.server.transport.native import servicer as native
 from rnnserve.server.transport.rpc import transport_receive_limit
 from rnnserve.server.transport.tls import server_credentials
 from rnnserve.server.watch import RepositoryWatcher
@@ -52,7 +51,7 @@ class RnnServer:
         self.limits = Limits.from_settings(settings)
         self.dataplane.limits = self.limits
         self.sessions.max_sessions_per_client = settings.max_sessions_per_client
-        self.servicer = RnnServeServicer(
+        self.servicer = native.RnnServeServicer(
             self.dataplane, max_stream_inflight=settings.max_stream_inflight, limits=self.limits
         )
         # Read before anything starts, so a bad token file or certificate stops the server with its error.
@@ -99,19 +98,18 @@ class RnnServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        server.add_generic_rpc_handlers((generic_handler(self.servicer),))
+        server.add_generic_rpc_handlers((native.handler(self.servicer),))
         # The KServe v2 / Triton API on the same port, over the same data plane (server/transport/kserve/).
         kserve_servicer = kserve.KServeServicer(self.dataplane, max_stream_inflight=self.settings.max_stream_inflight)
-        server.add_generic_rpc_handlers((kserve.kserve_handler(kserve_servicer),))
+        server.add_generic_rpc_handlers((kserve.handler(kserve_servicer),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.settings.reflection:
             names = (
-                SERVICE_NAME,
+                native.SERVICE_NAME,
                 kserve.SERVICE_NAME,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             )
-            assert pb.DESCRIPTOR.services_by_name["RnnServe"].full_name == SERVICE_NAME
             reflection.enable_server_reflection(names, server)
         address = f"{self.settings.host}:{self.settings.port}"
         if self.credentials is not None:
@@ -126,7 +124,7 @@ class RnnServer:
             self.metrics = MetricsServer(
                 self.dataplane, self.servicer.rejected, self.settings.metrics_address, self.settings.metrics_port
             )
-        for service in ("", SERVICE_NAME):
+        for service in ("", native.SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         if self.settings.port_file:
             self.settings.port_file.write_text(f"{self.port}\n")

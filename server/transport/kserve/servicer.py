@@ -7,7 +7,6 @@ and statistics calls read the data plane; inference goes through the codec (code
 from __future__ import annotations
 
 import grpc
-from google.protobuf.message import Message
 
 import rnnserve
 from rnnserve.proto import kserve_grpc_service_pb2 as kpb
@@ -19,6 +18,7 @@ from rnnserve.server.transport.kserve.codec import InferCodec, InferStream, clie
 from rnnserve.server.transport.pump import stream_handler
 from rnnserve.server.transport.rpc import service_handler
 
+SERVICE = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 SERVICE_NAME = "inference.GRPCInferenceService"  # Triton's name: the path every KServe client calls
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "sequence")
 
@@ -97,28 +97,6 @@ class KServeServicer:
         return await self.infer.submit(request, client_key(context), context.peer())
 
 
-# name -> (request type, response type); ModelStreamInfer is the one streaming method.
-METHODS: dict[str, tuple[type[Message], type[Message]]] = {
-    "ServerLive": (kpb.ServerLiveRequest, kpb.ServerLiveResponse),
-    "ServerReady": (kpb.ServerReadyRequest, kpb.ServerReadyResponse),
-    "ModelReady": (kpb.ModelReadyRequest, kpb.ModelReadyResponse),
-    "ServerMetadata": (kpb.ServerMetadataRequest, kpb.ServerMetadataResponse),
-    "ModelMetadata": (kpb.ModelMetadataRequest, kpb.ModelMetadataResponse),
-    "ModelInfer": (kpb.ModelInferRequest, kpb.ModelInferResponse),
-    "ModelConfig": (kpb.ModelConfigRequest, kpb.ModelConfigResponse),
-    "ModelStatistics": (kpb.ModelStatisticsRequest, kpb.ModelStatisticsResponse),
-    "RepositoryIndex": (kpb.RepositoryIndexRequest, kpb.RepositoryIndexResponse),
-    "RepositoryModelLoad": (kpb.RepositoryModelLoadRequest, kpb.RepositoryModelLoadResponse),
-    "RepositoryModelUnload": (kpb.RepositoryModelUnloadRequest, kpb.RepositoryModelUnloadResponse),
-}
-
-
-def kserve_handler(servicer: KServeServicer) -> grpc.GenericRpcHandler:
+def handler(servicer: KServeServicer) -> grpc.GenericRpcHandler:
     """Handlers under Triton's service name, on raw request bytes as the native API's (server/transport/rpc.py)."""
-    return service_handler(
-        SERVICE_NAME,
-        servicer,
-        METHODS,
-        {"ModelStreamInfer": kpb.ModelStreamInferResponse},
-        max_bytes=servicer.dp.limits.max_message_bytes,
-    )
+    return service_handler(SERVICE_NAME, SERVICE, servicer, max_bytes=servicer.dp.limits.max_message_bytes)

@@ -6,7 +6,6 @@ from collections import Counter
 from collections.abc import Sequence
 
 import grpc
-from google.protobuf.message import Message
 
 from rnnserve.proto import rnnserve_pb2 as pb
 from rnnserve.server.dataplane import DataPlane
@@ -17,7 +16,8 @@ from rnnserve.server.transport.native import codec
 from rnnserve.server.transport.pump import stream_handler
 from rnnserve.server.transport.rpc import service_handler
 
-SERVICE_NAME = "rnnserve.v1.RnnServe"
+SERVICE = pb.DESCRIPTOR.services_by_name["RnnServe"]
+SERVICE_NAME = SERVICE.full_name  # rnnserve.v1.RnnServe
 
 
 def _outcome(model: LoadedModel | FailedModel) -> pb.ModelInfo:
@@ -159,30 +159,8 @@ class RnnServeServicer:
         return codec.predict_response(request, model, result, wanted)
 
 
-# name -> (request type, response type); StreamStep is the one streaming method.
-METHODS: dict[str, tuple[type[Message], type[Message]]] = {
-    "ListModels": (pb.ListModelsRequest, pb.ListModelsResponse),
-    "GetModel": (pb.GetModelRequest, pb.ModelInfo),
-    "LoadModel": (pb.LoadModelRequest, pb.LoadModelResponse),
-    "UnloadModel": (pb.UnloadModelRequest, pb.UnloadModelResponse),
-    "OpenSession": (pb.OpenSessionRequest, pb.OpenSessionResponse),
-    "CloseSession": (pb.SessionRequest, pb.CloseSessionResponse),
-    "ResetSession": (pb.ResetSessionRequest, pb.ResetSessionResponse),
-    "GetState": (pb.SessionRequest, pb.SessionState),
-    "SetState": (pb.SetStateRequest, pb.SetStateResponse),
-    "Step": (pb.StepRequest, pb.StepResponse),
-    "Predict": (pb.PredictRequest, pb.PredictResponse),
-    "GetStats": (pb.StatsRequest, pb.StatsResponse),
-}
-
-
-def generic_handler(servicer: RnnServeServicer) -> grpc.GenericRpcHandler:
+def handler(servicer: RnnServeServicer) -> grpc.GenericRpcHandler:
     """The service's handlers, on raw request bytes (server/transport/rpc.py); refusals are counted."""
     return service_handler(
-        SERVICE_NAME,
-        servicer,
-        METHODS,
-        {"StreamStep": pb.StreamStepResponse},
-        max_bytes=servicer.limits.max_message_bytes,
-        rejected=servicer.rejected,
+        SERVICE_NAME, SERVICE, servicer, max_bytes=servicer.limits.max_message_bytes, rejected=servicer.rejected
     )
