@@ -73,7 +73,6 @@ class LoadedModel:
         self.open_sessions = 0
         # Set when a reload or unload retires this object: called once its last session is gone, to stop it.
         self.on_idle: Callable[[LoadedModel], None] | None = None
-        self._info_pb = None  # the transport's ModelInfo message for this model, built once
         # The checks its requests pass, whichever API brings them (server/core/validation.py).
         self.checks = TensorChecks(manifest, self.key)
 

@@ -85,8 +85,10 @@ def _refusal(code: grpc.StatusCode, message: str, streaming: bool) -> grpc.RpcMe
     return grpc.unary_unary_rpc_method_handler(unary)
 
 
-def _with_principal(handler: grpc.RpcMethodHandler, principal: str) -> grpc.RpcMethodHandler:
-    """The same handler, run with PRINCIPAL set (set inside the handler: that is the context it runs in)."""
+def _with_principal(handler: Any, principal: str) -> grpc.RpcMethodHandler:
+    """The same handler, run with PRINCIPAL set (set inside the handler: that is the context it runs in).
+    ``handler``: grpc's method handler, a named tuple of the aio server's async callables (which grpc's type
+    stubs describe as the sync server's)."""
     if handler.unary_unary is not None:
         inner = handler.unary_unary
 
@@ -131,9 +133,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler | None:
         method = handler_call_details.method
         if method.startswith(OPEN_SERVICES):
             return await continuation(handler_call_details)

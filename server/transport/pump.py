@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
@@ -27,6 +28,7 @@ from rnnserve.server.transport.status import end_with
 Message = TypeVar("Message")
 Item = TypeVar("Item")
 Response = TypeVar("Response")
+Response_co = TypeVar("Response_co", covariant=True)
 
 
 class AnswerQueue:
@@ -94,7 +96,12 @@ class AnswerQueue:
         """The stream ended (the client left, or its status is out): stop ``reader`` and, once it has
         stopped, hand each unanswered item to ``drop``."""
         reader.cancel()
-        reader.add_done_callback(lambda _: [drop(item) for item in self.drain()])
+
+        def dropped(_: asyncio.Task) -> None:
+            for item in self.drain():
+                drop(item)
+
+        reader.add_done_callback(dropped)
 
 
 def observe(pending: Awaitable[Any] | None) -> None:
@@ -104,7 +111,7 @@ def observe(pending: Awaitable[Any] | None) -> None:
     if pending is None:
         return
     if asyncio.iscoroutine(pending):
-        if pending.cr_frame is None:  # it ran already (its stream's writer was awaiting it)
+        if inspect.getcoroutinestate(pending) == inspect.CORO_CLOSED:  # its stream's writer was awaiting it
             return
         pending = asyncio.ensure_future(pending)
     if isinstance(pending, asyncio.Future):
@@ -116,7 +123,7 @@ def _read_outcome(future: asyncio.Future) -> None:
         future.exception()
 
 
-class StreamCodec(Protocol[Message, Item, Response]):
+class StreamCodec(Protocol[Message, Item, Response_co]):
     """One streaming service's side of the pump: wire messages to queued work and back to responses."""
 
     def receive(self, raw: bytes) -> tuple[Message, Awaitable[Any] | None]:
@@ -129,11 +136,11 @@ class StreamCodec(Protocol[Message, Item, Response]):
         the future ``lend`` gave (``AnswerQueue.take_waiter``). Never raises: a refusal is answered in the item."""
         ...
 
-    def answer(self, item: Item) -> Awaitable[Response]:
+    def answer(self, item: Item) -> Awaitable[Response_co]:
         """The message's response, once its work is done."""
         ...
 
-    def failed(self, item: Item, exc: Exception) -> Response:
+    def failed(self, item: Item, exc: Exception) -> Response_co:
         """The response for a message whose ``answer`` raised (the stream goes on)."""
         ...
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
@@ -15,9 +16,10 @@ from rnnserve.server.errors import InvalidArgument, ResourceExhausted
 from rnnserve.server.transport.status import end_with
 
 UnaryMethod = Callable[[Message, grpc.aio.ServicerContext], Awaitable[Message]]
+Parsed = TypeVar("Parsed", bound=Message)
 
 
-def parse(message_type: type[Message], data: bytes, max_bytes: int | None = None) -> Message:
+def parse(message_type: type[Parsed], data: bytes, max_bytes: int | None = None) -> Parsed:
     """Deserialize a request ourselves so garbage bytes get INVALID_ARGUMENT with the expected type named
     (grpc's own deserializer would answer INTERNAL), and a message over ``max_bytes`` (--max-message-bytes)
     gets RESOURCE_EXHAUSTED naming that flag (see ``transport_receive_limit``)."""

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import grpc
 import numpy as np
@@ -149,24 +149,25 @@ class InferCodec:
         flags = sequence_flags(request)
         _check_empty_final(request)
         model = self.dp.model(request.model_name, version_number(request.model_version))
-        # A sequence step in the usual form is matched against the model in one pass; anything else (and
-        # every refusal) goes through the general decode and checks below.
-        step = self._decoder(model).decode(request) if flags.id is not None else None
         wanted = wanted_outputs(model, request)
+        sequence = flags.id
+        if sequence is None:
+            inputs = decode_inputs(request, self.dp.limits)
+            check_inputs(model, inputs, sequence=False)
+            return asyncio.ensure_future(self._stateless(request, model, inputs, wanted, stream))
+        # A sequence step in the usual form is matched against the model in one pass; anything else (and
+        # every refusal) goes through the general decode and checks.
+        step: Mapping[str, np.ndarray] | None = self._decoder(model).decode(request)
+        checked = step is not None
         if step is None:
             inputs = decode_inputs(request, self.dp.limits)
-            check_inputs(model, inputs, sequence=flags.id is not None)
-            if flags.id is None:
-                return asyncio.ensure_future(self._stateless(request, model, inputs, wanted, stream))
+            check_inputs(model, inputs, sequence=True)
             step = {name: arr[0] for name, arr in inputs.items()}
-            checked = False
-        else:
-            checked = True
         if not models.is_stateful(model):
             raise InvalidArgument(
                 f"model '{model.name}' takes whole sequences in one request: send it without sequence_id"
             )
-        key = (client, model.name, flags.id)
+        key = (client, model.name, sequence)
         if flags.start:
             # Every check the step would get runs before the live session (if any) is replaced: a refused
             # START leaves its sequence going on as it was.
@@ -180,7 +181,7 @@ class InferCodec:
         else:
             found = self.sequences.get(key)
             if found is None:
-                raise missing_start(flags.id, model.name)
+                raise missing_start(sequence, model.name)
             session = found
         try:
             # The data plane's own checks (NaN/Inf...) run here: a refused START is undone just below.

@@ -6,6 +6,8 @@ and statistics calls read the data plane; inference goes through the codec (code
 
 from __future__ import annotations
 
+from typing import cast
+
 import grpc
 
 import rnnserve
@@ -94,7 +96,8 @@ class KServeServicer:
 
     # ---- inference --------------------------------------------------------------------------------------
     async def ModelInfer(self, request: kpb.ModelInferRequest, context) -> kpb.ModelInferResponse:
-        return await self.infer.submit(request, client_key(context), context.peer())
+        response = await self.infer.submit(request, client_key(context), context.peer())
+        return cast(kpb.ModelInferResponse, response)  # not a stream's: ``submit`` without ``stream``
 
 
 def handler(servicer: KServeServicer) -> grpc.GenericRpcHandler:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -33,7 +33,9 @@ DATATYPES: dict[str, str] = {
 NUMPY_DTYPES: dict[str, np.dtype] = {v: np.dtype(k).newbyteorder("<") for k, v in DATATYPES.items()}
 # Little-endian dtype -> KServe datatype, for outputs (keyed by dtype: ``dtype.name`` is a slow property).
 _DATATYPE_OF: dict[np.dtype, str] = {dtype: name for name, dtype in NUMPY_DTYPES.items()}
-CONFIG_TYPES: dict[str, int] = {k: kcfg.DataType.Value(f"TYPE_{v}") for k, v in DATATYPES.items()}
+CONFIG_TYPES: dict[str, kcfg.DataType] = {
+    k: cast(kcfg.DataType, kcfg.DataType.Value(f"TYPE_{v}")) for k, v in DATATYPES.items()
+}
 
 # The typed-contents field that carries each datatype. FP16 has none: the protocol sends it raw only.
 _CONTENTS_FIELD: dict[str, str] = {

@@ -10,6 +10,7 @@ results answered per step exactly as they would be one by one.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
@@ -46,11 +47,15 @@ def state_spec(spec: StateSpec) -> pb.StateSpec:
     )
 
 
+_STATIC_INFO: weakref.WeakKeyDictionary[LoadedModel, pb.ModelInfo] = weakref.WeakKeyDictionary()
+"""Each loaded model's description but its session count; a model retired by a reload or unload drops out."""
+
+
 def model_info(model: LoadedModel) -> pb.ModelInfo:
     """The model's description; the static part is built once per model (OpenSession returns it every time)."""
-    cached = model._info_pb
+    cached = _STATIC_INFO.get(model)
     if cached is None:
-        cached = model._info_pb = _static_model_info(model)
+        cached = _STATIC_INFO[model] = _static_model_info(model)
     info = pb.ModelInfo()
     info.CopyFrom(cached)
     info.open_sessions = model.open_sessions
@@ -270,7 +275,7 @@ class StepStream:
     def submit(
         self, message: pb.StreamStepRequest | RefusedMessage, lend: Callable[[], asyncio.Future | None]
     ) -> tuple[PendingMessage, bool]:
-        if type(message) is RefusedMessage:
+        if isinstance(message, RefusedMessage):
             error, refused = message.error, message.message
             batch = PendingBatch(refused.batch, list(refused.batch.session_ids), error=error)
             return PendingMessage(
@@ -352,7 +357,7 @@ class StepStream:
     async def answer(self, item: PendingMessage) -> pb.StreamStepResponse:
         response = pb.StreamStepResponse()
         steps = item.steps
-        if type(steps) is PendingGroup:
+        if isinstance(steps, PendingGroup):
             await self._answer_group(response, steps)
         else:
             for step in steps:
@@ -407,6 +412,7 @@ class StepStream:
             result.messages.extend([message] * len(ids))
             result.steps.extend([0] * len(ids))
             return
+        assert batch.future is not None  # queued: it has no error
         batch_result(result, batch.model, await batch.future, len(ids), batch.wanted)
 
     def failed(self, item: PendingMessage, exc: Exception) -> pb.StreamStepResponse:
@@ -414,7 +420,7 @@ class StepStream:
 
     def drop(self, item: PendingMessage) -> None:
         steps = item.steps
-        if type(steps) is PendingGroup:
+        if isinstance(steps, PendingGroup):
             observe(steps.future)
         else:
             for step in steps:
