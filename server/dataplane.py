@@ -280,31 +280,27 @@ class DataPlane:
     # ---- steps ------------------------------------------------------------------------------------------
     def submit_step(
         self,
-        session_id: str,
+        session: Session,
         inputs: Mapping[str, np.ndarray],
         num_steps: int,
         step_index: int = 0,
         *,
         keep: bool = False,
-        checked: bool = False,
         future: asyncio.Future | None = None,
-        outputs: Sequence[str] = (),
     ) -> tuple[LoadedModel, asyncio.Future]:
-        """Validate and queue one step (or chunk). Returns its model and a future for ``step_result``.
+        """Queue one step (or chunk) of ``session``. Returns its model and a future for its ``StepOutcome``.
 
-        ``checked``: the transport already matched the inputs to the model's names, dtypes and per-session
-        shapes, in manifest order (the KServe fast path); only the NaN/Inf check is left to run here.
-        ``future``: the future to complete (a stream writer's own wait future, server/transport/pump.py); the one
-        returned is another when the step is a repeat answered from its earlier result. ``outputs``: the ones
-        the response is to carry; an unknown name refuses the step.
+        ``inputs`` are the step's as the model's checks passed them (server/core/validation.py): each
+        transport's codec runs those checks while it decodes a step, in its own way. ``future``: the future
+        to complete (a stream writer's own wait future, server/transport/pump.py); the one returned is another
+        when the step is a repeat answered from its earlier result. ``keep``: the step applies even if its
+        caller stops waiting (a stream's).
 
-        Everything that can be rejected is rejected here, before the step is queued: a refused step never
+        Everything else that can be refused is refused here, before the step is queued: a refused step never
         reaches the batcher and so never touches the session's state. A ``step_index`` repeating an earlier
         step gets that step's result instead (server/core/session.py).
         """
-        session = self.sessions.get(session_id)
         model = session.model
-        inputs = self.check_step(model, inputs, num_steps, checked=checked, outputs=outputs)
         print_ = 0
         if step_index:
             print_ = fingerprint(inputs)
@@ -313,7 +309,7 @@ class DataPlane:
                 return model, answer(earlier)
         if len(session.pending) >= self.max_pending_steps:
             raise ResourceExhausted(
-                f"session '{session_id}' already has {len(session.pending)} steps queued (limit "
+                f"session '{session.id}' already has {len(session.pending)} steps queued (limit "
                 f"{self.max_pending_steps}); wait for responses before sending more"
             )
         batcher = self._batcher(session)
@@ -324,28 +320,11 @@ class DataPlane:
         session.queued(num_steps, step_index, self.replay_window)
         return model, future
 
-    def check_step(
-        self,
-        model: LoadedModel,
-        inputs: Mapping[str, np.ndarray],
-        num_steps: int,
-        *,
-        checked: bool = False,
-        outputs: Sequence[str] = (),
-        queue: bool = False,
-    ) -> Mapping[str, np.ndarray]:
-        """The checks of ``submit_step`` that need no session (inputs, outputs asked for; with ``queue``, room
-        in the model's queue too); returns the inputs in manifest order. A caller about to replace a session
-        (a KServe START on a live sequence) runs them first, so a refused step leaves the old session as it was."""
-        if checked:
-            model.checks.finite(inputs)
-        else:
-            inputs = model.checks.inputs(inputs, num_steps)
-        if outputs:
-            model.checks.outputs(outputs)
-        if queue:
-            self.limits.check_queue(self._batcher_of(model).queued_steps, num_steps or 1, model.key)
-        return inputs
+    def check_room(self, model: LoadedModel, steps: int = 1) -> None:
+        """Refuse ``steps`` more steps when the model's queue has no room for them (--max-queued-steps). A
+        caller about to replace a session (a KServe START on a live sequence) asks first, so a refused step
+        leaves the old session as it was."""
+        self.limits.check_queue(self._batcher_of(model).queued_steps, steps, model.key)
 
     def submit_batch(
         self,

@@ -98,17 +98,18 @@ class TritonWording(Wording):
 TRITON = TritonWording()
 
 
-def check_inputs(model: LoadedModel, inputs: dict[str, np.ndarray], *, sequence: bool) -> None:
-    """A request's inputs against the model: per-session shapes behind a leading batch axis, which a sequence
-    step (one step of one sequence) has at 1. NaN/Inf are the data plane's to check, on the step."""
-    model.checks.inputs(inputs, -1, lead="batch", finite=False, wording=TRITON)
+def check_inputs(model: LoadedModel, inputs: dict[str, np.ndarray], *, sequence: bool) -> dict[str, np.ndarray]:
+    """A request's inputs against the model, returned in manifest order: per-session shapes behind a leading
+    batch axis, which a sequence step (one step of one sequence) has at 1. NaN/Inf are checked on the step."""
+    checked = model.checks.inputs(inputs, -1, lead="batch", finite=False, wording=TRITON)
     if sequence:
-        for name, arr in inputs.items():
+        for name, arr in checked.items():
             if arr.shape[0] != 1:
                 raise InvalidArgument(
                     f"a sequence request to model '{model.name}' carries one step of one sequence: input "
                     f"'{name}' needs batch dimension 1, got {_shape_text(arr.shape)}"
                 )
+    return checked
 
 
 def wanted_outputs(model: LoadedModel, request: kpb.ModelInferRequest) -> list[str]:
@@ -158,10 +159,8 @@ class InferCodec:
         # A sequence step in the usual form is matched against the model in one pass; anything else (and
         # every refusal) goes through the general decode and checks.
         step: Mapping[str, np.ndarray] | None = self._decoder(model).decode(request)
-        checked = step is not None
         if step is None:
-            inputs = decode_inputs(request, self.dp.limits)
-            check_inputs(model, inputs, sequence=True)
+            inputs = check_inputs(model, decode_inputs(request, self.dp.limits), sequence=True)
             step = {name: arr[0] for name, arr in inputs.items()}
         if not models.is_stateful(model):
             raise InvalidArgument(
@@ -171,8 +170,8 @@ class InferCodec:
         if flags.start:
             # Every check the step would get runs before the live session (if any) is replaced: a refused
             # START leaves its sequence going on as it was.
-            step = self.dp.check_step(model, step, 0, checked=checked, queue=True)
-            checked = True
+            model.checks.finite(step)
+            self.dp.check_room(model)
             old = self.sequences.pop(key)
             if old is not None:
                 self._close(old)  # START on a live sequence begins it again, from the initial state
@@ -184,10 +183,14 @@ class InferCodec:
                 raise missing_start(sequence, model.name)
             session = found
         try:
-            # The data plane's own checks (NaN/Inf...) run here: a refused START is undone just below.
-            # keep: on a stream, a client leaving does not drop a step already accepted (it applies, as it
-            # would have had its answer been read).
-            step_model, future = self.dp.submit_step(session.id, step, 0, checked=checked, future=waiter, keep=stream)
+            # A use of the session (its idle TTL starts again); one that ended meanwhile is refused here.
+            live = self.dp.sessions.get(session.id)
+            if not flags.start:  # (a START's step was checked before its sequence was replaced)
+                model.checks.finite(step)
+            # The data plane's own refusals (queue limits) come here too: a refused START is undone just
+            # below. keep: on a stream, a client leaving does not drop a step already accepted (it applies, as
+            # it would have had its answer been read).
+            step_model, future = self.dp.submit_step(live, step, 0, future=waiter, keep=stream)
         except Exception:
             if flags.start:
                 self.sequences.pop(key)

@@ -146,6 +146,20 @@ def batch_result(
 
 
 # ---- Step ---------------------------------------------------------------------------------------------------
+def submit_step(
+    dp: DataPlane, limits: Limits, request: pb.StepRequest, *, keep: bool = False, future: asyncio.Future | None = None
+) -> tuple[LoadedModel, asyncio.Future]:
+    """A StepRequest (a Step's, or a list-form stream step) decoded, checked against its session's model and
+    queued: its model and the future of its outcome."""
+    arrays = limits.tensors(request.inputs)
+    session = dp.sessions.get(request.session_id)
+    checks = session.model.checks
+    inputs = checks.inputs(arrays, request.num_steps)
+    if request.outputs:
+        checks.outputs(request.outputs)
+    return dp.submit_step(session, inputs, request.num_steps, request.step_index, keep=keep, future=future)
+
+
 def step_response(request: pb.StepRequest, model: LoadedModel, done: StepOutcome) -> pb.StepResponse:
     """A Step's response from its finished future's value."""
     response = pb.StepResponse(session_id=request.session_id, request_id=request.request_id)
@@ -292,15 +306,7 @@ class StepStream:
         used = False
         for step in message.steps:
             try:
-                model, future = self.dp.submit_step(
-                    step.session_id,
-                    self.limits.tensors(step.inputs),
-                    step.num_steps,
-                    step.step_index,
-                    keep=True,
-                    future=waiter,
-                    outputs=step.outputs,
-                )
+                model, future = submit_step(self.dp, self.limits, step, keep=True, future=waiter)
                 used = waiter is not None and future is waiter
                 steps.append(PendingStep(step, model, future, list(step.outputs)))
             except Exception as exc:  # reported in this step's result

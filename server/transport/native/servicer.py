@@ -136,13 +136,7 @@ class RnnServeServicer:
     async def Step(self, request: pb.StepRequest, context) -> pb.StepResponse:
         self.limits.check_steps(request.num_steps or 1)
         await self._restored((request.session_id,), (request.step_index,))
-        model, future = self.dp.submit_step(
-            request.session_id,
-            self.limits.tensors(request.inputs),
-            request.num_steps,
-            request.step_index,
-            outputs=request.outputs,
-        )
+        model, future = codec.submit_step(self.dp, self.limits, request)
         return codec.step_response(request, model, await future)
 
     async def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
