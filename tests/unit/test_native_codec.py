@@ -73,7 +73,7 @@ def test_eight_list_form_steps_become_one_group_answered_step_by_step(tiny_repos
     async def main() -> None:
         async with serving(tiny_repository) as server:
             stream = codec.StepStream(server.dataplane, server.limits, Counter())
-            n, steps = codec.GROUP_MIN, 2
+            n, steps = 8, 2  # eight single steps of distinct sessions: one group
             ids = [server.dataplane.open_session("gru", 0, {}, b"").id for _ in range(n)]
             xs = xs_for(n, steps)
             bad = xs[3, 1].copy()
