@@ -8,9 +8,9 @@ message grouped into one) is a ``StepJob`` per row sharing a ``JobGroup``; a KSe
 
 The result of a ``StepJob`` is one shape, ``StepOutcome``: ``(per-step outputs in manifest order, the
 session's step count)``, whether the step ran, was answered from the replay cache (``ReplayEntry``) or
-followed an earlier copy of itself still queued. A group answers per row (``JobGroup.outcome``), with the whole
-message's stacked outputs at hand (``JobGroup.stacked``) when it ran as one batch, so a codec can encode
-them as they are.
+followed an earlier copy of itself still queued. A group is answered once, for all its rows: each row's step
+count and error, and its outputs either per row (``JobGroup.outputs``) or, when the whole message ran as one
+batch, as the model returned them for all rows (``JobGroup.stacked``), so a codec encodes them as they are.
 
 No grpc and no protobuf here: the transport's codecs build these, the scheduler runs them.
 """
@@ -84,16 +84,6 @@ class JobGroup:
         self.remaining -= 1
         if self.remaining == 0:
             resolve(self.future, self)
-
-    def outcome(self, index: int) -> StepOutcome:
-        """Row ``index``'s result, as a lone step's (raises its error)."""
-        error = self.errors.get(index)
-        if error is not None:
-            raise error
-        if self.stacked is not None:
-            return [[o[index] for o in self.stacked]], self.steps[index]
-        row = self.outputs[index]
-        return ([row] if row is not None else []), self.steps[index]
 
     def answer_row(self, index: int, earlier: StepJob | ReplayEntry) -> None:
         """Answer row ``index``, which repeats an earlier step, with that step's result."""

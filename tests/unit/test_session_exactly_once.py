@@ -190,9 +190,8 @@ def test_a_group_row_repeating_a_step_gets_its_result() -> None:
         job.outputs = [[np.array([1.0])]]
         job.finish(steps=1)
         assert await group_future is group
-        assert group.outcome(0)[1] == 1 and group.outcome(0)[0][0][0].tolist() == [1.0]
-        assert group.outcome(1)[1] == 5
-        with pytest.raises(FailedPrecondition, match="row 2 refused"):
-            group.outcome(2)
+        assert group.steps[:2] == [1, 5]
+        assert group.outputs[0][0].tolist() == [1.0] and group.outputs[1][0].tolist() == [5.0]  # type: ignore[index]
+        assert list(group.errors) == [2] and "row 2 refused" in str(group.errors[2])
 
     asyncio.run(main())
