@@ -45,7 +45,9 @@ def fingerprint(inputs: Mapping[str, np.ndarray]) -> int:
     """CRC-32 of the inputs' bytes in name order: cheap, and enough to tell a retry from another step."""
     crc = 0
     for name in sorted(inputs):
-        crc = zlib.crc32(np.ascontiguousarray(inputs[name]).data.cast("B"), crc)
+        arr = np.ascontiguousarray(inputs[name])
+        if arr.size:  # an empty one has no bytes (and a view of it cannot be cast to bytes)
+            crc = zlib.crc32(arr.data.cast("B"), crc)
     return crc
 
 

@@ -195,3 +195,10 @@ def test_a_group_row_repeating_a_step_gets_its_result() -> None:
         assert list(group.errors) == [2] and "row 2 refused" in str(group.errors[2])
 
     asyncio.run(main())
+
+
+def test_the_fingerprint_of_inputs_with_an_empty_dimension() -> None:
+    # A free dimension may be 0 (an empty step of a variable-length input): a retry of it is still told apart.
+    empty = {"x": np.zeros((0, 3), np.float32)}
+    assert fingerprint(empty) == fingerprint({"x": np.zeros((0, 3), np.float32)})
+    assert fingerprint(empty) != fingerprint({"x": np.zeros((1, 3), np.float32)})
