@@ -21,13 +21,12 @@ from typing import TYPE_CHECKING
 
 from rnnserve.server.core.work import Job, StepJob
 from rnnserve.server.scheduling.dispatch import INLINE_BUDGET_NS, INLINE_MAX, dispatch_for
-from rnnserve.server.scheduling.execution import Execution
+from rnnserve.server.scheduling.execution import BatchedModel, Execution
 from rnnserve.server.scheduling.formation import ReadyQueue
 from rnnserve.server.scheduling.stats import BatchStats
 
 if TYPE_CHECKING:
     from rnnserve.server.core.session import Session
-    from rnnserve.server.model import LoadedModel
 
 
 class Batcher:
@@ -37,7 +36,7 @@ class Batcher:
 
     def __init__(
         self,
-        model: LoadedModel,
+        model: BatchedModel,
         *,
         max_batch_size: int,
         max_queue_delay_us: int,

@@ -31,16 +31,44 @@ from rnnserve.server.scheduling.formation import Clock, ReadyQueue
 from rnnserve.server.scheduling.stats import BatchStats
 
 if TYPE_CHECKING:
+    from rnnserve.manifest import Durability, ModelManifest
     from rnnserve.server.core.session import Session
-    from rnnserve.server.model import LoadedModel
+    from rnnserve.server.runtime import Runtime
+    from rnnserve.server.slab import StateSlab
 
 log = logging.getLogger(__name__)
+
+
+class BatchedModel(Protocol):
+    """What the scheduler needs of a model version (server/model.py's LoadedModel is one)."""
+
+    @property
+    def key(self) -> str: ...  # "name:version", for messages and thread names
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def manifest(self) -> ModelManifest: ...
+    @property
+    def durability(self) -> Durability: ...
+    @property
+    def runtime(self) -> Runtime: ...
+    @property
+    def slab(self) -> StateSlab: ...  # the sessions' states and parameters, a row each
+    @property
+    def constants(self) -> dict[str, np.ndarray]: ...  # fed to every call as configured
+    @property
+    def persistence(self) -> CommitHook | None: ...  # None: sessions are never written
+
+    def release(self, session: Session) -> None:
+        """Free a closed session's row (once its turn in a batch ended)."""
 
 
 class CommittedBatch(NamedTuple):
     """What the commit hook sees of a computed batch, row i being ``jobs[i]``, the step of ``sessions[i]``."""
 
-    model: LoadedModel
+    model: BatchedModel
     sessions: Sequence[Session]
     jobs: Sequence[StepJob]
     feeds: dict[str, Any]  # everything the model was fed: inputs, states, parameters, constants
@@ -82,7 +110,7 @@ class Execution:
 
     def __init__(
         self,
-        model: LoadedModel,
+        model: BatchedModel,
         queue: ReadyQueue,
         stats: BatchStats,
         commit: CommitHook | None,
