@@ -45,7 +45,6 @@ class Batcher:
         inline_budget_ns: int = INLINE_BUDGET_NS,
     ):
         self.model = model
-        self.concurrency = concurrency
         self.stats = BatchStats()
         self._wakeup = asyncio.Event()
         self.queue = ReadyQueue(
@@ -115,6 +114,7 @@ class Batcher:
                 continue
             self._computing += 1
             if self.dispatch.inline(len(batch), self._computing):
+                # Right here, on the event loop: steps arriving meanwhile form the next batch (dispatch.py).
                 self._execute_inline(batch)
                 continue
             task = asyncio.get_running_loop().create_task(self._execute(batch))
