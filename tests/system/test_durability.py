@@ -326,12 +326,14 @@ def test_graceful_shutdown_keeps_none_sessions_once(durable_repository, redis_se
 @needs_redis
 def test_every_step_batches_never_run_on_the_event_loop(durable_repository, redis_server, server_factory):
     """An every-step batch waits on a store round trip, so it always runs on a worker thread, however quick the
-    model; the same lone session of a `none` model steps on the event loop (Batcher._run)."""
+    model (its dispatch is chosen without inline batches: server/scheduling/dispatch.py); the same lone session
+    of a `none` model steps on the event loop."""
     xs = np.random.default_rng(12).standard_normal((12, TINY_INPUT)).astype(np.float32)
     # A budget far above the tiny model's time (a slow moment of a busy host must not make it look slow), and
-    # the every-step model's batches as if measured quick (a store round trip alone can exceed any budget).
+    # the every-step model's dispatch told that a lone batch took 1 ns before any ran: a dispatch that may run
+    # batches inline would run even the first one on the event loop.
     server = server_factory(durable_repository, session_store=redis_server.url, inline_budget_us=1_000_000)
-    server.server.repository.models[("gru_every", 1)].batcher._small_ns = 1
+    server.server.repository.models[("gru_every", 1)].batcher.dispatch.measured(1, 1, time.perf_counter_ns())
 
     def step(stub: pb_grpc.RnnServeStub, sid: str, x: np.ndarray) -> np.ndarray:
         return from_proto(stub.Step(pb.StepRequest(session_id=sid, inputs={"x": to_proto(x)})).outputs["y"])
