@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from rnnserve.server.scheduling.stats import BATCH_SIZE_BOUNDS, LATENCY_BOUNDS_NS
@@ -32,12 +32,40 @@ def store_error(model: str, version: int, operation: str) -> None:
     STORE_ERRORS[(model, version, operation)] += 1
 
 
-def _cumulative(buckets: list[int]) -> list[int]:
+def _buckets(bounds: list[str], counts: Iterable[int]) -> list[tuple[str, int]]:
+    """A histogram's (upper bound, cumulative count) pairs from its per-bucket counts."""
     total, out = 0, []
-    for count in buckets:
+    for bound, count in zip(bounds, counts, strict=True):
         total += count
-        out.append(total)
+        out.append((bound, total))
     return out
+
+
+# The families reported per model version (labels: model, version), in the order they are exposed:
+# key -> (kind, name, help).
+_PER_MODEL: dict[str, tuple[str, str, str]] = {
+    "steps": ("counter", "rnnserve_steps", "Timesteps computed"),
+    "batches": ("counter", "rnnserve_batches", "Model calls (batches) that succeeded"),
+    "inline": (
+        "counter",
+        "rnnserve_inline_batches",
+        "Of the batches, those run on the event loop (small batches of a quick model: no thread hop)",
+    ),
+    "compute": ("counter", "rnnserve_compute_seconds", "Seconds spent in model calls"),
+    "batch_size": ("histogram", "rnnserve_batch_size", "Sessions per model call"),
+    "queue": (
+        "histogram",
+        "rnnserve_queue_delay_seconds",
+        "Per step: from its session being ready in the batcher to its batch starting (batch mean)",
+    ),
+    "latency": (
+        "histogram",
+        "rnnserve_step_latency_seconds",
+        "Per step: from its session being ready in the batcher to its result (batch mean)",
+    ),
+    "open_sessions": ("gauge", "rnnserve_open_sessions", "Open sessions"),
+    "queued": ("gauge", "rnnserve_queued_steps", "Steps queued or computing"),
+}
 
 
 class RnnServeCollector:
@@ -54,49 +82,26 @@ class RnnServeCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
         mv = ["model", "version"]
-        steps = CounterMetricFamily("rnnserve_steps", "Timesteps computed", labels=mv)
-        batches = CounterMetricFamily("rnnserve_batches", "Model calls (batches) that succeeded", labels=mv)
-        inline = CounterMetricFamily(
-            "rnnserve_inline_batches",
-            "Of the batches, those run on the event loop (small batches of a quick model: no thread hop)",
-            labels=mv,
-        )
-        compute = CounterMetricFamily("rnnserve_compute_seconds", "Seconds spent in model calls", labels=mv)
-        batch_size = HistogramMetricFamily("rnnserve_batch_size", "Sessions per model call", labels=mv)
-        queue = HistogramMetricFamily(
-            "rnnserve_queue_delay_seconds",
-            "Per step: from its session being ready in the batcher to its batch starting (batch mean)",
-            labels=mv,
-        )
-        latency = HistogramMetricFamily(
-            "rnnserve_step_latency_seconds",
-            "Per step: from its session being ready in the batcher to its result (batch mean)",
-            labels=mv,
-        )
-        open_sessions = GaugeMetricFamily("rnnserve_open_sessions", "Open sessions", labels=mv)
-        queued = GaugeMetricFamily("rnnserve_queued_steps", "Steps queued or computing", labels=mv)
+        kinds = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}
+        f = {key: kinds[kind](name, text, labels=mv) for key, (kind, name, text) in _PER_MODEL.items()}
         size_bounds = [str(b) for b in BATCH_SIZE_BOUNDS] + ["+Inf"]
         time_bounds = [repr(b / 1e9) for b in LATENCY_BOUNDS_NS] + ["+Inf"]
         for model in list(self.dp.repository.models.values()):
             labels = [model.name, str(model.version)]
-            open_sessions.add_metric(labels, model.open_sessions)
+            f["open_sessions"].add_metric(labels, model.open_sessions)
             batcher = model.batcher
             if batcher is None:
                 continue
             s = batcher.stats
-            queued.add_metric(labels, batcher.queued_steps)
-            steps.add_metric(labels, s.steps)
-            batches.add_metric(labels, s.batches)
-            inline.add_metric(labels, s.inline)
-            compute.add_metric(labels, s.compute_ns / 1e9)
-            batch_size.add_metric(labels, list(zip(size_bounds, _cumulative(list(s.histogram)), strict=True)), s.steps)
-            queue.add_metric(
-                labels, list(zip(time_bounds, _cumulative(list(s.queue_buckets)), strict=True)), s.queue_ns / 1e9
-            )
-            latency.add_metric(
-                labels, list(zip(time_bounds, _cumulative(list(s.latency_buckets)), strict=True)), s.latency_ns / 1e9
-            )
-        yield from (steps, batches, inline, compute, batch_size, queue, latency, open_sessions, queued)
+            f["queued"].add_metric(labels, batcher.queued_steps)
+            f["steps"].add_metric(labels, s.steps)
+            f["batches"].add_metric(labels, s.batches)
+            f["inline"].add_metric(labels, s.inline)
+            f["compute"].add_metric(labels, s.compute_ns / 1e9)
+            f["batch_size"].add_metric(labels, _buckets(size_bounds, s.histogram), s.steps)
+            f["queue"].add_metric(labels, _buckets(time_bounds, s.queue_buckets), s.queue_ns / 1e9)
+            f["latency"].add_metric(labels, _buckets(time_bounds, s.latency_buckets), s.latency_ns / 1e9)
+        yield from f.values()
 
         evictions = CounterMetricFamily(
             "rnnserve_session_evictions",
