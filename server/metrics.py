@@ -41,6 +41,9 @@ def _buckets(bounds: list[str], counts: Iterable[int]) -> list[tuple[str, int]]:
     return out
 
 
+# The help of the two per-step histograms.
+_PER_STEP = "Per step: from its session being ready in the batcher to {} (batch mean)"
+
 # The families reported per model version (labels: model, version), in the order they are exposed:
 # key -> (kind, name, help).
 _PER_MODEL: dict[str, tuple[str, str, str]] = {
@@ -53,16 +56,8 @@ _PER_MODEL: dict[str, tuple[str, str, str]] = {
     ),
     "compute": ("counter", "rnnserve_compute_seconds", "Seconds spent in model calls"),
     "batch_size": ("histogram", "rnnserve_batch_size", "Sessions per model call"),
-    "queue": (
-        "histogram",
-        "rnnserve_queue_delay_seconds",
-        "Per step: from its session being ready in the batcher to its batch starting (batch mean)",
-    ),
-    "latency": (
-        "histogram",
-        "rnnserve_step_latency_seconds",
-        "Per step: from its session being ready in the batcher to its result (batch mean)",
-    ),
+    "queue": ("histogram", "rnnserve_queue_delay_seconds", _PER_STEP.format("its batch starting")),
+    "latency": ("histogram", "rnnserve_step_latency_seconds", _PER_STEP.format("its result")),
     "open_sessions": ("gauge", "rnnserve_open_sessions", "Open sessions"),
     "queued": ("gauge", "rnnserve_queued_steps", "Steps queued or computing"),
 }
