@@ -38,17 +38,71 @@ class UnloadResult:
     closed_sessions: int
 
 
+class Retirement:
+    """Loads no longer in the repository's table (reloaded or unloaded) whose batcher still runs for their
+    sessions: each stops once its last session goes. Every model is built with ``idle`` as its idle hook
+    (server/repository.py ModelFactory); it acts only on retired ones."""
+
+    def __init__(self) -> None:
+        # Each retired object, with a future that completes once it stopped.
+        self.draining: dict[LoadedModel, asyncio.Future[None]] = {}
+        self._stopping: set[LoadedModel] = set()
+        self._tasks: set[asyncio.Task] = set()  # strong references: the loop only keeps weak ones
+
+    def retire(self, model: LoadedModel) -> asyncio.Future[None]:
+        """Stop ``model``'s batcher once no session uses it (now, when none does). The future completes
+        when it has stopped."""
+        done = self.draining.get(model)
+        if done is not None:
+            return done
+        done = self.draining[model] = asyncio.get_running_loop().create_future()
+        if model.open_sessions == 0:
+            self.idle(model)
+        return done
+
+    def idle(self, model: LoadedModel) -> None:
+        """LoadedModel.release calls it when its last session goes."""
+        if model not in self.draining or model in self._stopping:
+            return
+        self._stopping.add(model)
+        # A task, not a call: release() may run inside this model's own batcher, which stop() waits for.
+        task = asyncio.get_running_loop().create_task(self._stop(model), name=f"stop-{model.key}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _stop(self, model: LoadedModel) -> None:
+        try:
+            await model.stop()
+        finally:
+            done = self.draining.pop(model, None)
+            self._stopping.discard(model)
+            if done is not None and not done.done():
+                done.set_result(None)
+        log.info("stopped %s: no session uses this load any more", model.key)
+
+    async def stop(self) -> None:
+        """Server shutdown: stop every retired object that still had sessions."""
+        for model in list(self.draining):
+            if model not in self._stopping:
+                self._stopping.add(model)
+                await self._stop(model)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
 class ModelAdmin:
-    def __init__(self, repository: ModelRepository, sessions: SessionManager):
+    def __init__(self, repository: ModelRepository, sessions: SessionManager, retirement: Retirement):
         self.repository = repository
         self.sessions = sessions
+        self.retirement = retirement
         # A serving version whose last reload failed -> that error (shown beside its READY listing).
         self.reload_errors: dict[Key, str] = {}
-        # Objects no longer in the table (reloaded or unloaded) whose batcher still runs for their sessions,
-        # each with a future that completes once it stopped.
-        self.draining: dict[LoadedModel, asyncio.Future[None]] = {}
-        self._tasks: set[asyncio.Task] = set()  # strong references: the loop only keeps weak ones
         self._lock: asyncio.Lock | None = None
+
+    @property
+    def draining(self) -> dict[LoadedModel, asyncio.Future[None]]:
+        """Retired loads whose batcher still runs for their sessions."""
+        return self.retirement.draining
 
     def _locked(self) -> asyncio.Lock:
         if self._lock is None:  # created on the loop that runs the server
@@ -84,7 +138,7 @@ class ModelAdmin:
                 model.key,
                 old.open_sessions,
             )
-            self._retire(old)
+            self.retirement.retire(old)
         return model
 
     def _load_failed(self, key: Key, error: str) -> FailedModel:
@@ -136,7 +190,7 @@ class ModelAdmin:
             for m in objects:
                 reason = f"model {m.key} was unloaded (forced); open a new session"
                 closed += self.sessions.end_model_sessions(m, reason)
-                stopped.append(self._retire(m))
+                stopped.append(self.retirement.retire(m))
             await asyncio.gather(*stopped)
         for item in unloaded:
             log.info("unloaded %s:%s", item.name, item.version)
@@ -144,40 +198,6 @@ class ModelAdmin:
             log.warning("forced unload of %s ended %d open session(s)", name, closed)
         return UnloadResult(unloaded, closed)
 
-    # ---- retiring objects -------------------------------------------------------------------------------
-    def _retire(self, model: LoadedModel) -> asyncio.Future[None]:
-        """Stop ``model``'s batcher once no session uses it (now, when none does). The future completes
-        when it has stopped."""
-        done = self.draining.get(model)
-        if done is not None:
-            return done
-        loop = asyncio.get_running_loop()
-        done = self.draining[model] = loop.create_future()
-        model.on_idle = self._spawn_stop  # LoadedModel.release calls it when its last session goes
-        if model.open_sessions == 0:
-            self._spawn_stop(model)
-        return done
-
-    def _spawn_stop(self, model: LoadedModel) -> None:
-        model.on_idle = None
-        # A task, not a call: release() may run inside this model's own batcher, which stop() waits for.
-        task = asyncio.get_running_loop().create_task(self._stop(model), name=f"stop-{model.key}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _stop(self, model: LoadedModel) -> None:
-        try:
-            await model.stop()
-        finally:
-            done = self.draining.pop(model, None)
-            if done is not None and not done.done():
-                done.set_result(None)
-        log.info("stopped %s: no session uses this load any more", model.key)
-
     async def stop(self) -> None:
         """Server shutdown: stop every retired object that still had sessions."""
-        for model in list(self.draining):
-            model.on_idle = None
-            await self._stop(model)
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.retirement.stop()

@@ -84,7 +84,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 
 async def serve(settings: ServerSettings) -> None:
-    from rnnserve.server.transport.server import RnnServer
+    from rnnserve.server.app import RnnServer
 
     server = RnnServer(settings)
     await server.start()

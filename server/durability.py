@@ -103,12 +103,12 @@ deleted any more."""
 
 
 class Persistence:
-    def __init__(self, store: SessionStore):
+    def __init__(self, store: SessionStore, on_moved: Callable[[Session], None] | None = None):
         self.store = store
         # This process's writer id in the store: settles a write whose outcome it could not learn.
         self.writer = secrets.token_hex(8)
         # Called on the event loop with a session another replica changed (the data plane forgets it).
-        self.on_moved: Callable[[Session], None] | None = None
+        self.on_moved = on_moved
         self._loop: asyncio.AbstractEventLoop | None = None
         # One thread, so store operations apply in submission order.
         self._io = None if store.inline else concurrent.futures.ThreadPoolExecutor(1, "session-store")
@@ -120,9 +120,8 @@ class Persistence:
         self._seq = itertools.count()
         self._task: asyncio.Task | None = None
 
-    def attach(self, model: LoadedModel) -> None:
-        """A model version built to serve: its sessions follow its durability through this store."""
-        model.persistence = self
+    def check(self, model: LoadedModel) -> None:
+        """A model version built to serve through this store: warn when its durability outruns the store."""
         if model.durability.mode != "none" and not self.store.durable:
             log.warning(
                 "model %s is %s durable, but the session store is %s: its sessions do not outlive this process "

@@ -31,6 +31,8 @@ class LoadedModel:
         durability: str | None = None,
         concurrent_batches: int = 1,
         inline_budget_us: int = 1000,
+        persistence: Persistence | None = None,
+        on_idle: Callable[[LoadedModel], None] | None = None,
     ):
         self.manifest = manifest
         self.concurrent_batches = concurrent_batches
@@ -67,14 +69,21 @@ class LoadedModel:
             # A model whose batch is fixed at 1 serves its sessions one per call, whatever the server says.
             self.max_batch_size = 1
         self.max_queue_delay_us = manifest.max_queue_delay_us if max_queue_delay_us is None else max_queue_delay_us
-        self.batcher: Batcher | None = None  # created on the event loop by start()
         # The server's session store policy (server/durability.py); None: sessions are never written.
-        self.persistence: Persistence | None = None
+        self.persistence = persistence
         self.open_sessions = 0
-        # Set when a reload or unload retires this object: called once its last session is gone, to stop it.
-        self.on_idle: Callable[[LoadedModel], None] | None = None
+        # Called each time its last session goes (server/admin.py Retirement: stops it once retired).
+        self.on_idle = on_idle
         # The checks its requests pass, whichever API brings them (server/core/validation.py).
         self.checks = TensorChecks(manifest, self.key)
+        # Built last: it reads the model's persistence, durability and release. Its loop starts in start().
+        self.batcher = Batcher(
+            self,
+            max_batch_size=self.max_batch_size,
+            max_queue_delay_us=self.max_queue_delay_us,
+            concurrency=concurrent_batches,
+            inline_budget_ns=inline_budget_us * 1000,
+        )
 
     def self_check(self) -> None:
         """Call the model once on zeros at batch 1 (and 2 where it batches) and compare every result with the
@@ -116,18 +125,11 @@ class LoadedModel:
                     )
 
     def start(self) -> None:
-        self.batcher = Batcher(
-            self,
-            max_batch_size=self.max_batch_size,
-            max_queue_delay_us=self.max_queue_delay_us,
-            concurrency=self.concurrent_batches,
-            inline_budget_ns=self.inline_budget_us * 1000,
-        )
+        """Start its batcher's loop (on the event loop that serves it)."""
         self.batcher.start()
 
     async def stop(self) -> None:
-        if self.batcher is not None:
-            await self.batcher.stop()
+        await self.batcher.stop()
 
     # ---- sessions ---------------------------------------------------------------------------------------
     def acquire(self, state: list[np.ndarray] | None = None, parameters: list[np.ndarray] | None = None) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,10 +41,13 @@ def describe_error(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-class ModelRepository:
+class ModelFactory:
+    """Builds every LoadedModel the server serves, at start and later (load, reload, --watch), each with its
+    batcher, the server's defaults for what its manifest leaves unset, the session store policy, and the hook
+    that stops a retired load once idle. The composition root (server/app.py) makes one."""
+
     def __init__(
         self,
-        root: Path,
         *,
         device: str = "cpu",
         threads: int = 1,
@@ -52,18 +56,66 @@ class ModelRepository:
         durability: str | None = None,
         concurrent_batches: int | None = None,
         inline_budget_us: int = 1000,
+        persistence: Persistence | None = None,
+        on_idle: Callable[[LoadedModel], None] | None = None,
     ):
-        self.root = root
-        self.inline_budget_us = inline_budget_us
-        self.concurrent_batches = concurrent_batches  # for manifests that set none; None: auto (_concurrency)
-        self.durability = durability  # for manifests that set none (--durability)
         self.device = device
         self.threads = threads
         self.max_batch_size = max_batch_size
         self.max_queue_delay_us = max_queue_delay_us
+        self.durability = durability  # for manifests that set none (--durability)
+        self.concurrent_batches = concurrent_batches  # for manifests that set none; None: auto (_concurrency)
+        self.inline_budget_us = inline_budget_us
+        self.persistence = persistence  # None: sessions are never written
+        self.on_idle = on_idle
+
+    def __call__(self, name: str, version: int, version_dir: Path) -> LoadedModel:
+        """Load and self-check one version folder; raise when it can't serve.
+
+        Touches no table, so it can run on a worker thread while the event loop serves (a reload builds the
+        new model completely before anything is swapped).
+        """
+        if not (version_dir / MANIFEST_FILE).is_file():
+            raise FileNotFoundError(f"{MANIFEST_FILE} is missing from {version_dir}")
+        # A symlink out would let the repository describe (shapes, initial-state files) with a file it does
+        # not hold; the artifact and .npy files are refused the same way.
+        if not inside(version_dir, version_dir / MANIFEST_FILE):
+            raise ValueError(f"{MANIFEST_FILE} resolves outside the model folder {version_dir}; refusing it")
+        manifest = ModelManifest.read(version_dir)
+        if manifest.name != name or manifest.version != version:
+            raise ValueError(f"manifest says {manifest.name}:{manifest.version} but lives in {name}/{version}")
+        settings = manifest.runtime  # per-model settings win over the server's
+        runtime = load_runtime(
+            manifest,
+            version_dir,
+            device=settings.device or self.device,
+            threads=self.threads if settings.intra_op_threads is None else settings.intra_op_threads,
+        )
+        model = LoadedModel(
+            manifest,
+            version_dir,
+            runtime,
+            max_batch_size=self.max_batch_size,
+            max_queue_delay_us=self.max_queue_delay_us,
+            durability=self.durability,
+            concurrent_batches=settings.concurrent_batches or self.concurrent_batches or _concurrency(runtime.device),
+            inline_budget_us=self.inline_budget_us,
+            persistence=self.persistence,
+            on_idle=self.on_idle,
+        )
+        model.self_check()
+        if self.persistence is not None:
+            self.persistence.check(model)
+        return model
+
+
+class ModelRepository:
+    def __init__(self, root: Path, build: ModelFactory | None = None):
+        self.root = root
+        # Builds each version (server/app.py gives the server's; the default serves with no store, no defaults).
+        self.build = build if build is not None else ModelFactory()
         self.models: dict[tuple[str, int], LoadedModel] = {}
         self.failed: dict[tuple[str, int], FailedModel] = {}
-        self.persistence: Persistence | None = None  # given to every model built (server/durability.py)
 
     def load_all(self) -> None:
         if not self.root.is_dir():
@@ -97,43 +149,6 @@ class ModelRepository:
             return None
         self.models[(name, version)] = model
         log.info("loaded %s (%s, %s)", model.key, model.manifest.format, model.runtime.device)
-        return model
-
-    def build(self, name: str, version: int, version_dir: Path) -> LoadedModel:
-        """Load and self-check one version folder; raise when it can't serve.
-
-        Touches none of the repository's tables, so it can run on a worker thread while the event loop
-        serves (a reload builds the new model completely before anything is swapped).
-        """
-        if not (version_dir / MANIFEST_FILE).is_file():
-            raise FileNotFoundError(f"{MANIFEST_FILE} is missing from {version_dir}")
-        # A symlink out would let the repository describe (shapes, initial-state files) with a file it does
-        # not hold; the artifact and .npy files are refused the same way.
-        if not inside(version_dir, version_dir / MANIFEST_FILE):
-            raise ValueError(f"{MANIFEST_FILE} resolves outside the model folder {version_dir}; refusing it")
-        manifest = ModelManifest.read(version_dir)
-        if manifest.name != name or manifest.version != version:
-            raise ValueError(f"manifest says {manifest.name}:{manifest.version} but lives in {name}/{version}")
-        settings = manifest.runtime  # per-model settings win over the server's
-        runtime = load_runtime(
-            manifest,
-            version_dir,
-            device=settings.device or self.device,
-            threads=self.threads if settings.intra_op_threads is None else settings.intra_op_threads,
-        )
-        model = LoadedModel(
-            manifest,
-            version_dir,
-            runtime,
-            max_batch_size=self.max_batch_size,
-            max_queue_delay_us=self.max_queue_delay_us,
-            durability=self.durability,
-            concurrent_batches=settings.concurrent_batches or self.concurrent_batches or _concurrency(runtime.device),
-            inline_budget_us=self.inline_budget_us,
-        )
-        model.self_check()
-        if self.persistence is not None:
-            self.persistence.attach(model)
         return model
 
     def get(self, name: str, version: int = 0) -> LoadedModel:

@@ -38,7 +38,7 @@ def session_id_of(key: str) -> str:
 
 
 class SessionManager:
-    def __init__(self, *, max_sessions: int, ttl: float):
+    def __init__(self, *, max_sessions: int, ttl: float, max_sessions_per_client: int | None = None):
         self.max_sessions = max_sessions
         self.ttl = ttl
         # session_key -> session, ordered by last use, oldest first, so expiry only looks at the front.
@@ -48,7 +48,7 @@ class SessionManager:
         # Sessions the server ended itself (forced unload), by session_key -> (when, why): a call on one says
         # why instead of NOT_FOUND, for one TTL.
         self._ended: OrderedDict[str, tuple[float, str]] = OrderedDict()
-        self.max_sessions_per_client: int | None = None
+        self.max_sessions_per_client = max_sessions_per_client
         self._per_client: Counter[str] = Counter()
         # (model, version, reason) -> sessions the server closed itself: "expired" (TTL) or "forced" (unload).
         self.evictions: Counter[tuple[str, int, str]] = Counter()

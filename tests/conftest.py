@@ -15,8 +15,8 @@ class ServerHandle:
     """A real RnnServer running on its own event loop thread."""
 
     def __init__(self, repository: Path, **settings: Any):
+        from rnnserve.server.app import RnnServer
         from rnnserve.server.settings import ServerSettings
-        from rnnserve.server.transport.server import RnnServer
 
         self.settings = ServerSettings(repository=repository, host="127.0.0.1", port=0, **settings)
         self.server = RnnServer(self.settings)

@@ -135,8 +135,8 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(server_factory, ti
 
 
 def test_tls_settings_must_be_complete(tiny_repository, pki):
+    from rnnserve.server.app import RnnServer
     from rnnserve.server.settings import ServerSettings
-    from rnnserve.server.transport.server import RnnServer
 
     with pytest.raises(ValueError, match="both --tls-cert and --tls-key"):
         RnnServer(ServerSettings(repository=tiny_repository, tls_cert=pki["server_cert"]))
@@ -256,8 +256,8 @@ def test_sessions_per_principal(server_factory, tiny_repository, tokens_file):
 
 
 def test_bad_token_file_stops_the_server(tmp_path, tiny_repository):
+    from rnnserve.server.app import RnnServer
     from rnnserve.server.settings import ServerSettings
-    from rnnserve.server.transport.server import RnnServer
 
     bad = tmp_path / "tokens"
     bad.write_text("only-one-field-here-0123\n")

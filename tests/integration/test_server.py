@@ -441,8 +441,8 @@ def test_health_and_reflection(server):
 
 
 def test_repository_must_exist(tmp_path: Path):
+    from rnnserve.server.app import RnnServer
     from rnnserve.server.settings import ServerSettings
-    from rnnserve.server.transport.server import RnnServer
 
     server = RnnServer(ServerSettings(repository=tmp_path / "missing", port=0))
     with pytest.raises(FileNotFoundError, match="export a model into it first"):

@@ -276,8 +276,8 @@ def _metrics_reachable_at(address: str, **settings) -> bool:
     import urllib.error
     import urllib.request
 
+    from rnnserve.server.app import RnnServer
     from rnnserve.server.settings import ServerSettings
-    from rnnserve.server.transport.server import RnnServer
 
     server = RnnServer(ServerSettings(host="0.0.0.0", port=0, metrics_port=0, **settings))
     loop = asyncio.new_event_loop()

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from rnnserve.server.app import RnnServer
 from rnnserve.server.settings import ServerSettings
-from rnnserve.server.transport.server import RnnServer
 
 
 @contextlib.asynccontextmanager
