@@ -25,11 +25,11 @@ from rnnserve.server.errors import (
 )
 from rnnserve.server.limits import Limits
 from rnnserve.server.model import LoadedModel
-from rnnserve.server.predict import Predictor, PredictRequest, PredictResult, refuse_sessions
+from rnnserve.server.predict import Predictor, PredictResult, refuse_sessions
 from rnnserve.server.principal import current_principal
 from rnnserve.server.repository import FailedModel, ModelRepository
 from rnnserve.server.sessions import Session, SessionManager
-from rnnserve.server.store import StoreUnavailable, open_store
+from rnnserve.server.store import StoreUnavailable
 
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{16,128}")
 """A client-chosen session id: long enough to be unguessable when random, short enough for a header."""
@@ -56,22 +56,22 @@ class DataPlane:
         self,
         repository: ModelRepository,
         sessions: SessionManager,
+        admin: ModelAdmin,
+        persistence: Persistence,
+        limits: Limits,
         *,
         max_pending_steps: int,
         replay_window: int = 8,
-        session_store: str = "memory",
     ):
         self.repository = repository
         self.sessions = sessions
         self.max_pending_steps = max_pending_steps
         self.replay_window = replay_window  # applied indexed steps kept per session to answer retries
-        self.limits = Limits()  # the server sets its configured limits (server/transport/server.py)
-        self.admin = ModelAdmin(repository, sessions)
+        self.limits = limits
+        self.admin = admin
         self.predictor = Predictor()
-        # Durable sessions (server/durability.py): every model the repository builds writes through it.
-        self.persistence = Persistence(open_store(session_store, ttl=sessions.ttl))
-        self.persistence.on_moved = sessions.drop
-        repository.persistence = self.persistence
+        # Durable sessions (server/durability.py): every model the repository builds writes through it too.
+        self.persistence = persistence
 
     # ---- models -----------------------------------------------------------------------------------------
     def models(self, name: str = "") -> list[LoadedModel]:
@@ -422,9 +422,18 @@ class DataPlane:
         return StepResult(outputs, steps)
 
     # ---- whole sequences --------------------------------------------------------------------------------
-    async def predict(self, model_name: str, version: int, request: PredictRequest) -> PredictResult:
+    async def predict(
+        self,
+        model_name: str,
+        version: int,
+        inputs: Mapping[str, np.ndarray],
+        lengths: np.ndarray | None,
+        initial_state: Mapping[str, np.ndarray],
+        parameters: Mapping[str, np.ndarray],
+    ) -> PredictResult:
         """Run a batch of padded sequences through the model (see server/predict.py); no session involved."""
-        return await self.predictor.predict(self.repository.get(model_name, version), request)
+        model = self.repository.get(model_name, version)
+        return await self.predictor.predict(model, inputs, lengths, initial_state, parameters)
 
     # ---- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> None:
