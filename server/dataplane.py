@@ -25,7 +25,7 @@ from rnnserve.server.errors import (
 )
 from rnnserve.server.limits import Limits
 from rnnserve.server.model import LoadedModel
-from rnnserve.server.predict import Predictor, PredictResult, refuse_sessions
+from rnnserve.server.predict import Predictor, PredictRequest, PredictResult, refuse_sessions
 from rnnserve.server.principal import current_principal
 from rnnserve.server.repository import FailedModel, ModelRepository
 from rnnserve.server.sessions import Session, SessionManager
@@ -422,18 +422,9 @@ class DataPlane:
         return StepResult(outputs, steps)
 
     # ---- whole sequences --------------------------------------------------------------------------------
-    async def predict(
-        self,
-        model_name: str,
-        version: int,
-        inputs: Mapping[str, np.ndarray],
-        lengths: np.ndarray | None,
-        initial_state: Mapping[str, np.ndarray],
-        parameters: Mapping[str, np.ndarray],
-    ) -> PredictResult:
+    async def predict(self, model_name: str, version: int, request: PredictRequest) -> PredictResult:
         """Run a batch of padded sequences through the model (see server/predict.py); no session involved."""
-        model = self.repository.get(model_name, version)
-        return await self.predictor.predict(model, inputs, lengths, initial_state, parameters)
+        return await self.predictor.predict(self.repository.get(model_name, version), request)
 
     # ---- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> None:

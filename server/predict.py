@@ -29,6 +29,19 @@ log = logging.getLogger(__name__)
 WORKERS = 2
 
 
+class PredictRequest(NamedTuple):
+    """A batch of padded sequences to run, as every API brings it."""
+
+    inputs: Mapping[str, np.ndarray]
+    """Sequence models: as the model takes them; step models: (batch, max_length, ...), padded past each length."""
+    lengths: np.ndarray | None
+    """int64[batch], each sequence's length (None: not given, refused)."""
+    initial_state: Mapping[str, np.ndarray]
+    """Step models: states (batch, ...) to start from instead of the model's initial ones; any subset."""
+    parameters: Mapping[str, np.ndarray]
+    """Step models: per-sequence parameters (batch, ...) instead of their defaults; any subset."""
+
+
 class PredictResult(NamedTuple):
     outputs: dict[str, np.ndarray]
     """Sequence models: (batch, ...); step models: (batch, max_length, ...), zeros past each length."""
@@ -48,16 +61,9 @@ class Predictor:
     def __init__(self, workers: int = WORKERS) -> None:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="predict")
 
-    async def predict(
-        self,
-        model: LoadedModel,
-        inputs: Mapping[str, np.ndarray],
-        lengths: np.ndarray | None,
-        initial_state: Mapping[str, np.ndarray],
-        parameters: Mapping[str, np.ndarray],
-    ) -> PredictResult:
+    async def predict(self, model: LoadedModel, request: PredictRequest) -> PredictResult:
         job_type = _SequenceJob if model.manifest.kind == "sequence" else _StepsJob
-        job = job_type(model, inputs, lengths, initial_state, parameters)
+        job = job_type(model, request)
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, job.run)
         except RnnServeError:
@@ -95,24 +101,12 @@ def _check_range(model: LoadedModel, lengths: np.ndarray, max_length: int) -> No
 class _Job:
     """One validated Predict request; ``run`` computes it on a worker thread."""
 
-    def __init__(
-        self,
-        model: LoadedModel,
-        inputs: Mapping[str, np.ndarray],
-        lengths: np.ndarray | None,
-        initial_state: Mapping[str, np.ndarray],
-        parameters: Mapping[str, np.ndarray],
-    ) -> None:
+    def __init__(self, model: LoadedModel, request: PredictRequest) -> None:
         self.model = model
-        self.lengths = _check_lengths(model, lengths)
-        self._check(inputs, initial_state, parameters)
+        self.lengths = _check_lengths(model, request.lengths)
+        self._check(request)
 
-    def _check(
-        self,
-        inputs: Mapping[str, np.ndarray],
-        initial_state: Mapping[str, np.ndarray],
-        parameters: Mapping[str, np.ndarray],
-    ) -> None:
+    def _check(self, request: PredictRequest) -> None:
         raise NotImplementedError
 
     def run(self) -> PredictResult:
@@ -122,14 +116,9 @@ class _Job:
 class _SequenceJob(_Job):
     """A kind-sequence model: the padded inputs and the lengths go to the model as they are."""
 
-    def _check(
-        self,
-        inputs: Mapping[str, np.ndarray],
-        initial_state: Mapping[str, np.ndarray],
-        parameters: Mapping[str, np.ndarray],
-    ) -> None:
-        model = self.model
-        if initial_state or parameters:
+    def _check(self, request: PredictRequest) -> None:
+        model, inputs = self.model, request.inputs
+        if request.initial_state or request.parameters:
             raise InvalidArgument(f"model {model.key} takes whole sequences: it has no state or parameters to give")
         m = model.manifest
         self.specs = [t for t in m.inputs if t.name != m.lengths_input]
@@ -164,13 +153,8 @@ class _SequenceJob(_Job):
 class _StepsJob(_Job):
     """A step model: each sequence's steps from its initial state, state frozen past its length."""
 
-    def _check(
-        self,
-        inputs: Mapping[str, np.ndarray],
-        initial_state: Mapping[str, np.ndarray],
-        parameters: Mapping[str, np.ndarray],
-    ) -> None:
-        model = self.model
+    def _check(self, request: PredictRequest) -> None:
+        model, inputs = self.model, request.inputs
         m = model.manifest
         batch = len(self.lengths)
         model.checks.names("input", inputs, [(t.name, f"{t.dtype}{_steps_shape(t)}") for t in m.inputs])
@@ -183,8 +167,8 @@ class _StepsJob(_Job):
         _check_range(model, self.lengths, max_length)
         self.max_length = max_length
         self.inputs = {t.name: inputs[t.name] for t in m.inputs}
-        self.states = model.checks.states(initial_state, model.initial_state, partial=True, batch=batch)
-        self.parameters = model.checks.parameters(parameters, model.parameter_defaults, batch=batch)
+        self.states = model.checks.states(request.initial_state, model.initial_state, partial=True, batch=batch)
+        self.parameters = model.checks.parameters(request.parameters, model.parameter_defaults, batch=batch)
 
     def run(self) -> PredictResult:
         model = self.model

@@ -24,6 +24,7 @@ from rnnserve.server.core.validation import Shape, TensorChecks, Wording
 from rnnserve.server.dataplane import DataPlane
 from rnnserve.server.errors import InvalidArgument, RnnServeError, echo
 from rnnserve.server.model import LoadedModel
+from rnnserve.server.predict import PredictRequest
 from rnnserve.server.principal import current_principal
 from rnnserve.server.sessions import Session
 from rnnserve.server.transport.kserve import models
@@ -228,12 +229,12 @@ class InferCodec:
         m = model.manifest
         if m.kind == "sequence":
             lengths = inputs.pop(m.lengths_input or "", None)
-            result = await self.dp.predict(model.name, model.version, inputs, lengths, {}, {})
+            result = await self.dp.predict(model.name, model.version, PredictRequest(inputs, lengths, {}, {}))
             return self._response(request, model, result.outputs, wanted, stream)
         batch = next(iter(inputs.values())).shape[0] if inputs else 0
         one_step = {name: arr[:, None] for name, arr in inputs.items()}  # (batch, T=1, ...)
         lengths = np.ones(batch, np.int64)
-        result = await self.dp.predict(model.name, model.version, one_step, lengths, {}, {})
+        result = await self.dp.predict(model.name, model.version, PredictRequest(one_step, lengths, {}, {}))
         return self._response(request, model, {k: v[:, 0] for k, v in result.outputs.items()}, wanted, stream)
 
     @staticmethod

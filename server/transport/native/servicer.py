@@ -11,6 +11,7 @@ from rnnserve.proto import rnnserve_pb2 as pb
 from rnnserve.server.dataplane import DataPlane
 from rnnserve.server.limits import Limits
 from rnnserve.server.model import LoadedModel
+from rnnserve.server.predict import PredictRequest
 from rnnserve.server.repository import FailedModel
 from rnnserve.server.transport.native import codec
 from rnnserve.server.transport.pump import stream_handler
@@ -142,14 +143,13 @@ class RnnServeServicer:
     async def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
         model = self.dp.model(request.model, request.version)
         wanted = model.checks.outputs(request.outputs)
-        result = await self.dp.predict(
-            request.model,
-            request.version,
+        sequences = PredictRequest(
             self.limits.tensors(request.inputs),
             self.limits.tensor(request.lengths, "lengths") if request.HasField("lengths") else None,
             self.limits.tensors(request.initial_state),
             self.limits.tensors(request.parameters),
         )
+        result = await self.dp.predict(request.model, request.version, sequences)
         return codec.predict_response(request, model, result, wanted)
 
 
