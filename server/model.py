@@ -35,8 +35,6 @@ class LoadedModel:
         on_idle: Callable[[LoadedModel], None] | None = None,
     ):
         self.manifest = manifest
-        self.concurrent_batches = concurrent_batches
-        self.inline_budget_us = inline_budget_us
         # The manifest's durability, else the server's default (--durability), else none.
         self.durability: Durability = (
             manifest.durability
