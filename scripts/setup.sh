@@ -4,8 +4,10 @@
 # when pyproject.toml or constraints.txt changed since the last install (or with --force).
 #
 #   scripts/setup.sh [--system] [--force]
-#     --system   also install the system packages some tests use (redis-server, nginx) with apt-get when they
-#                are missing and we are root; same as RNNSERVE_SYSTEM_DEPS=1. .ci/run turns it on.
+#     --system   also install the system packages some tests use (redis-server, nginx, and libb64-0d for
+#                perf_analyzer) with apt-get when they are missing and we are root; same as
+#                RNNSERVE_SYSTEM_DEPS=1. .ci/run turns it on.
+# It also installs Triton's perf_analyzer into .tools/perf_analyzer/ (a venv of its own) once libb64 is there.
 #     --force    reinstall the Python packages even when nothing changed.
 #   PYTHON=python3.12 scripts/setup.sh   picks another interpreter for a new .venv.
 set -euo pipefail
