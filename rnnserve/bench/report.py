@@ -402,7 +402,8 @@ def header(result: dict[str, Any]) -> list[str]:
         f"(perf_analyzer; rnnserve load: {cfg['client_procs']} process(es)); a row whose load CPUs were "
         f">= {SATURATED:.0%} busy is INVALID",
         f"each figure: the median of {cfg['repeat']} run(s) (min-max shown), systems alternating; perf_analyzer "
-        f"--streaming --sequence-length 100 -p {cfg['window_ms']} -r {cfg['pa_max_trials']} -s {cfg['pa_stability']}",
+        f"--streaming --sequence-length 100 -p {cfg['window_ms']} -r {cfg['pa_max_trials']} -s {cfg['pa_stability']} "
+        f"--max-threads {len(cfg['load_cpus'])}",
     ]
 
 
