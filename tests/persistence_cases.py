@@ -10,54 +10,31 @@ so every stored state is known exactly. A step goes as the batch path takes it: 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from accumulator import Accumulator, accumulator_manifest
 
-from rnnserve.manifest import ModelManifest, StateSpec, TensorSpec
 from rnnserve.server.core.session import Session
 from rnnserve.server.core.work import StepJob
 from rnnserve.server.durability import MOVED, Persistence
 from rnnserve.server.errors import SessionMoved
 from rnnserve.server.model import LoadedModel
 from rnnserve.server.repository import ModelRepository
-from rnnserve.server.runtime import Runtime
 from rnnserve.server.scheduling.execution import CommittedBatch
 from rnnserve.server.sessions import SessionManager
 from rnnserve.server.store import SessionRecord, SessionStore, Unsure
 
 Stores = Callable[[], SessionStore]
 
-MANIFEST = ModelManifest(
-    name="acc",
-    version=1,
-    format="onnx",
-    artifact="acc.onnx",
-    inputs=[TensorSpec(name="x", shape=[-1, 2])],
-    outputs=[TensorSpec(name="y", shape=[-1, 2])],
-    states=[StateSpec(name="h", output="h_out", shape=[-1, 2])],
-    durability={"mode": "every-step"},
-)
-
-
-class Accumulator(Runtime):
-    def __init__(self) -> None:
-        super().__init__(MANIFEST)
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        h = feeds["h"] + feeds["x"]
-        return {"y": h, "h_out": h}
-
-    @property
-    def device(self) -> str:
-        return "cpu"
+MANIFEST = accumulator_manifest(durability={"mode": "every-step"})
 
 
 def _model(tmp_path: Path) -> LoadedModel:
-    return LoadedModel(MANIFEST, tmp_path, Accumulator(), max_queue_delay_us=0)
+    return LoadedModel(MANIFEST, tmp_path, Accumulator(MANIFEST), max_queue_delay_us=0)
 
 
 def _session(model: LoadedModel, sid: str = "session-0001") -> Session:

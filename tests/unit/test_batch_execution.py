@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from accumulator import accumulator_manifest
 
-from rnnserve.manifest import ModelManifest, StateSpec, TensorSpec
 from rnnserve.server.core.session import Session
 from rnnserve.server.core.work import JobGroup, StepJob, fingerprint
 from rnnserve.server.errors import FailedPrecondition, Internal, OutcomeUnknown, SessionMoved
@@ -22,16 +22,8 @@ from rnnserve.server.scheduling.execution import CommittedBatch, Execution
 from rnnserve.server.scheduling.formation import ReadyQueue
 from rnnserve.server.scheduling.stats import BatchStats
 
-MANIFEST = ModelManifest(
-    name="acc",
-    version=1,
-    format="onnx",
-    artifact="acc.onnx",
-    inputs=[TensorSpec(name="x", shape=[-1, 2])],
-    outputs=[TensorSpec(name="y", shape=[-1, 2])],
-    # The state's batch axis is not the first: gather and scatter move it.
-    states=[StateSpec(name="h", output="h_out", shape=[2, -1], batch_axis=1)],
-)
+# The state's batch axis is not the first: gather and scatter move it.
+MANIFEST = accumulator_manifest(state_shape=(2, -1), batch_axis=1)
 
 
 class Accumulator(Runtime):

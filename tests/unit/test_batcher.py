@@ -5,47 +5,20 @@ jobs apply in order, and stop() leaves nothing running."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+from accumulator import Accumulator, accumulator_manifest
 
-from rnnserve.manifest import ModelManifest, StateSpec, TensorSpec
 from rnnserve.server.core.session import Session
 from rnnserve.server.core.work import ControlJob, StepJob
 from rnnserve.server.model import LoadedModel
-from rnnserve.server.runtime import Runtime
 
-MANIFEST = ModelManifest(
-    name="acc",
-    version=1,
-    format="onnx",
-    artifact="acc.onnx",
-    inputs=[TensorSpec(name="x", shape=[-1, 2])],
-    outputs=[TensorSpec(name="y", shape=[-1, 2])],
-    states=[StateSpec(name="h", output="h_out", shape=[-1, 2])],
-)
-
-
-class Accumulator(Runtime):
-    """``h' = h + x``, ``y = h'``; remembers each call's batch size."""
-
-    def __init__(self) -> None:
-        super().__init__(MANIFEST)
-        self.sizes: list[int] = []
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.sizes.append(len(feeds["x"]))
-        h = feeds["h"] + feeds["x"]
-        return {"y": h, "h_out": h}
-
-    @property
-    def device(self) -> str:
-        return "cpu"
+MANIFEST = accumulator_manifest()
 
 
 def _model(tmp_path: Path, **kw: int) -> tuple[LoadedModel, Accumulator]:
-    runtime = Accumulator()
+    runtime = Accumulator(MANIFEST)
     return LoadedModel(MANIFEST, tmp_path, runtime, max_queue_delay_us=0, **kw), runtime
 
 
