@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Set up the development environment: .venv (system python3, 3.10+) with rnnserve installed editable and the
+# Set up the development environment: .venv (system python3, 3.11+) with rnnserve installed editable and the
 # dev extras (which pull the server and export extras). Idempotent: a second run only checks, and reinstalls
-# when pyproject.toml or constraints.txt changed since the last install (or with --force).
+# when pyproject.toml or constraints.txt changed since the last install (or with --force). A .venv that no
+# install has completed in (the last one failed, or it was made by hand) or whose Python is too old is
+# replaced by a new one.
 #
 #   scripts/setup.sh [--system] [--force]
 #     --system   also install the system packages some tests use (redis-server, nginx, and libb64-0d for
@@ -31,23 +33,37 @@ die() { printf 'setup: %s\n' "$*" >&2; exit 1; }
 
 PYTHON="${PYTHON:-python3}"
 VENV="$ROOT/.venv"
-# The checks use the venv's own interpreter: "is it 3.10+" must hold for what we run, not only for $PYTHON.
-version_ok='import sys; sys.exit(sys.version_info < (3, 10))'
+# pyproject.toml's requires-python: the one minimum (tests/system/test_setup.py checks they agree).
+MIN_PYTHON=3.11
+# The checks use the venv's own interpreter: "is it 3.11+" must hold for what we run, not only for $PYTHON.
+version_ok="import sys; sys.exit(sys.version_info < tuple(map(int, '$MIN_PYTHON'.split('.'))))"
+# The stamp records what the last successful install was made from. It is removed before each install and
+# written after it succeeds, so a .venv without one holds an install that failed half-way (or was not made
+# by this script): it is replaced rather than patched.
+stamp="$VENV/.rnnserve-setup"
 
 # --- 1. the virtual environment --------------------------------------------------------------------------
-if [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" -c "$version_ok" 2>/dev/null; then
+if [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" -c "$version_ok" 2>/dev/null && [[ -f "$stamp" ]]; then
   say "using $VENV ($("$VENV/bin/python" --version))"
 else
-  command -v "$PYTHON" >/dev/null || die "$PYTHON not found: install Python 3.10+ (Debian: apt-get install python3 python3-venv)"
-  "$PYTHON" -c "$version_ok" || die "$PYTHON is $("$PYTHON" --version 2>&1); rnnserve needs Python 3.10+ (set PYTHON=...)"
+  command -v "$PYTHON" >/dev/null || die "$PYTHON not found: install Python $MIN_PYTHON+ (Debian: apt-get install python3 python3-venv)"
+  "$PYTHON" -c "$version_ok" || die "$PYTHON is $("$PYTHON" --version 2>&1); rnnserve needs Python $MIN_PYTHON+ (set PYTHON=...)"
   # Debian/Ubuntu split venv's pip bootstrap (ensurepip) into python3-venv; without it `python3 -m venv`
   # fails half-way and leaves a .venv with no pip, so check first and say what to install.
   if ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
     minor="$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
     die "$PYTHON cannot create virtual environments (no ensurepip). On Debian/Ubuntu run: apt-get install python3-venv (or python${minor}-venv), then rerun this script."
   fi
-  # A .venv that exists but does not run (interpreter removed or too old) is replaced, not patched.
-  [[ -e "$VENV" ]] && { say "replacing unusable $VENV"; rm -rf "$VENV"; }
+  # A .venv that exists but does not run, runs a Python that is too old, or has no completed install is
+  # replaced, not patched.
+  if [[ -e "$VENV" ]]; then
+    if [[ -f "$stamp" ]]; then
+      say "replacing $VENV: its Python does not run or is older than $MIN_PYTHON"
+    else
+      say "replacing $VENV: no install has completed in it (the last one failed, or it was not made by this script)"
+    fi
+    rm -rf "$VENV"
+  fi
   say "creating $VENV with $("$PYTHON" -c 'import sys; print(sys.executable)') ($("$PYTHON" --version 2>&1))"
   "$PYTHON" -m venv "$VENV"
   # The pip that ensurepip bundles can be years old; a current one reads the constraints/extras the same way
@@ -57,9 +73,8 @@ else
 fi
 
 # --- 2. the Python packages ------------------------------------------------------------------------------
-# The stamp records what the last successful install was made from; the import check catches a venv whose
-# editable install points at another checkout (e.g. a copied .venv).
-stamp="$VENV/.rnnserve-setup"
+# The stamp's content says what the last successful install was made from; the import check catches a venv
+# whose editable install points at another checkout (e.g. a copied .venv).
 want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
 installed_here() {
   "$VENV/bin/python" - "$ROOT" <<'PY' 2>/dev/null
@@ -72,7 +87,9 @@ if [[ "$force" == 1 || "$(cat "$stamp" 2>/dev/null)" != "$want" ]] || ! installe
   # -c constraints.txt pins torch to the CPU build on this machine's disk; without it pip resolves torch to
   # a multi-GB CUDA build.
   say "pip install -c constraints.txt -e '.[dev]'"
-  "$VENV/bin/python" -m pip install --progress-bar off -c constraints.txt -e '.[dev]'
+  rm -f "$stamp"
+  "$VENV/bin/python" -m pip install --progress-bar off -c constraints.txt -e '.[dev]' \
+    || die "pip install failed (output above); after fixing the cause rerun this script: it replaces $VENV"
   echo "$want" >"$stamp"
 else
   say "rnnserve[dev] already installed (pyproject.toml and constraints.txt unchanged; --force reinstalls)"
