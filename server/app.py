@@ -13,21 +13,23 @@ from __future__ import annotations
 import gc
 import logging
 
-from rnnserve.server.admin import ModelAdmin, Retirement
+from rnnserve.server.core.sessions import SessionManager
 from rnnserve.server.dataplane import DataPlane
-from rnnserve.server.durability import Persistence
+from rnnserve.server.durability.persistence import Persistence
+from rnnserve.server.durability.store import open_store
 from rnnserve.server.limits import Limits
-from rnnserve.server.metrics import MetricsServer
-from rnnserve.server.repository import ModelFactory, ModelRepository
-from rnnserve.server.sessions import SessionManager
+from rnnserve.server.metrics import MetricsServer, RnnServeCollector
+from rnnserve.server.models.admin import ModelAdmin, Retirement
+from rnnserve.server.models.model import LoadedModel
+from rnnserve.server.models.predict import Predictor
+from rnnserve.server.models.repository import ModelFactory, ModelRepository
+from rnnserve.server.models.watch import RepositoryWatcher
 from rnnserve.server.settings import ServerSettings
-from rnnserve.server.store import open_store
 from rnnserve.server.transport.auth import load_tokens
 from rnnserve.server.transport.kserve.servicer import KServeServicer
 from rnnserve.server.transport.native.servicer import RnnServeServicer
 from rnnserve.server.transport.server import GrpcServer
 from rnnserve.server.transport.tls import server_credentials
-from rnnserve.server.watch import RepositoryWatcher
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ class RnnServer:
         tokens = load_tokens(settings.auth_tokens, settings.tokens)
         credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
         self.limits = Limits.from_settings(settings)
-        self.sessions = SessionManager(
+        self.sessions = SessionManager[LoadedModel](
             max_sessions=settings.max_sessions,
             ttl=settings.session_ttl,
             max_sessions_per_client=settings.max_sessions_per_client,
@@ -71,6 +73,7 @@ class RnnServer:
             self.admin,
             self.persistence,
             self.limits,
+            Predictor(),
             max_pending_steps=settings.max_pending_steps,
             replay_window=settings.replay_window,
         )
@@ -89,8 +92,16 @@ class RnnServer:
             tokens=tokens,
             credentials=credentials,
         )
-        # Opened by start() once the gRPC port is bound (it listens on its own port and thread).
-        self.metrics: MetricsServer | None = None
+        # Listens on its own port and thread, opened by start() once the gRPC port is bound.
+        self.metrics = (
+            MetricsServer(
+                RnnServeCollector(self.repository, self.sessions, self.persistence.errors, self.servicer.rejected),
+                settings.metrics_address,
+                settings.metrics_port,
+            )
+            if settings.metrics_port is not None
+            else None
+        )
 
     @property
     def port(self) -> int:
@@ -108,10 +119,8 @@ class RnnServer:
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
         port = await self.grpc.start()
-        if self.settings.metrics_port is not None:
-            self.metrics = MetricsServer(
-                self.dataplane, self.servicer.rejected, self.settings.metrics_address, self.settings.metrics_port
-            )
+        if self.metrics is not None:
+            self.metrics.start()
         await self.grpc.serving()
         if self.settings.port_file:
             self.settings.port_file.write_text(f"{port}\n")

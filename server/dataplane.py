@@ -9,10 +9,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rnnserve.server import snapshot as snapshots
-from rnnserve.server.admin import ModelAdmin, UnloadResult
+from rnnserve.server.core.session import Session
+from rnnserve.server.core.sessions import SessionManager
 from rnnserve.server.core.work import ControlJob, JobGroup, StepJob, StepOutcome, answer, fingerprint
-from rnnserve.server.durability import Persistence
+from rnnserve.server.durability import snapshot as snapshots
+from rnnserve.server.durability.persistence import Persistence
+from rnnserve.server.durability.store import StoreUnavailable
 from rnnserve.server.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -24,12 +26,11 @@ from rnnserve.server.errors import (
     SessionMoved,
 )
 from rnnserve.server.limits import Limits
-from rnnserve.server.model import LoadedModel
-from rnnserve.server.predict import Predictor, PredictRequest, PredictResult, refuse_sessions
+from rnnserve.server.models.admin import ModelAdmin, UnloadResult
+from rnnserve.server.models.model import LoadedModel
+from rnnserve.server.models.predict import Predictor, PredictRequest, PredictResult, refuse_sessions
+from rnnserve.server.models.repository import FailedModel, ModelRepository
 from rnnserve.server.principal import current_principal
-from rnnserve.server.repository import FailedModel, ModelRepository
-from rnnserve.server.sessions import Session, SessionManager
-from rnnserve.server.store import StoreUnavailable
 
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{16,128}")
 """A client-chosen session id: long enough to be unguessable when random, short enough for a header."""
@@ -59,6 +60,7 @@ class DataPlane:
         admin: ModelAdmin,
         persistence: Persistence,
         limits: Limits,
+        predictor: Predictor,
         *,
         max_pending_steps: int,
         replay_window: int = 8,
@@ -69,8 +71,8 @@ class DataPlane:
         self.replay_window = replay_window  # applied indexed steps kept per session to answer retries
         self.limits = limits
         self.admin = admin
-        self.predictor = Predictor()
-        # Durable sessions (server/durability.py): every model the repository builds writes through it too.
+        self.predictor = predictor
+        # Durable sessions (server/durability/persistence.py): every model the repository builds writes through it too.
         self.persistence = persistence
 
     # ---- models -----------------------------------------------------------------------------------------
@@ -101,7 +103,7 @@ class DataPlane:
         """``owner``: the caller's principal (or host, for the per-client limit); see SessionManager.open.
         Unset, it is the current principal, so every API that opens sessions (KServe sequences too) binds them.
         ``session_id``: the id the client chose (empty: a random one), in the caller's own namespace of ids
-        (server/sessions.py): only the caller's own session of that id, here or (for a durable model, refused
+        (server/core/sessions.py): only the caller's own session of that id, here or (for a durable model, refused
         by its store write in ``opened``) at another replica, makes it unavailable. A ``snapshot`` opens on its
         own model and version (``model_name``/``version`` may only name those), or with ``allow_other_version``
         on the given or newest version of its model."""
@@ -131,9 +133,9 @@ class DataPlane:
             return self.sessions.open(model, state, snap.steps, params, owner, session_id=session_id or None)
         model = self.repository.get(model_name, version)
         refuse_sessions(model)
-        state = model.check_state(initial_state, partial=True) if initial_state else None
+        given = model.check_state(initial_state, partial=True) if initial_state else None
         return self.sessions.open(
-            model, state, 0, model.check_parameters(parameters), owner, session_id=session_id or None
+            model, given, 0, model.check_parameters(parameters), owner, session_id=session_id or None
         )
 
     def close_session(self, session_id: str) -> None:
@@ -234,7 +236,7 @@ class DataPlane:
                 self.persistence.moved(session)  # the change above was made to a stale copy: drop it
                 raise
 
-    # ---- durable sessions (server/durability.py) --------------------------------------------------------
+    # ---- durable sessions (server/durability/persistence.py) --------------------------------------------------------
     def restore_missing(self, session_ids: Sequence[str], step_indices: Sequence[int] = ()) -> Awaitable[None] | None:
         """Sessions this server does not hold may be in the session store (the server restarted, or the gateway
         sent the session here): an awaitable that restores those it has, or None when there is nothing to do
@@ -249,7 +251,11 @@ class DataPlane:
                 if session is not None and index > session.next_index and self.persistence.durable(session):
                     behind.append(session)
         if not behind:
-            return self.persistence.restore(missing, self) if missing else None
+            return (
+                self.persistence.restore(missing, self.sessions, self.repository, self.replay_window)
+                if missing
+                else None
+            )
         return self._catch_up(missing, behind)
 
     async def _catch_up(self, missing: list[str], behind: list[Session]) -> None:
@@ -258,7 +264,7 @@ class DataPlane:
                 self.persistence.moved(session)
                 missing.append(session.id)
         if missing:
-            await self.persistence.restore(missing, self)
+            await self.persistence.restore(missing, self.sessions, self.repository, self.replay_window)
 
     async def _restored(self, session_id: str) -> None:
         if (pending := self.restore_missing((session_id,))) is not None:
@@ -371,8 +377,8 @@ class DataPlane:
             sessions[i] = session
         group = JobGroup(n, future)
         if model is None:
-            for i, exc in errors.items():
-                group.finish(i, None, 0, exc)
+            for i, error in errors.items():
+                group.finish(i, None, 0, error)
             return None, future
         self.limits.check_queue(self._batcher_of(model).queued_steps, n, model.key)
         checked = model.checks.inputs(inputs, n, lead="sessions", finite=False)
@@ -380,33 +386,33 @@ class DataPlane:
         for row, name in model.checks.nonfinite_rows(checked).items():
             where = f", row {row} (session '{session_ids[row]}'),"
             errors.setdefault(row, model.checks.nonfinite("input", name, where))
-        for i, exc in errors.items():
-            group.finish(i, None, 0, exc)
+        for i, error in errors.items():
+            group.finish(i, None, 0, error)
         batcher = self._batcher_of(model)
         if not step_indices and len(set(session_ids)) == n:
             # Unnumbered rows of distinct sessions (the common columnar message): queued together. A row's job
             # reads its inputs from the message's stacked tensors (StepJob.step_input).
             rows = [(i, s) for i, s in enumerate(sessions) if s is not None and i not in errors]
             batcher.enqueue_rows([s for _, s in rows], [StepJob(checked, 0, None, group, i) for i, _ in rows])
-            for _, session in rows:
-                session.queued_step()
+            for _, queued in rows:
+                queued.queued_step()
             return model, future
-        for i, session in enumerate(sessions):
-            if session is not None and i not in errors:
+        for i, row_session in enumerate(sessions):
+            if row_session is not None and i not in errors:
                 index = step_indices[i] if step_indices else 0
                 print_ = 0
                 if index:
                     print_ = fingerprint({name: value[i] for name, value in checked.items()})
                     try:
-                        earlier = session.admit(index, 0, print_)
+                        earlier = row_session.admit(index, 0, print_)
                     except FailedPrecondition as exc:
                         group.finish(i, None, 0, exc)
                         continue
                     if earlier is not None:
                         group.answer_row(i, earlier)
                         continue
-                batcher.enqueue(session, StepJob(checked, 0, None, group, i, index, print_))
-                session.queued(0, index, self.replay_window)
+                batcher.enqueue(row_session, StepJob(checked, 0, None, group, i, index, print_))
+                row_session.queued(0, index, self.replay_window)
         return model, future
 
     @staticmethod
@@ -423,7 +429,7 @@ class DataPlane:
 
     # ---- whole sequences --------------------------------------------------------------------------------
     async def predict(self, model_name: str, version: int, request: PredictRequest) -> PredictResult:
-        """Run a batch of padded sequences through the model (see server/predict.py); no session involved."""
+        """Run a batch of padded sequences through the model (see server/models/predict.py); no session involved."""
         return await self.predictor.predict(self.repository.get(model_name, version), request)
 
     # ---- lifecycle --------------------------------------------------------------------------------------

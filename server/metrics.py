@@ -6,7 +6,7 @@ the families then, so serving costs nothing extra per step; the queue-delay and 
 bucketed once per batch (each batch adds its size to the bucket of its mean). The collector runs on the
 HTTP server's thread and only copies plain ints and dicts (each copy is atomic under the GIL).
 
-Store errors are counted by the durability layer with ``store_error(model, version, operation)``.
+Store errors are counted by the persistence (server/durability/persistence.py ``Persistence.errors``).
 """
 
 from __future__ import annotations
@@ -19,17 +19,10 @@ from typing import TYPE_CHECKING, Any
 from rnnserve.server.scheduling.stats import BATCH_SIZE_BOUNDS, LATENCY_BOUNDS_NS
 
 if TYPE_CHECKING:
-    from rnnserve.server.dataplane import DataPlane
+    from rnnserve.server.core.sessions import SessionManager
+    from rnnserve.server.models.repository import ModelRepository
 
 log = logging.getLogger(__name__)
-
-# (model, version, operation) -> failures of the session store (process-wide: one store per process).
-STORE_ERRORS: Counter[tuple[str, int, str]] = Counter()
-
-
-def store_error(model: str, version: int, operation: str) -> None:
-    """Count one failed session-store operation (``operation``: e.g. "save", "load", "delete")."""
-    STORE_ERRORS[(model, version, operation)] += 1
 
 
 def _buckets(bounds: list[str], counts: Iterable[int]) -> list[tuple[str, int]]:
@@ -64,10 +57,18 @@ _PER_MODEL: dict[str, tuple[str, str, str]] = {
 
 
 class RnnServeCollector:
-    """A prometheus_client collector over one server's data plane."""
+    """A prometheus_client collector over one server's models, sessions and counters."""
 
-    def __init__(self, dataplane: DataPlane, rejected: Counter[tuple[str, str]]):
-        self.dp = dataplane
+    def __init__(
+        self,
+        repository: ModelRepository,
+        sessions: SessionManager,
+        store_errors: Counter[tuple[str, int, str]],
+        rejected: Counter[tuple[str, str]],
+    ):
+        self.repository = repository
+        self.sessions = sessions
+        self.store_errors = store_errors
         self.rejected = rejected
 
     def describe(self) -> list[Any]:
@@ -81,7 +82,7 @@ class RnnServeCollector:
         f = {key: kinds[kind](name, text, labels=mv) for key, (kind, name, text) in _PER_MODEL.items()}
         size_bounds = [str(b) for b in BATCH_SIZE_BOUNDS] + ["+Inf"]
         time_bounds = [repr(b / 1e9) for b in LATENCY_BOUNDS_NS] + ["+Inf"]
-        for model in list(self.dp.repository.models.values()):
+        for model in list(self.repository.models.values()):
             labels = [model.name, str(model.version)]
             f["open_sessions"].add_metric(labels, model.open_sessions)
             batcher = model.batcher
@@ -103,13 +104,13 @@ class RnnServeCollector:
             "Sessions the server closed itself: reason expired (idle TTL) or forced (forced unload)",
             labels=[*mv, "reason"],
         )
-        for (name, version, reason), count in sorted(dict(self.dp.sessions.evictions).items()):
+        for (name, version, reason), count in sorted(dict(self.sessions.evictions).items()):
             evictions.add_metric([name, str(version), reason], count)
         yield evictions
         store = CounterMetricFamily(
             "rnnserve_store_errors", "Failed session-store operations", labels=[*mv, "operation"]
         )
-        for (name, version, op), count in sorted(dict(STORE_ERRORS).items()):
+        for (name, version, op), count in sorted(dict(self.store_errors).items()):
             store.add_metric([name, str(version), op], count)
         yield store
         rejected = CounterMetricFamily(
@@ -121,25 +122,35 @@ class RnnServeCollector:
             rejected.add_metric([method, code], count)
         yield rejected
         sessions = GaugeMetricFamily("rnnserve_sessions", "Open sessions across all models")
-        sessions.add_metric([], len(self.dp.sessions))
+        sessions.add_metric([], len(self.sessions))
         yield sessions
 
 
 class MetricsServer:
-    """/metrics over HTTP on its own port and thread."""
+    """/metrics over HTTP on its own port and thread, from ``start()`` to ``stop()``."""
 
-    def __init__(self, dataplane: DataPlane, rejected: Counter[tuple[str, str]], host: str, port: int):
-        from prometheus_client import CollectorRegistry, start_http_server
+    def __init__(self, collector: RnnServeCollector, host: str, port: int):
+        from prometheus_client import CollectorRegistry
         from prometheus_client.process_collector import ProcessCollector
 
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(RnnServeCollector(dataplane, rejected))
+        self.registry.register(collector)
         ProcessCollector(registry=self.registry)  # RSS, CPU seconds, open fds of the server process
-        self._httpd, self._thread = start_http_server(port, addr=host, registry=self.registry)
-        self.port: int = self._httpd.server_port
-        log.info("metrics on http://%s:%d/metrics", host, self.port)
+        self.host = host
+        self.port = port  # 0 picks a free port; the bound one once started
+        self._httpd: Any = None
+        self._thread: Any = None
+
+    def start(self) -> None:
+        from prometheus_client import start_http_server
+
+        self._httpd, self._thread = start_http_server(self.port, addr=self.host, registry=self.registry)
+        self.port = self._httpd.server_port
+        log.info("metrics on http://%s:%d/metrics", self.host, self.port)
 
     def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(5)
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._thread.join(5)
+            self._httpd = None

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from rnnserve.manifest import ModelManifest, StateSpec, TensorSpec
-from rnnserve.server.runtime import Runtime
+from rnnserve.server.models.runtime import Runtime
 
 
 def accumulator_manifest(state_shape: tuple[int, ...] = (-1, 2), batch_axis: int = 0, **fields: Any) -> ModelManifest:

@@ -1,4 +1,4 @@
-"""Persistence (server/durability.py) against a session store, one body per case, run against the in-memory
+"""Persistence (server/durability/persistence.py) against a session store, one body per case, run against the in-memory
 store (tests/unit/test_persistence.py) and a real redis-server (tests/system/test_persistence_redis.py), so the
 two cannot drift.
 
@@ -12,21 +12,20 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from accumulator import Accumulator, accumulator_manifest
 
 from rnnserve.server.core.session import Session
+from rnnserve.server.core.sessions import SessionManager
 from rnnserve.server.core.work import StepJob
-from rnnserve.server.durability import MOVED, Persistence
+from rnnserve.server.durability.persistence import MOVED, Persistence
+from rnnserve.server.durability.store import SessionRecord, SessionStore, Unsure
 from rnnserve.server.errors import SessionMoved
-from rnnserve.server.model import LoadedModel
-from rnnserve.server.repository import ModelRepository
+from rnnserve.server.models.model import LoadedModel
+from rnnserve.server.models.repository import ModelRepository
 from rnnserve.server.scheduling.execution import CommittedBatch
-from rnnserve.server.sessions import SessionManager
-from rnnserve.server.store import SessionRecord, SessionStore, Unsure
 
 Stores = Callable[[], SessionStore]
 
@@ -187,7 +186,6 @@ def a_newer_record_is_reloaded(stores: Stores, tmp_path: Path) -> None:
         sessions = SessionManager(max_sessions=10, ttl=60)
         p.on_moved = sessions.drop
         # What Persistence.restore reads of the data plane: its session table, models and replay window.
-        dataplane = SimpleNamespace(sessions=sessions, repository=repository, replay_window=8)
         session = sessions.open(model, owner="alice", session_id="session-0002")
         await p.opened(session)
         newer = SessionRecord(session.key, model.name, model.version, 7, {"h": np.full(2, 9.0, np.float32)}, "alice")
@@ -196,7 +194,7 @@ def a_newer_record_is_reloaded(stores: Stores, tmp_path: Path) -> None:
         assert await p.stale(session)
         p.moved(session)
         assert session.closed == "moved" and not sessions.known(session.id)
-        await p.restore([session.id], dataplane)  # type: ignore[arg-type]
+        await p.restore([session.id], sessions, repository, 8)
         back = sessions.get(session.id)
         assert back is not session and back.steps == 7 and back.owner == "alice" and back.revision == 2
         assert model.slab.read(back.slot)[0].tolist() == [9.0, 9.0]

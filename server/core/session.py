@@ -26,18 +26,39 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
 from rnnserve.server.core.work import Job, ReplayEntry, StepJob
 from rnnserve.server.errors import FailedPrecondition
 
-if TYPE_CHECKING:
-    from rnnserve.server.model import LoadedModel
+
+class SessionModel(Protocol):
+    """What a session and the session table need of the model version a session runs on
+    (server/models/model.py LoadedModel is one): its names, and a slab row to hold the session's state."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def key(self) -> str: ...  # "name:version"
+
+    def acquire(self, state: list[np.ndarray] | None = None, parameters: list[np.ndarray] | None = None) -> int:
+        """A slab row holding ``state`` (default: initial) and ``parameters`` (default: their defaults)."""
+        ...
+
+    def release(self, session: Session[Any]) -> None:
+        """Free a closed session's row."""
+        ...
 
 
-class Session:
+M = TypeVar("M", bound=SessionModel, covariant=True)
+"""The model type a session is of: its users above the core see the whole model, not just ``SessionModel``."""
+
+
+class Session(Generic[M]):
     # Slots keep an idle session small: 100k of them must fit beside their state.
     __slots__ = (
         "closed",
@@ -58,9 +79,7 @@ class Session:
         "stored_steps",
     )
 
-    def __init__(
-        self, session_id: str, model: LoadedModel, slot: int, steps: int = 0, owner: str | None = None, key: str = ""
-    ):
+    def __init__(self, session_id: str, model: M, slot: int, steps: int = 0, owner: str | None = None, key: str = ""):
         self.id = session_id  # the client's id: every message and response shows this one
         self.key = key or session_id  # sessions.session_key(id) of the principal that opened it
         # The principal that opened it (auth on: only it may use the session), else the peer's host (for
@@ -79,9 +98,9 @@ class Session:
         self.ready_since = 0
         # False while open; once ended, why: "client" (CloseSession), "expired", "unloaded" or "moved".
         self.closed: bool | str = False
-        # Durability (server/durability.py): the step count and time of the last write to the session store,
-        # and the store's revision of the record as this server last wrote or read it (0: none; a store.Unsure
-        # after a failed write; -1: no longer this server's to write). Only server/durability.py writes them.
+        # Durability (server/durability/persistence.py): the step count and time of the last write to the session
+        # store, and the store's revision of the record as this server last wrote or read it (0: none; a
+        # store.Unsure after a failed write; -1: no longer this server's to write). Only that module writes them.
         self.stored_steps = steps
         self.stored_at = self.last_used
         self.revision = 0

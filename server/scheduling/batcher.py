@@ -26,13 +26,13 @@ from rnnserve.server.scheduling.formation import ReadyQueue
 from rnnserve.server.scheduling.stats import BatchStats
 
 if TYPE_CHECKING:
-    from rnnserve.server.core.session import Session
+    from rnnserve.server.core.session import Session, SessionModel
 
 
 class Batcher:
     # Submission (event loop) goes straight to the ready queue, which wakes the loop: no extra call per step.
-    enqueue: Callable[[Session, Job], None]
-    enqueue_rows: Callable[[Sequence[Session], Sequence[StepJob]], None]
+    enqueue: Callable[[Session[SessionModel], Job], None]
+    enqueue_rows: Callable[[Sequence[Session[SessionModel]], Sequence[StepJob]], None]
 
     def __init__(
         self,
@@ -121,7 +121,7 @@ class Batcher:
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
-    def _execute_inline(self, batch: list[Session]) -> None:
+    def _execute_inline(self, batch: list[Session[SessionModel]]) -> None:
         execution = self.execution
         try:
             jobs, group, t0 = execution.begin(batch)
@@ -135,7 +135,7 @@ class Batcher:
             self._computing -= 1
             self._slots.release()
 
-    async def _execute(self, batch: list[Session]) -> None:
+    async def _execute(self, batch: list[Session[SessionModel]]) -> None:
         execution = self.execution
         try:
             jobs, group, t0 = execution.begin(batch)

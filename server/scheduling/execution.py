@@ -2,7 +2,7 @@
 
 ``compute`` (a worker thread, or the event loop for a small inline batch) gathers the sessions' states from
 the slab and stacks their steps' inputs, calls the model, checks what it returned, hands the new states to the
-commit hook (durability writes them here, before anything is visible: server/durability.py), and only then
+commit hook (durability writes them here, before anything is visible: server/durability/persistence.py), and only then
 scatters them into the slab. ``complete`` (the event loop) books each step on its session and answers it.
 
 A batch that is exactly one columnar message (a ``JobGroup``'s rows, in order) is fed the message's stacked
@@ -20,56 +20,68 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 
+from rnnserve.server.core.session import Session, SessionModel
 from rnnserve.server.core.work import JobGroup, StepJob, resolve
 from rnnserve.server.errors import Internal, RnnServeError, SessionMoved
 from rnnserve.server.scheduling.formation import Clock, ReadyQueue
 from rnnserve.server.scheduling.stats import BatchStats
 
 if TYPE_CHECKING:
-    from rnnserve.manifest import Durability, ModelManifest
-    from rnnserve.server.core.session import Session
-    from rnnserve.server.runtime import Runtime
-    from rnnserve.server.slab import StateSlab
+    from rnnserve.manifest import Durability, ModelManifest, TensorSpec
 
 log = logging.getLogger(__name__)
 
 
-class BatchedModel(Protocol):
-    """What the scheduler needs of a model version (server/model.py's LoadedModel is one)."""
+class Runner(Protocol):
+    """Calls the model on one batch (server/models/runtime: ONNX Runtime, TorchScript)."""
 
     @property
-    def key(self) -> str: ...  # "name:version", for messages and thread names
+    def device(self) -> str: ...  # "cpu" or "cuda"
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]: ...
+
+
+class Slab(Protocol):
+    """The sessions' states and parameters, a row each (server/models/slab.py)."""
+
     @property
-    def name(self) -> str: ...
+    def specs(self) -> list[TensorSpec]: ...
     @property
-    def version(self) -> int: ...
+    def dtypes(self) -> list[Any]: ...
+
+    def read(self, slot: int) -> list[np.ndarray]: ...
+    def write(self, slot: int, state: Sequence[np.ndarray]) -> None: ...
+    def gather(self, slots: np.ndarray) -> list[Any]: ...
+    def scatter(self, slots: np.ndarray, values: Sequence[Any]) -> None: ...
+
+
+class BatchedModel(SessionModel, Protocol):
+    """What the scheduler needs of a model version (server/models/model.py's LoadedModel is one)."""
+
     @property
     def manifest(self) -> ModelManifest: ...
     @property
     def durability(self) -> Durability: ...
     @property
-    def runtime(self) -> Runtime: ...
+    def runtime(self) -> Runner: ...
     @property
-    def slab(self) -> StateSlab: ...  # the sessions' states and parameters, a row each
+    def slab(self) -> Slab: ...  # the sessions' states and parameters, a row each
     @property
     def constants(self) -> dict[str, np.ndarray]: ...  # fed to every call as configured
     @property
     def persistence(self) -> CommitHook | None: ...  # None: sessions are never written
-
-    def release(self, session: Session) -> None:
-        """Free a closed session's row (once its turn in a batch ended)."""
 
 
 class CommittedBatch(NamedTuple):
     """What the commit hook sees of a computed batch, row i being ``jobs[i]``, the step of ``sessions[i]``."""
 
     model: BatchedModel
-    sessions: Sequence[Session]
+    sessions: Sequence[Session[SessionModel]]
     jobs: Sequence[StepJob]
     feeds: dict[str, Any]  # everything the model was fed: inputs, states, parameters, constants
     new_states: Sequence[Any]  # as the model returned them (batch axis where the manifest puts it)
@@ -77,15 +89,19 @@ class CommittedBatch(NamedTuple):
 
 
 class CommitHook(Protocol):
-    """Makes a batch's new states durable before they are scattered (server/durability.py Persistence)."""
+    """Makes a batch's new states durable before they are scattered (server/durability/persistence.py Persistence)."""
 
     def after_batch(self, batch: CommittedBatch) -> set[int]:
         """Worker thread, after the model call: commit the rows due. Returns the rows refused (their session
         changed elsewhere: not applied); raises to fail the whole batch with every state as it was."""
         ...
 
-    def moved(self, session: Session) -> None:
+    def moved(self, session: Session[SessionModel]) -> None:
         """Event loop: ``session``'s copy here is stale (a refused row): drop it."""
+        ...
+
+    def forget(self, session: Session[SessionModel]) -> None:
+        """Event loop: ``session`` ended (closed, expired): its stored copy goes too."""
         ...
 
 
@@ -123,7 +139,7 @@ class Execution:
         self.clock = clock
 
     # ---- event loop: before --------------------------------------------------------------------------------
-    def begin(self, batch: list[Session]) -> tuple[list[StepJob], JobGroup | None, int]:
+    def begin(self, batch: list[Session[SessionModel]]) -> tuple[list[StepJob], JobGroup | None, int]:
         """The batch's jobs, its group when it is one whole columnar message, and when it was taken."""
         jobs: list[StepJob] = [s.pending[0] for s in batch]  # type: ignore[misc]  # formation left steps there
         for session, job in zip(batch, jobs, strict=True):
@@ -133,7 +149,9 @@ class Execution:
         return jobs, whole_group(jobs), self.clock()
 
     # ---- worker thread (or the event loop, inline) ---------------------------------------------------------
-    def compute(self, batch: Sequence[Session], jobs: Sequence[StepJob], group: JobGroup | None) -> Computed:
+    def compute(
+        self, batch: Sequence[Session[SessionModel]], jobs: Sequence[StepJob], group: JobGroup | None
+    ) -> Computed:
         """Gather, run, commit, scatter (see the module's docstring); ``jobs``: the head of each session's queue."""
         clock = self.clock
         t0 = clock()
@@ -184,7 +202,7 @@ class Execution:
     # ---- event loop: after ---------------------------------------------------------------------------------
     def done(
         self,
-        batch: list[Session],
+        batch: list[Session[SessionModel]],
         jobs: list[StepJob],
         group: JobGroup | None,
         t0: int,
@@ -200,7 +218,7 @@ class Execution:
         self.complete(batch, jobs, group if not refused else None, per_output, None, refused)
         return end
 
-    def failed(self, batch: list[Session], jobs: list[StepJob], exc: Exception) -> int:
+    def failed(self, batch: list[Session[SessionModel]], jobs: list[StepJob], exc: Exception) -> int:
         """The batch failed (the model, its results, or the commit hook): nothing of it applied."""
         error: RnnServeError
         if isinstance(exc, RnnServeError):
@@ -215,7 +233,7 @@ class Execution:
 
     def complete(
         self,
-        batch: list[Session],
+        batch: list[Session[SessionModel]],
         jobs: list[StepJob],
         group: JobGroup | None,
         per_output: list[np.ndarray],

@@ -36,7 +36,7 @@ from rnnserve.server.core.work import ControlJob, Job, StepJob, resolve
 from rnnserve.server.errors import FailedPrecondition, SessionMoved
 
 if TYPE_CHECKING:
-    from rnnserve.server.core.session import Session
+    from rnnserve.server.core.session import Session, SessionModel
 
 SPLIT_MIN = 32
 """The smallest batch that ready sessions are split into for concurrent batches (smaller ones lose more to
@@ -68,7 +68,7 @@ class ReadyQueue:
         max_queue_delay_us: int,
         concurrency: int = 1,
         free_inputs: Sequence[str] = (),
-        release: Callable[[Session], None],
+        release: Callable[[Session[SessionModel]], None],
         wake: Callable[[], None] = lambda: None,
         clock: Clock = time.perf_counter_ns,
     ):
@@ -80,7 +80,7 @@ class ReadyQueue:
         self.release = release  # frees a closed session's slot once its turn ended
         self.wake = wake  # tells the batcher's loop that sessions got ready
         self.clock = clock
-        self.ready: deque[Session] = deque()
+        self.ready: deque[Session[SessionModel]] = deque()
         # Steps queued or computing across all sessions (a chunk counts num_steps until it leaves the queue):
         # the data plane refuses new ones past --max-queued-steps.
         self.queued_steps = 0
@@ -88,7 +88,7 @@ class ReadyQueue:
         self._deadline: int | None = None  # when the batch forming now goes without more sessions
 
     # ---- submission ---------------------------------------------------------------------------------------
-    def enqueue(self, session: Session, job: Job) -> None:
+    def enqueue(self, session: Session[SessionModel], job: Job) -> None:
         """Queue ``job`` behind the session's others."""
         session.pending.append(job)
         if type(job) is StepJob:
@@ -99,7 +99,7 @@ class ReadyQueue:
             self.ready.append(session)
             self.wake()
 
-    def enqueue_rows(self, sessions: Sequence[Session], jobs: Sequence[StepJob]) -> None:
+    def enqueue_rows(self, sessions: Sequence[Session[SessionModel]], jobs: Sequence[StepJob]) -> None:
         """``enqueue`` for the single-step jobs of one message, with one clock read and one wakeup."""
         now = self.clock()
         ready = self.ready
@@ -141,18 +141,18 @@ class ReadyQueue:
         share = -(-len(self.ready) // max(free, 1))
         return min(self.max_batch_size, max(SPLIT_MIN, share))
 
-    def take(self, computing: int) -> list[Session]:
+    def take(self, computing: int) -> list[Session[SessionModel]]:
         """The sessions of the next batch, each with a step at the head of its queue (maybe none: the ready
         sessions had only work settled here)."""
         self._deadline = None
         self._apart = False
-        batch: list[Session] = []
+        batch: list[Session[SessionModel]] = []
         limit = self.limit(computing)
         free_inputs = self.free_inputs
         shapes: tuple[tuple[int, ...], ...] | None = (
             None  # with free dimensions: the input shapes of this batch's steps
         )
-        apart: list[Session] = []  # ready sessions whose next step has other shapes, in ready order
+        apart: list[Session[SessionModel]] = []  # ready sessions whose next step has other shapes, in ready order
         while self.ready and len(batch) < limit:
             session = self.ready.popleft()
             self._settle_head(session)
@@ -174,7 +174,7 @@ class ReadyQueue:
             self._apart = True
         return batch
 
-    def _settle_head(self, session: Session) -> None:
+    def _settle_head(self, session: Session[SessionModel]) -> None:
         """Run or drop the work at the head of ``session``'s queue until a step to compute is there. One
         already computing (a chunk midway) is never dropped: it runs to the end."""
         while session.pending:
@@ -203,7 +203,7 @@ class ReadyQueue:
                 return
 
     # ---- after a session's turn ---------------------------------------------------------------------------
-    def settle(self, session: Session) -> None:
+    def settle(self, session: Session[SessionModel]) -> None:
         """After a session's turn: requeue it if it has work, else mark it idle (and free it if closed)."""
         if session.closed:
             while session.pending:

@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
     pytest.skip("no CUDA device", allow_module_level=True)
 
 from rnnserve.client import Client  # noqa: E402
-from rnnserve.server.slab import DeviceStateSlab  # noqa: E402
+from rnnserve.server.models.slab import DeviceStateSlab  # noqa: E402
 
 
 @pytest.mark.gpu

@@ -11,7 +11,6 @@ import pytest
 from conftest import TINY_INPUT
 
 from rnnserve.client import Client, RnnServeError
-from rnnserve.server.metrics import STORE_ERRORS, store_error
 
 pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families
@@ -81,8 +80,9 @@ def test_metrics_match_get_stats(server_factory, tiny_repository):
 
 def test_store_errors_and_forced_evictions(server_factory, tiny_repository):
     server = server_factory(tiny_repository, metrics_port=0)
-    before = STORE_ERRORS[("gru", 1, "save")]
-    store_error("gru", 1, "save")
+    errors = server.server.persistence.errors
+    before = errors[("gru", 1, "save")]
+    server.server.persistence.store_error("gru", 1, "save")
     with Client(server.address, timeout=30) as client:
         client.session("gru_ts")
         client.unload_model("gru_ts", force=True)

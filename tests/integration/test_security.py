@@ -17,7 +17,7 @@ from conftest import TINY_INPUT, build_tiny_repository
 
 from rnnserve.client import Client, RnnServeError
 from rnnserve.manifest import ModelManifest
-from rnnserve.server.repository import ModelRepository
+from rnnserve.server.models.repository import ModelRepository
 from rnnserve.server.transport.auth import TokenError, load_tokens, parse_tokens
 
 X = np.ones(TINY_INPUT, np.float32)

@@ -26,10 +26,9 @@ from rnnserve.bench.procs import ServerProcess, rnnserve_server
 from rnnserve.manifest import Durability, ModelManifest
 from rnnserve.proto import rnnserve_pb2 as pb
 from rnnserve.proto import rnnserve_pb2_grpc as pb_grpc
+from rnnserve.server.durability.store import SessionRecord, StoreUnavailable, open_store
+from rnnserve.server.durability.store.codec import decode_record, encode_record
 from rnnserve.server.errors import Internal
-from rnnserve.server.metrics import STORE_ERRORS
-from rnnserve.server.store import SessionRecord, StoreUnavailable, open_store
-from rnnserve.server.store.codec import decode_record, encode_record
 from rnnserve.tensors import from_proto, to_proto
 
 MODELS = {
@@ -365,13 +364,13 @@ def test_store_failure_fails_the_step_and_changes_nothing(durable_repository, re
         sid = stub.OpenSession(pb.OpenSessionRequest(model="gru_every")).session_id
         ys = [step(sid, t) for t in range(3)]
         before = stub.GetState(pb.SessionRequest(session_id=sid))
-        errors = STORE_ERRORS[("gru_every", 1, "save")]
+        errors = server.server.persistence.errors[("gru_every", 1, "save")]
         redis_server.stop()
         with pytest.raises(grpc.RpcError) as info:
             step(sid, 3)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "session store" in info.value.details() and "may or may not" in info.value.details()
-        assert STORE_ERRORS[("gru_every", 1, "save")] == errors + 1  # rnnserve_store_errors_total
+        assert server.server.persistence.errors[("gru_every", 1, "save")] == errors + 1  # rnnserve_store_errors_total
         with pytest.raises(grpc.RpcError) as info:  # a new durable session can't be promised either
             stub.OpenSession(pb.OpenSessionRequest(model="gru_every"))
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -33,7 +33,7 @@ from redis_server import RedisServer, needs_redis
 from rnnserve import gateway
 from rnnserve.bench.procs import ServerProcess, rnnserve_server
 from rnnserve.client import AsyncClient, Client
-from rnnserve.server.store import open_store
+from rnnserve.server.durability.store import open_store
 
 needs_nginx = pytest.mark.skipif(
     shutil.which("nginx") is None and not os.access("/usr/sbin/nginx", os.X_OK),

@@ -416,7 +416,7 @@ def test_an_id_another_principal_holds_opens_the_callers_own_session(
 
 
 def test_one_id_of_two_principals_is_two_sessions_in_the_session_store(redis_url, tiny_repository, tokens_file) -> None:
-    from rnnserve.server.store import open_store
+    from rnnserve.server.durability.store import open_store
 
     settings = {"auth_tokens": tokens_file, "session_store": redis_url, "durability": "every-step"}
     xa, xb = _xs(21, 3), _xs(22, 3)

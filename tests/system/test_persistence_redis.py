@@ -1,4 +1,4 @@
-"""Persistence (server/durability.py) against a real redis-server: the cases tests/unit/test_persistence.py
+"""Persistence (server/durability/persistence.py) against a real redis-server: the cases tests/unit/test_persistence.py
 runs against the in-memory store (tests/persistence_cases.py), each replica on its own connection."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from persistence_cases import CASES
 from redis_server import RedisServer, needs_redis
 
-from rnnserve.server.store import SessionStore, open_store
+from rnnserve.server.durability.store import SessionStore, open_store
 
 
 @pytest.fixture(scope="module")

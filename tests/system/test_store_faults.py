@@ -20,8 +20,7 @@ from test_durability import check_against_eager, durable_repository, eventually,
 from rnnserve.client import AsyncClient, Client, RnnServeError
 from rnnserve.proto import rnnserve_pb2 as pb
 from rnnserve.proto import rnnserve_pb2_grpc as pb_grpc
-from rnnserve.server.metrics import STORE_ERRORS
-from rnnserve.server.store import open_store
+from rnnserve.server.durability.store import open_store
 from rnnserve.tensors import from_proto, to_proto
 
 __all__ = ["durable_repository"]  # a module-scoped fixture shared with test_durability
@@ -114,7 +113,8 @@ def test_sdk_streams_ride_out_a_redis_restart(durable_repository, redis_server, 
     total = 40
     xs = np.random.default_rng(21).standard_normal((total, TINY_INPUT)).astype(np.float32)
     server = server_factory(durable_repository, session_store=redis_server.url)
-    errors = STORE_ERRORS[SAVE_ERRORS]
+    store_errors = server.server.persistence.errors
+    errors = store_errors[SAVE_ERRORS]
 
     def kill_and_restart() -> Callable[[], None]:
         redis_server.stop()  # SIGKILL
@@ -124,7 +124,7 @@ def test_sdk_streams_ride_out_a_redis_restart(durable_repository, redis_server, 
     ys, acknowledged, server_steps, stored = stream_through_a_fault(
         server.address, redis_server.url, xs, flavour, 12, kill_and_restart
     )
-    assert STORE_ERRORS[SAVE_ERRORS] > errors  # some steps did meet the dead store
+    assert store_errors[SAVE_ERRORS] > errors  # some steps did meet the dead store
     assert acknowledged == server_steps == stored == total
     np.testing.assert_allclose(np.stack(ys), tiny_expected(xs)[0], atol=1e-5)
 
@@ -232,10 +232,11 @@ def test_sdk_streams_ride_out_a_hung_redis(durable_repository, redis_server, ser
     total = 16
     xs = np.random.default_rng(25).standard_normal((total, TINY_INPUT)).astype(np.float32)
     server = server_factory(durable_repository, session_store=redis_server.url)
-    errors = STORE_ERRORS[SAVE_ERRORS]
+    store_errors = server.server.persistence.errors
+    errors = store_errors[SAVE_ERRORS]
 
     def resume_after_a_failed_write() -> None:
-        assert eventually(lambda: STORE_ERRORS[SAVE_ERRORS] > errors, timeout=30)
+        assert eventually(lambda: store_errors[SAVE_ERRORS] > errors, timeout=30)
         redis_server.resume()
 
     def hang() -> Callable[[], None]:

@@ -16,8 +16,8 @@ from accumulator import accumulator_manifest
 from rnnserve.server.core.session import Session
 from rnnserve.server.core.work import JobGroup, StepJob, fingerprint
 from rnnserve.server.errors import FailedPrecondition, Internal, OutcomeUnknown, SessionMoved
-from rnnserve.server.model import LoadedModel
-from rnnserve.server.runtime import Runtime
+from rnnserve.server.models.model import LoadedModel
+from rnnserve.server.models.runtime import Runtime
 from rnnserve.server.scheduling.execution import CommittedBatch, Execution
 from rnnserve.server.scheduling.formation import ReadyQueue
 from rnnserve.server.scheduling.stats import BatchStats
@@ -49,7 +49,7 @@ class Accumulator(Runtime):
 
 
 class Hook:
-    """A commit hook (the interface server/durability.py implements): refuses ``refuse`` rows, or fails."""
+    """A commit hook (the interface server/durability/persistence.py implements): refuses ``refuse`` rows, or fails."""
 
     def __init__(self) -> None:
         self.refuse: set[int] = set()

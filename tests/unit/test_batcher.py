@@ -12,7 +12,7 @@ from accumulator import Accumulator, accumulator_manifest
 
 from rnnserve.server.core.session import Session
 from rnnserve.server.core.work import ControlJob, StepJob
-from rnnserve.server.model import LoadedModel
+from rnnserve.server.models.model import LoadedModel
 
 MANIFEST = accumulator_manifest()
 

@@ -1,4 +1,4 @@
-"""Persistence (server/durability.py) against the in-memory store as the fake of a shared one: writes, the
+"""Persistence (server/durability/persistence.py) against the in-memory store as the fake of a shared one: writes, the
 compare-and-set on revisions, refused and unsure writes, the write-back of a newer copy over an older store and
 the reload of a newer record. The same cases run against a real redis-server in
 tests/system/test_persistence_redis.py (tests/persistence_cases.py holds them)."""
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from persistence_cases import CASES
 
-from rnnserve.server.store import SessionStore
-from rnnserve.server.store.memory import MemoryStore
+from rnnserve.server.durability.store import SessionStore
+from rnnserve.server.durability.store.memory import MemoryStore
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.__name__)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rnnserve.manifest import StateSpec
-from rnnserve.server.slab import DeviceStateSlab, StateSlab
+from rnnserve.server.models.slab import DeviceStateSlab, StateSlab
 
 SPECS = [
     StateSpec(name="h", output="h_out", shape=[2, -1, 3], batch_axis=1),

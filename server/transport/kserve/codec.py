@@ -20,13 +20,13 @@ import grpc
 import numpy as np
 
 from rnnserve.proto import kserve_grpc_service_pb2 as kpb
+from rnnserve.server.core.session import Session
 from rnnserve.server.core.validation import Shape, TensorChecks, Wording
 from rnnserve.server.dataplane import DataPlane
 from rnnserve.server.errors import InvalidArgument, RnnServeError, echo
-from rnnserve.server.model import LoadedModel
-from rnnserve.server.predict import PredictRequest
+from rnnserve.server.models.model import LoadedModel
+from rnnserve.server.models.predict import PredictRequest
 from rnnserve.server.principal import current_principal
-from rnnserve.server.sessions import Session
 from rnnserve.server.transport.kserve import models
 from rnnserve.server.transport.kserve.sequences import SequenceTable, missing_start, sequence_flags
 from rnnserve.server.transport.kserve.tensors import DATATYPES, StepInputs, decode_inputs, encode_outputs

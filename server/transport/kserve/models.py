@@ -12,9 +12,9 @@ from pathlib import Path
 from rnnserve.manifest import TensorSpec
 from rnnserve.proto import kserve_grpc_service_pb2 as kpb
 from rnnserve.proto import kserve_model_config_pb2 as kcfg
-from rnnserve.server.model import LoadedModel
-from rnnserve.server.repo_paths import all_version_dirs
-from rnnserve.server.repository import ModelRepository
+from rnnserve.server.models.model import LoadedModel
+from rnnserve.server.models.paths import all_version_dirs
+from rnnserve.server.models.repository import ModelRepository
 from rnnserve.server.scheduling.stats import BatchStats
 from rnnserve.server.transport.kserve.tensors import CONFIG_TYPES, DATATYPES
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rnnserve.proto import kserve_grpc_service_pb2 as kpb
+from rnnserve.server.core.session import Session
 from rnnserve.server.errors import InvalidArgument, echo
-from rnnserve.server.sessions import Session
 
 SequenceId = int | str
 Key = tuple[str, str, SequenceId]  # (client, model name, sequence id)

@@ -14,7 +14,7 @@ import rnnserve
 from rnnserve.proto import kserve_grpc_service_pb2 as kpb
 from rnnserve.server.dataplane import DataPlane
 from rnnserve.server.errors import InvalidArgument, NotFound, echo, echo_names
-from rnnserve.server.repository import FailedModel
+from rnnserve.server.models.repository import FailedModel
 from rnnserve.server.transport.kserve import models
 from rnnserve.server.transport.kserve.codec import InferCodec, InferStream, client_key, version_number
 from rnnserve.server.transport.pump import stream_handler

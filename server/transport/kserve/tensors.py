@@ -16,7 +16,7 @@ from rnnserve.server.limits import Limits
 from rnnserve.tensors import element_count
 
 if TYPE_CHECKING:
-    from rnnserve.server.model import LoadedModel
+    from rnnserve.server.models.model import LoadedModel
 
 # numpy dtype name (as in manifests) -> KServe datatype string and Triton's model-config enum.
 DATATYPES: dict[str, str] = {

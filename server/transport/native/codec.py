@@ -23,9 +23,9 @@ from rnnserve.server.core.work import JobGroup, StepOutcome
 from rnnserve.server.dataplane import DataPlane, SessionStateView
 from rnnserve.server.errors import InvalidArgument
 from rnnserve.server.limits import Limits
-from rnnserve.server.model import LoadedModel
-from rnnserve.server.predict import PredictResult
-from rnnserve.server.repository import FailedModel
+from rnnserve.server.models.model import LoadedModel
+from rnnserve.server.models.predict import PredictResult
+from rnnserve.server.models.repository import FailedModel
 from rnnserve.server.transport.pump import observe
 from rnnserve.server.transport.rpc import parse
 from rnnserve.server.transport.status import to_status

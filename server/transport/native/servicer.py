@@ -10,9 +10,9 @@ import grpc
 from rnnserve.proto import rnnserve_pb2 as pb
 from rnnserve.server.dataplane import DataPlane
 from rnnserve.server.limits import Limits
-from rnnserve.server.model import LoadedModel
-from rnnserve.server.predict import PredictRequest
-from rnnserve.server.repository import FailedModel
+from rnnserve.server.models.model import LoadedModel
+from rnnserve.server.models.predict import PredictRequest
+from rnnserve.server.models.repository import FailedModel
 from rnnserve.server.transport.native import codec
 from rnnserve.server.transport.pump import stream_handler
 from rnnserve.server.transport.rpc import service_handler

@@ -1,8 +1,8 @@
 """The Redis session store: one hash per session (``rnnserve:session:KEY``, KEY: the record's key) with the
-record's bytes (``b``, server/store/codec.py), its revision (``r``) and its last writer (``w``), written with
+record's bytes (``b``, server/durability/store/codec.py), its revision (``r``) and its last writer (``w``), written with
 its TTL.
 
-Conditional writes and deletes (server/store/__init__.py) are Lua scripts, so the test of the stored revision
+Conditional writes and deletes (server/durability/store/__init__.py) are Lua scripts, so the test of the stored revision
 and the write are one atomic step in Redis, and a batch of records is still one round trip. Reads are one
 pipelined round trip too."""
 
@@ -16,8 +16,8 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from rnnserve.server.store import Expect, SessionRecord, SessionStore, StoreUnavailable, Unsure
-from rnnserve.server.store.codec import decode_record, encode_record
+from rnnserve.server.durability.store import Expect, SessionRecord, SessionStore, StoreUnavailable, Unsure
+from rnnserve.server.durability.store.codec import decode_record, encode_record
 
 PREFIX = "rnnserve:session:"
 T = TypeVar("T")

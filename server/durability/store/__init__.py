@@ -2,11 +2,11 @@
 
 A :class:`SessionStore` maps a session's key to a :class:`SessionRecord`: the session's model, version, step
 count, state and per-session parameters, its owner (the principal that opened it) and its exactly-once
-replay cache. Two backends: :class:`~rnnserve.server.store.memory.MemoryStore` (embedded, the default; it
-lives and dies with the process) and :class:`~rnnserve.server.store.redis.RedisStore` (a Redis server;
+replay cache. Two backends: :class:`~rnnserve.server.durability.store.memory.MemoryStore` (embedded, the default; it
+lives and dies with the process) and :class:`~rnnserve.server.durability.store.redis.RedisStore` (a Redis server;
 sessions survive a crash or restart of rnnserve), which keeps each record as byte fields (``encode_record``:
-the body is a snapshot, server/snapshot.py). Methods block: the server calls them off the event loop (see
-server/durability.py), except an ``inline`` store's, which never wait on I/O.
+the body is a snapshot, server/durability/snapshot.py). Methods block: the server calls them off the event loop (see
+server/durability/persistence.py), except an ``inline`` store's, which never wait on I/O.
 
 A key is ``sessions.session_key``: the session id itself without authentication; with it, the id within its
 principal's namespace, so two principals' sessions of one id are two records, and a restarted server or another
@@ -22,9 +22,9 @@ them. So every record carries a *revision*, which only grows along a session's h
 writer: a write or delete names the revision of the writer's copy, and the store applies it only if the stored
 record is not newer (compare-and-set, atomic in the store). A replica whose copy of a session went stale (another
 replica advanced it meanwhile) therefore cannot overwrite the newer state: its write is refused and it drops
-its copy (server/durability.py). A stored record *older* than the writer's copy means the store lost writes (it
-restarted from a snapshot, or a replica of it was promoted): the copy is the newest state there is, so it is
-written back, with a revision above the copy's, never below it. Where a writer's last write failed midway (it
+its copy (server/durability/persistence.py). A stored record *older* than the writer's copy means the store lost
+writes (it restarted from a snapshot, or a replica of it was promoted): the copy is the newest state there is, so
+it is written back, with a revision above the copy's, never below it. Where a writer's last write failed midway (it
 may or may not have landed), its copy's revision is ``Unsure``: the store holds that revision, written by this
 writer, or an older one.
 """
@@ -149,11 +149,11 @@ class SessionStore(ABC):
 def open_store(url: str, *, ttl: float) -> SessionStore:
     """``memory`` or ``redis://HOST:PORT/DB`` (``rediss://`` for TLS, ``unix://PATH?db=N`` for a socket)."""
     if url == "memory":
-        from rnnserve.server.store.memory import MemoryStore
+        from rnnserve.server.durability.store.memory import MemoryStore
 
         return MemoryStore(ttl=ttl)
     if url.startswith(("redis://", "rediss://", "unix://")):
-        from rnnserve.server.store.redis import RedisStore
+        from rnnserve.server.durability.store.redis import RedisStore
 
         return RedisStore(url, ttl=ttl)
     raise ValueError(f"session store {url!r}: expected 'memory' or a redis://HOST:PORT/DB address")

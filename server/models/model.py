@@ -4,19 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from rnnserve.manifest import Durability, ModelManifest
+from rnnserve.server.core.session import Session
 from rnnserve.server.core.validation import TensorChecks
-from rnnserve.server.runtime import Runtime
+from rnnserve.server.models.runtime import Runtime
+from rnnserve.server.models.slab import DeviceStateSlab, StateSlab
 from rnnserve.server.scheduling.batcher import Batcher
-from rnnserve.server.slab import DeviceStateSlab, StateSlab
-
-if TYPE_CHECKING:
-    from rnnserve.server.durability import Persistence
-    from rnnserve.server.sessions import Session
+from rnnserve.server.scheduling.execution import CommitHook
 
 
 class LoadedModel:
@@ -31,7 +29,7 @@ class LoadedModel:
         durability: str | None = None,
         concurrent_batches: int = 1,
         inline_budget_us: int = 1000,
-        persistence: Persistence | None = None,
+        persistence: CommitHook | None = None,
         on_idle: Callable[[LoadedModel], None] | None = None,
     ):
         self.manifest = manifest
@@ -67,10 +65,10 @@ class LoadedModel:
             # A model whose batch is fixed at 1 serves its sessions one per call, whatever the server says.
             self.max_batch_size = 1
         self.max_queue_delay_us = manifest.max_queue_delay_us if max_queue_delay_us is None else max_queue_delay_us
-        # The server's session store policy (server/durability.py); None: sessions are never written.
+        # Commits batches' states and forgets ended sessions (server/durability/persistence.py); None: never written.
         self.persistence = persistence
         self.open_sessions = 0
-        # Called each time its last session goes (server/admin.py Retirement: stops it once retired).
+        # Called each time its last session goes (server/models/admin.py Retirement: stops it once retired).
         self.on_idle = on_idle
         # The checks its requests pass, whichever API brings them (server/core/validation.py).
         self.checks = TensorChecks(manifest, self.key)
@@ -140,7 +138,7 @@ class LoadedModel:
         self.open_sessions += 1
         return self.slab.allocate(values)
 
-    def release(self, session: Session) -> None:
+    def release(self, session: Session[Any]) -> None:
         if session.slot >= 0:
             if self.persistence is not None:
                 # Closed or expired: the store forgets it too (after any write of it already submitted).

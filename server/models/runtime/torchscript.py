@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from rnnserve.manifest import ModelManifest
-from rnnserve.server.runtime.base import Runtime
+from rnnserve.server.models.runtime.base import Runtime
 
 
 class TorchScriptRuntime(Runtime):

@@ -18,9 +18,9 @@ import logging
 import os
 from pathlib import Path
 
-from rnnserve.server.admin import ModelAdmin
 from rnnserve.server.errors import FailedPrecondition, ModelNotFound, RnnServeError
-from rnnserve.server.repo_paths import all_version_dirs
+from rnnserve.server.models.admin import ModelAdmin
+from rnnserve.server.models.paths import all_version_dirs
 
 log = logging.getLogger(__name__)
 

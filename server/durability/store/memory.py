@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from rnnserve.server.store import Expect, SessionRecord, SessionStore
+from rnnserve.server.durability.store import Expect, SessionRecord, SessionStore
 
 
 class MemoryStore(SessionStore):

@@ -1,6 +1,6 @@
-"""A session record as bytes, for a store outside the process (server/store/redis.py).
+"""A session record as bytes, for a store outside the process (server/durability/store/redis.py).
 
-The body is a snapshot (server/snapshot.py: self-describing, checksummed), the replay cache another, and the
+The body is a snapshot (server/durability/snapshot.py: self-describing, checksummed), the replay cache another, and the
 whole is a list of named fields: ``b"RNR1"``, then per field a u16 name length, the name, a u32 value length
 and the value. Encoding runs on the store's I/O thread, never on a batch's critical path more than needed.
 """
@@ -12,11 +12,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from rnnserve.server import snapshot as snapshots
+from rnnserve.server.core.sessions import session_id_of
 from rnnserve.server.core.work import ReplayEntry
+from rnnserve.server.durability import snapshot as snapshots
+from rnnserve.server.durability.store import SessionRecord
 from rnnserve.server.errors import Internal, InvalidArgument
-from rnnserve.server.sessions import session_id_of
-from rnnserve.server.store import SessionRecord
 
 MAGIC = b"RNR1"
 _NAME, _VALUE = struct.Struct("<H"), struct.Struct("<I")

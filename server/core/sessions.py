@@ -14,13 +14,17 @@ import secrets
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
+from typing import Generic, TypeVar
 
-from rnnserve.server.core.session import Session
+import numpy as np
+
+from rnnserve.server.core.session import Session, SessionModel
 from rnnserve.server.errors import ResourceExhausted, SessionEnded, SessionNotFound
-from rnnserve.server.model import LoadedModel
 from rnnserve.server.principal import PRINCIPAL
 
 log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=SessionModel)
 
 
 def session_key(session_id: str) -> str:
@@ -37,14 +41,16 @@ def session_id_of(key: str) -> str:
     return key.rpartition(":")[2]
 
 
-class SessionManager:
+class SessionManager(Generic[M]):
+    """The session table: every open session of one server, whatever its model (``M``: the model type)."""
+
     def __init__(self, *, max_sessions: int, ttl: float, max_sessions_per_client: int | None = None):
         self.max_sessions = max_sessions
         self.ttl = ttl
         # session_key -> session, ordered by last use, oldest first, so expiry only looks at the front.
-        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._sessions: OrderedDict[str, Session[M]] = OrderedDict()
         self.expired = 0
-        self._reaper: asyncio.Task | None = None
+        self._reaper: asyncio.Task[None] | None = None
         # Sessions the server ended itself (forced unload), by session_key -> (when, why): a call on one says
         # why instead of NOT_FOUND, for one TTL.
         self._ended: OrderedDict[str, tuple[float, str]] = OrderedDict()
@@ -56,7 +62,7 @@ class SessionManager:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def __iter__(self) -> Iterator[Session]:
+    def __iter__(self) -> Iterator[Session[M]]:
         return iter(list(self._sessions.values()))
 
     def known(self, session_id: str) -> bool:
@@ -67,13 +73,13 @@ class SessionManager:
 
     def open(
         self,
-        model: LoadedModel,
-        state=None,
+        model: M,
+        state: list[np.ndarray] | None = None,
         steps: int = 0,
-        parameters=None,
+        parameters: list[np.ndarray] | None = None,
         owner: str | None = None,
         session_id: str | None = None,
-    ) -> Session:
+    ) -> Session[M]:
         """A new session of the calling principal; ``session_id``: keep this id (one the client proposed, or a
         session restored from the session store), which the caller checked is not ``known``."""
         limit = self.max_sessions_per_client
@@ -99,11 +105,11 @@ class SessionManager:
             self._per_client[owner] += 1
         return session
 
-    def peek(self, session_id: str) -> Session | None:
+    def peek(self, session_id: str) -> Session[M] | None:
         """The caller's session if held here, without counting as a use (internal lookups)."""
         return self._sessions.get(session_key(session_id))
 
-    def get(self, session_id: str) -> Session:
+    def get(self, session_id: str) -> Session[M]:
         key = session_key(session_id)
         session = self._sessions.get(key)
         if session is None:
@@ -125,14 +131,14 @@ class SessionManager:
             raise SessionNotFound(session_id)
         self._end(session, "client")
 
-    def drop(self, session: Session) -> None:
-        """Forget a session another replica took over (server/durability.py): its state lives on there and in
-        the session store; only this server's stale copy goes."""
+    def drop(self, session: Session[M]) -> None:
+        """Forget a session another replica took over (server/durability/persistence.py): its state lives on
+        there and in the session store; only this server's stale copy goes."""
         if self._sessions.get(session.key) is session:
             del self._sessions[session.key]
             self._end(session, "moved")
 
-    def _end(self, session: Session, why: str) -> None:
+    def _end(self, session: Session[M], why: str) -> None:
         session.closed = why
         if session.owner is not None:
             left = self._per_client[session.owner] - 1
@@ -166,7 +172,7 @@ class SessionManager:
         self.expired += count
         return count
 
-    def end_model_sessions(self, model: LoadedModel, reason: str) -> int:
+    def end_model_sessions(self, model: M, reason: str) -> int:
         """End every session of ``model`` (a forced unload); a later call on one gets FAILED_PRECONDITION
         with ``reason``. Steps already queued fail; a batch computing finishes first (the batcher frees those)."""
         doomed = [s for s in self._sessions.values() if s.model is model]

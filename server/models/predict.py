@@ -23,7 +23,7 @@ import numpy as np
 
 from rnnserve.manifest import TensorSpec
 from rnnserve.server.errors import FailedPrecondition, Internal, InvalidArgument, RnnServeError
-from rnnserve.server.model import LoadedModel
+from rnnserve.server.models.model import LoadedModel
 
 log = logging.getLogger(__name__)
 WORKERS = 2

@@ -52,44 +52,29 @@ import logging
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from rnnserve.manifest import Durability
+from rnnserve.server.core.sessions import session_key
 from rnnserve.server.core.work import ReplayEntry
+from rnnserve.server.durability.store import SessionRecord, SessionStore, StoreUnavailable, Unsure, ahead
 from rnnserve.server.errors import OutcomeUnknown, SessionIdUnavailable, SessionMoved
-from rnnserve.server.metrics import store_error
-from rnnserve.server.sessions import session_key
-from rnnserve.server.store import SessionRecord, SessionStore, StoreUnavailable, Unsure, ahead
 
 if TYPE_CHECKING:
     from rnnserve.server.core.session import Session
-    from rnnserve.server.dataplane import DataPlane
-    from rnnserve.server.model import LoadedModel
+    from rnnserve.server.core.sessions import SessionManager
+    from rnnserve.server.models.model import LoadedModel
+    from rnnserve.server.models.repository import ModelRepository
     from rnnserve.server.scheduling.execution import CommittedBatch
 
 log = logging.getLogger(__name__)
 
 FLUSH_CHUNK = 1024  # records per round trip when writing every session at shutdown
 _TICK = 0.01  # how often the periodic task looks for idle sessions due by time
-
-
-def _on_failure(
-    what: str, operation: str = "", models: Iterable[tuple[str, int]] = ()
-) -> Callable[[concurrent.futures.Future], None]:
-    """A done-callback for an operation nobody waits on: log its failure and count it in the metrics."""
-    keys = set(models)
-
-    def done(future: concurrent.futures.Future) -> None:
-        exc = future.exception()
-        if exc is not None:
-            log.warning("%s failed: %s", what, exc)
-            for name, version in keys:
-                store_error(name, version, operation)
-
-    return done
 
 
 def _host(value: Any) -> np.ndarray:
@@ -119,6 +104,28 @@ class Persistence:
         self._dirty: set[str] = set()
         self._seq = itertools.count()
         self._task: asyncio.Task | None = None
+        # (model, version, operation) -> failed store operations, for the metrics ("" and 0: model unknown).
+        # Bumped from the store thread too; each += is one dict update under the GIL.
+        self.errors: Counter[tuple[str, int, str]] = Counter()
+
+    def store_error(self, model: str, version: int, operation: str) -> None:
+        """Count one failed session-store operation (``operation``: "save", "load", "delete")."""
+        self.errors[(model, version, operation)] += 1
+
+    def _on_failure(
+        self, what: str, operation: str = "", models: Iterable[tuple[str, int]] = ()
+    ) -> Callable[[concurrent.futures.Future], None]:
+        """A done-callback for an operation nobody waits on: log its failure and count it."""
+        keys = set(models)
+
+        def done(future: concurrent.futures.Future) -> None:
+            exc = future.exception()
+            if exc is not None:
+                log.warning("%s failed: %s", what, exc)
+                for name, version in keys:
+                    self.store_error(name, version, operation)
+
+        return done
 
     def check(self, model: LoadedModel) -> None:
         """A model version built to serve through this store: warn when its durability outruns the store."""
@@ -171,7 +178,7 @@ class Persistence:
         session's stale copy."""
         models = [(r.model, r.version) for r in records]
         future = self._submit(self._put, sessions, records)
-        future.add_done_callback(_on_failure(why, "save", models))
+        future.add_done_callback(self._on_failure(why, "save", models))
 
         def refused(done: concurrent.futures.Future) -> None:
             if not done.exception() and done.result() and self._loop is not None:
@@ -283,7 +290,7 @@ class Persistence:
             try:
                 moved = self._submit(self._put, written, records).result()
             except StoreUnavailable as exc:
-                store_error(model.name, model.version, "save")
+                self.store_error(model.name, model.version, "save")
                 raise OutcomeUnknown(
                     f"{exc.message}; model {model.key} is every-step durable and the write of this batch's "
                     f"{len(jobs)} step(s) was not confirmed, so they may or may not have been applied (the write "
@@ -361,7 +368,9 @@ class Persistence:
                 raise SessionMoved(session.id)
 
         future = self._submit(put)
-        future.add_done_callback(_on_failure(f"writing session {session.id}", "save", [(record.model, record.version)]))
+        future.add_done_callback(
+            self._on_failure(f"writing session {session.id}", "save", [(record.model, record.version)])
+        )
         return asyncio.wrap_future(future)
 
     def forget(self, session: Session) -> None:
@@ -378,15 +387,16 @@ class Persistence:
                 self.store.delete_many([session.key], [session.revision], self.writer)
 
         self._submit(delete).add_done_callback(
-            _on_failure(f"deleting session {session.id}", "delete", [(session.model.name, session.model.version)])
+            self._on_failure(f"deleting session {session.id}", "delete", [(session.model.name, session.model.version)])
         )
 
-    async def restore(self, session_ids: Iterable[str], dataplane: DataPlane) -> None:
+    async def restore(
+        self, session_ids: Iterable[str], sessions: SessionManager, models: ModelRepository, replay_window: int
+    ) -> None:
         """Bring the calling principal's sessions the store holds among ``session_ids`` (none of them here)
         into this server. Ids the store does not know stay unknown (the caller's lookup answers NOT_FOUND); a
         store failure raises StoreUnavailable."""
         loop = asyncio.get_running_loop()
-        sessions = dataplane.sessions
         keys = {session_key(sid): sid for sid in session_ids}
         waiting = {self._restoring[key] for key in keys if key in self._restoring}
         fresh = [key for key, sid in keys.items() if key not in self._restoring and not sessions.known(sid)]
@@ -399,9 +409,9 @@ class Persistence:
                 records = await self._run(self.store.get_many, fresh)
                 for key, record in zip(fresh, records, strict=True):
                     if record is not None and not sessions.known(keys[key]):
-                        self._adopt(record, keys[key], dataplane)
+                        self._adopt(record, keys[key], sessions, models, replay_window)
             except StoreUnavailable as exc:
-                store_error("", 0, "load")  # which model the sessions are of is in the records it could not read
+                self.store_error("", 0, "load")  # which model the sessions are of is in the records it could not read
                 error = exc
             finally:
                 for key in fresh:
@@ -414,10 +424,17 @@ class Persistence:
             if error is not None:
                 raise error
 
-    def _adopt(self, record: SessionRecord, session_id: str, dataplane: DataPlane) -> None:
+    def _adopt(
+        self,
+        record: SessionRecord,
+        session_id: str,
+        sessions: SessionManager,
+        models: ModelRepository,
+        replay_window: int,
+    ) -> None:
         """Open ``record``, the calling principal's session ``session_id``, here (its owner as it was)."""
         try:
-            model = dataplane.repository.get(record.model, record.version)
+            model = models.get(record.model, record.version)
             names = {p.name for p in model.manifest.parameters}
             state = model.check_state({k: v for k, v in record.state.items() if k not in names}, partial=False)
             params = model.check_parameters({k: v for k, v in record.state.items() if k in names})
@@ -425,17 +442,15 @@ class Persistence:
             # Left unknown: the caller answers NOT_FOUND. Its model may load later; the record stays until then.
             log.warning("session %s is in the session store but cannot be restored here: %s", session_id, exc)
             return
-        session = dataplane.sessions.open(
-            model, state, record.steps, params, record.owner or None, session_id=session_id
-        )
-        session.restore_replay(record.replay, dataplane.replay_window)
+        session = sessions.open(model, state, record.steps, params, record.owner or None, session_id=session_id)
+        session.restore_replay(record.replay, replay_window)
         self._mark_written(session, record.steps, time.monotonic())
         session.revision = record.revision
         if not self.durable(session):
             # Consumed: a crash must not bring a `none` session back at a stale step.
             session.revision = 0
             self._submit(self.store.delete_many, [record.key], [record.revision], self.writer).add_done_callback(
-                _on_failure(f"deleting restored session {session.id}", "delete", [(model.name, model.version)])
+                self._on_failure(f"deleting restored session {session.id}", "delete", [(model.name, model.version)])
             )
         log.debug("restored session %s of %s at step %d", session.id, model.key, session.steps)
 
@@ -446,7 +461,7 @@ class Persistence:
         log.info("session store: %s%s", self.store.url, "" if self.store.durable else " (this process only)")
         if self.store.durable:
             # Serve even while the store is down (requests that need it get UNAVAILABLE), but say so at once.
-            self._submit(self.store.ping).add_done_callback(_on_failure("reaching the session store"))
+            self._submit(self.store.ping).add_done_callback(self._on_failure("reaching the session store"))
 
     async def stop(self, sessions: Iterable[Session]) -> None:
         """Write every open session (a durable store only), then close the store."""
@@ -467,7 +482,7 @@ class Persistence:
                 except StoreUnavailable as exc:
                     log.error("shutdown: %d session(s) not written to the session store: %s", len(chunk), exc)
                     for name, version in {(r.model, r.version) for r in chunk}:
-                        store_error(name, version, "save")
+                        self.store_error(name, version, "save")
             if live:
                 log.info(
                     "shutdown: wrote %d of %d open session(s) to %s (%d stale copies left to the replica that "

@@ -11,18 +11,16 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from pydantic import ValidationError
 
 from rnnserve.manifest import MANIFEST_FILE, ModelManifest
 from rnnserve.server.errors import ModelNotFound, echo
-from rnnserve.server.model import LoadedModel
-from rnnserve.server.repo_paths import inside
-from rnnserve.server.runtime import load_runtime
-
-if TYPE_CHECKING:
-    from rnnserve.server.durability import Persistence
+from rnnserve.server.models.model import LoadedModel
+from rnnserve.server.models.paths import inside
+from rnnserve.server.models.runtime import load_runtime
+from rnnserve.server.scheduling.execution import CommitHook
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +39,14 @@ def describe_error(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+class ModelPersistence(CommitHook, Protocol):
+    """The session store policy every model is built with (server/durability/persistence.py Persistence)."""
+
+    def check(self, model: LoadedModel) -> None:
+        """A model version about to serve through it: warn when its durability outruns the store."""
+        ...
+
+
 class ModelFactory:
     """Builds every LoadedModel the server serves, at start and later (load, reload, --watch), each with its
     batcher, the server's defaults for what its manifest leaves unset, the session store policy, and the hook
@@ -56,7 +62,7 @@ class ModelFactory:
         durability: str | None = None,
         concurrent_batches: int | None = None,
         inline_budget_us: int = 1000,
-        persistence: Persistence | None = None,
+        persistence: ModelPersistence | None = None,
         on_idle: Callable[[LoadedModel], None] | None = None,
     ):
         self.device = device

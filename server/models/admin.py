@@ -21,11 +21,11 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from rnnserve.server.core.sessions import SessionManager
 from rnnserve.server.errors import FailedPrecondition, ModelNotFound, echo
-from rnnserve.server.model import LoadedModel
-from rnnserve.server.repo_paths import check_name, check_version, version_dirs
-from rnnserve.server.repository import FailedModel, ModelRepository, describe_error
-from rnnserve.server.sessions import SessionManager
+from rnnserve.server.models.model import LoadedModel
+from rnnserve.server.models.paths import check_name, check_version, version_dirs
+from rnnserve.server.models.repository import FailedModel, ModelRepository, describe_error
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class UnloadResult:
 class Retirement:
     """Loads no longer in the repository's table (reloaded or unloaded) whose batcher still runs for their
     sessions: each stops once its last session goes. Every model is built with ``idle`` as its idle hook
-    (server/repository.py ModelFactory); it acts only on retired ones."""
+    (server/models/repository.py ModelFactory); it acts only on retired ones."""
 
     def __init__(self) -> None:
         # Each retired object, with a future that completes once it stopped.

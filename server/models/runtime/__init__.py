@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rnnserve.manifest import ModelManifest
-from rnnserve.server.runtime.base import Runtime
+from rnnserve.server.models.runtime.base import Runtime
 
 
 def load_runtime(manifest: ModelManifest, version_dir: Path, *, device: str, threads: int) -> Runtime:
@@ -17,10 +17,10 @@ def load_runtime(manifest: ModelManifest, version_dir: Path, *, device: str, thr
     if version_dir.resolve() not in artifact.resolve().parents:
         raise ValueError(f"artifact {manifest.artifact} resolves outside the model folder {version_dir}; refusing it")
     if manifest.format == "onnx":
-        from rnnserve.server.runtime.onnx import OnnxRuntime
+        from rnnserve.server.models.runtime.onnx import OnnxRuntime
 
         return OnnxRuntime(manifest, artifact, device=device, threads=threads)
-    from rnnserve.server.runtime.torchscript import TorchScriptRuntime
+    from rnnserve.server.models.runtime.torchscript import TorchScriptRuntime
 
     return TorchScriptRuntime(manifest, artifact, device=device, threads=threads)
 

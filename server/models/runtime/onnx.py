@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from rnnserve.manifest import ModelManifest
-from rnnserve.server.runtime.base import Runtime
+from rnnserve.server.models.runtime.base import Runtime
 
 
 class OnnxRuntime(Runtime):
