@@ -10,7 +10,8 @@ class RnnServeError(Exception):
 
     Attributes:
         code: the ``grpc.StatusCode`` of the failure.
-        message: the server's details text, unchanged.
+        message: the server's details text, unchanged; for a call that reached no server, which address was
+            tried (with the channel's own words after it).
         session_id: the session a failed stream step belonged to, when known.
         request_id: the ``request_id`` of a failed stream step, when known.
     """
@@ -46,10 +47,25 @@ def status_code(value: int) -> grpc.StatusCode:
     return _CODES.get(value, grpc.StatusCode.UNKNOWN)
 
 
-def from_rpc_error(err: grpc.RpcError) -> RnnServeError:
-    """Convert a sync ``grpc.RpcError`` or an ``grpc.aio.AioRpcError`` (both expose code() and details())."""
+# How grpc's channel words a call that found no server to send to (nothing listening at the port, a host
+# that does not resolve), as opposed to a status that a server sent.
+_NO_CONNECTION = ("failed to connect to all addresses", "DNS resolution failed", "errors resolving")
+
+
+def from_rpc_error(err: grpc.RpcError, address: str = "") -> RnnServeError:
+    """Convert a sync ``grpc.RpcError`` or an ``grpc.aio.AioRpcError`` (both expose code() and details()).
+
+    A call that reached no server at ``address`` (the client's target) says so first: grpc's own text
+    ("failed to connect to all addresses; last error: UNKNOWN: ...") names neither the address plainly nor
+    what to check.
+    """
     code_fn = getattr(err, "code", None)
     details_fn = getattr(err, "details", None)
     code = code_fn() if callable(code_fn) else None
-    details = details_fn() if callable(details_fn) else None
-    return RnnServeError(code or grpc.StatusCode.UNKNOWN, details or str(err))
+    details = (details_fn() if callable(details_fn) else None) or str(err)
+    if address and code == grpc.StatusCode.UNAVAILABLE and any(m in details for m in _NO_CONNECTION):
+        details = (
+            f"no server answered at {address}: is `rnnserve serve` running there, on that host and port? "
+            f"(grpc: {details})"
+        )
+    return RnnServeError(code or grpc.StatusCode.UNKNOWN, details)

@@ -16,7 +16,7 @@ import numpy as np
 from rnnserve.client import _convert
 from rnnserve.client._errors import RnnServeError, status_code
 from rnnserve.client._plan import Action, Plan, Sleep, in_turn
-from rnnserve.client._retry import Attempts, Failure
+from rnnserve.client._retry import Failure
 from rnnserve.client._types import BatchResult, ModelInfo
 from rnnserve.proto import rnnserve_pb2 as pb
 from rnnserve.tensors import encode_map
@@ -164,7 +164,7 @@ class MultiStreamProtocol:
         new stream, when every step in it carries a step index (so none is applied twice)."""
         if self._closed:
             raise RuntimeError("this multi-stream is closed")
-        attempts = Attempts(self._client.retry)
+        attempts = self._client._attempts()
         while True:
             failure: Failure
             try:

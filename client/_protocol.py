@@ -116,13 +116,17 @@ class ClientProtocol(Generic[_S]):
             self.timeout if timeout is DEFAULT else timeout,
             self._metadata if metadata is None else metadata,
         )
-        attempts = Attempts(self.retry)
+        attempts = self._attempts()
         while True:
             try:
                 return (yield call)
             except grpc.RpcError as err:
                 delay = attempts.after(err, allowed=retry)
             yield Sleep(delay)
+
+    def _attempts(self) -> Attempts:
+        """The retry bookkeeping of one call or stream of this client."""
+        return Attempts(self.retry, self.address)
 
     _call = operation(_rpc)  # one call by hand, with a stub method: ``client._call(client._stub.GetState, req)``
 

@@ -68,28 +68,31 @@ Failure = grpc.RpcError | RnnServeError
 """How an attempt failed: the call's own status (as grpc raised it), or the server's answer inside it."""
 
 
-def failure_status(failure: Failure) -> tuple[grpc.StatusCode | None, RnnServeError]:
-    """The status ``failure`` counts as for retrying, and the error the caller gets when it is not retried."""
+def failure_status(failure: Failure, address: str = "") -> tuple[grpc.StatusCode | None, RnnServeError]:
+    """The status ``failure`` counts as for retrying, and the error the caller gets when it is not retried
+    (naming ``address``, the client's target, when the call reached no server)."""
     if isinstance(failure, RnnServeError):
         return failure.code, failure
-    return retry_code(failure), from_rpc_error(failure)
+    return retry_code(failure), from_rpc_error(failure, address)
 
 
 class Attempts:
-    """The consecutive failed attempts of one call, or of one stream's calls, under a policy.
+    """The consecutive failed attempts of one call, or of one stream's calls, under a policy, to ``address``
+    (the client's target, which the error names when no server answered there).
 
     A stream counts failures since its last answered step: ``retries`` bounds reconnections in a row, not in
     a stream's lifetime, so a long stream rides out many separate drops.
     """
 
-    def __init__(self, policy: RetryPolicy) -> None:
+    def __init__(self, policy: RetryPolicy, address: str = "") -> None:
         self.policy = policy
+        self.address = address
         self.failures = 0
 
     def after(self, failure: Failure, *, allowed: bool = True) -> float:
         """Seconds to wait before the next attempt after ``failure``; raises the failure as RnnServeError
         when it is not retried (``allowed=False``: the request may not be resent, whatever the status)."""
-        code, error = failure_status(failure)
+        code, error = failure_status(failure, self.address)
         if not (allowed and self.policy.should_retry(code, self.failures)):
             raise error from None  # the grpc exception adds nothing the RnnServeError does not say
         delay = self.policy.delay(self.failures)

@@ -17,7 +17,7 @@ import grpc
 
 from rnnserve.client import _convert
 from rnnserve.client._errors import RnnServeError, status_code
-from rnnserve.client._retry import RETRYABLE, Attempts, Failure
+from rnnserve.client._retry import RETRYABLE, Failure
 from rnnserve.proto import rnnserve_pb2 as pb
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ class StreamResume:
         self._session = session
         self._window = check_window(window)
         self._outputs = outputs
-        self._attempts = Attempts(session._client.retry)
+        self._attempts = session._client._attempts()
         self._next_index = session.steps + 1
         # Sent (or built to be sent) and not answered, oldest first, each in the message that carries it.
         self._unanswered: deque[pb.StreamStepRequest] = deque()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import socket
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -240,10 +241,29 @@ def test_rpc_errors_become_rnnserve_error(client: Client) -> None:
     assert info.value.message == "input 'x': float32[3]"
 
 
-def test_unreachable_server_is_rnnserve_error() -> None:
-    with Client("127.0.0.1:1", timeout=5) as c, pytest.raises(RnnServeError) as info:
+def _closed_port() -> str:
+    """A loopback address with nothing listening: a port the kernel handed out, then closed again."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_unreachable_server_is_rnnserve_error_naming_the_address() -> None:
+    address = _closed_port()
+    with Client(address, timeout=5, retries=1) as c, pytest.raises(RnnServeError) as info:
         c.list_models()
     assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert info.value.message.startswith(f"no server answered at {address}: ")
+
+    async def unreachable() -> RnnServeError:
+        async with AsyncClient(address, timeout=5, retries=1) as c:
+            with pytest.raises(RnnServeError) as info:
+                await c.model("acc")
+            return info.value
+
+    err = asyncio.run(unreachable())
+    assert err.code == grpc.StatusCode.UNAVAILABLE
+    assert err.message.startswith(f"no server answered at {address}: ")
 
 
 def test_metadata_is_sent(fake: tuple[FakeRnnServe, str]) -> None:

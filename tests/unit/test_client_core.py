@@ -154,6 +154,30 @@ def test_unary_retries_end_with_the_error_and_refusals_are_not_retried() -> None
         fail(runner, Code.DEADLINE_EXCEEDED)
 
 
+# What grpc's channel says when nothing listens at the target (its words, as a sync or asyncio call raises them).
+REFUSED = "failed to connect to all addresses; last error: UNKNOWN: ipv4:10.0.0.7:50051: Connection refused"
+
+
+def test_a_call_that_reached_no_server_names_the_address_tried() -> None:
+    client = ScriptedClient("models.internal:50051", retries=1, backoff=0.0)
+    runner = Runner(client._rpc("ListModels", pb.ListModelsRequest()))
+    fail(runner, Code.UNAVAILABLE, REFUSED)
+    runner.resume(None)
+    with pytest.raises(RnnServeError) as info:
+        fail(runner, Code.UNAVAILABLE, REFUSED)
+    assert info.value.code == Code.UNAVAILABLE
+    assert info.value.message.startswith("no server answered at models.internal:50051: is `rnnserve serve` running")
+    assert info.value.message.endswith(f"(grpc: {REFUSED})")
+    # A stream that cannot reconnect says the same; a server's own UNAVAILABLE (e.g. its store) stays its words.
+    stream = StreamResume(session(retries=0), window=1, outputs=None)
+    with pytest.raises(RnnServeError, match=r"^UNAVAILABLE: no server answered at nowhere:1: "):
+        stream.retry_after(RpcFailure(Code.UNAVAILABLE, REFUSED))
+    runner = Runner(ScriptedClient("nowhere:1", retries=0)._rpc("GetStats", pb.StatsRequest()))
+    with pytest.raises(RnnServeError) as info:
+        fail(runner, Code.UNAVAILABLE, "session store unavailable")
+    assert info.value.message == "session store unavailable"
+
+
 def test_steps_are_numbered_from_the_acknowledged_ones_and_a_retry_keeps_the_index() -> None:
     s = session(steps=4)
     runner = Runner(s._step_plan(X, False, None, DEFAULT))
