@@ -5,19 +5,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import signal
 import sys
 from typing import Any
 
 from pydantic import ValidationError
 
-from rnnserve.server.settings import ServerSettings
+from rnnserve.server.settings import ENV_PREFIX, GROUPS, ServerSettings, group_of
 
-# flag -> settings field; every flag also reads RNNSERVE_<FIELD> from the environment.
+# flag -> settings field; every flag also reads RNNSERVE_<FIELD> from the environment. --help lists them under
+# their settings' groups, in this order within a group.
 FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--repository": ("repository", {"metavar": "DIR"}),
     "--host": ("host", {}),
-    "--port": ("port", {"type": int, "help": "0 picks a free port"}),
+    "--port": ("port", {"type": int}),
     "--port-file": ("port_file", {"metavar": "FILE"}),
     "--max-sessions": ("max_sessions", {"type": int, "metavar": "N"}),
     "--session-ttl": ("session_ttl", {"type": float, "metavar": "SECONDS"}),
@@ -44,35 +46,46 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
         {"type": float, "nargs": "?", "const": 2.0, "metavar": "SECONDS", "help": "(--watch alone: every 2 s)"},
     ),
     "--grace": ("grace", {"type": float, "metavar": "SECONDS"}),
-    "--log-level": ("log_level", {}),
+    "--log-level": ("log_level", {"metavar": "LEVEL"}),
     "--tls-cert": ("tls_cert", {"metavar": "PEM"}),
     "--tls-key": ("tls_key", {"metavar": "PEM"}),
     "--tls-client-ca": ("tls_client_ca", {"metavar": "PEM"}),
     "--auth-tokens": ("auth_tokens", {"metavar": "FILE"}),
     "--admin-principals": ("admin_principals", {"metavar": "NAMES"}),
-    "--metrics-port": ("metrics_port", {"type": int, "metavar": "PORT", "help": "0 picks a free port"}),
+    "--metrics-port": ("metrics_port", {"type": int, "metavar": "PORT"}),
     "--metrics-host": ("metrics_host", {"metavar": "ADDRESS"}),
 }
 
 
+def _help(text: str) -> str:
+    """A setting's description as help text: ``code`` marks are for the docs; a terminal shows them bare."""
+    return re.sub(r"``(.+?)``", r"\1", " ".join(text.split()))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    fields = ServerSettings.model_fields
+    groups = {name: parser.add_argument_group(name, about) for name, about in GROUPS.items()}
+    # Settings without a flag (secrets: environment only) are told after the flags.
+    flagged = {field for field, _ in FLAGS.values()} | {"reflection"}
+    env_only = [f"{ENV_PREFIX}{f.upper()} (environment only): {_help(fields[f].description or '')}"
+                for f in fields if f not in flagged]  # fmt: skip
+    parser.epilog = "\n".join(env_only) or None
     for flag, (field, kwargs) in FLAGS.items():
-        doc = ServerSettings.model_fields[field].description or ""
-        default = ServerSettings.model_fields[field].default
-        help_text = kwargs.pop("help", "") if "help" in kwargs else ""
-        parser.add_argument(
+        info = fields[field]
+        default = "" if info.default is None else f", default {info.default}"
+        groups[group_of(field)].add_argument(
             flag,
             dest=field,
             default=None,
-            help=f"{doc} {help_text} (env RNNSERVE_{field.upper()}, default {default})".replace("  ", " "),
-            **kwargs,
+            help=_help(f"{info.description or ''} {kwargs.get('help', '')} (env {ENV_PREFIX}{field.upper()}{default})"),
+            **{k: v for k, v in kwargs.items() if k != "help"},
         )
-    parser.add_argument(
+    groups[group_of("reflection")].add_argument(
         "--no-reflection",
         dest="reflection",
         action="store_false",
         default=None,
-        help="do not register gRPC server reflection",
+        help=f"do not register the gRPC server reflection service (env {ENV_PREFIX}REFLECTION=false)",
     )
 
 
