@@ -42,12 +42,16 @@ def _specs(specs: Iterable[TensorSpec | StateSpec]) -> str:
 
 
 def format_models(models: list[ModelInfo]) -> str:
-    """A human-readable listing: one header line per model version, then its per-session signature."""
+    """A human-readable listing: one header line per model version, then its per-session signature:
+    what a client sends and gets, the state the server keeps, the parameters a session may give at
+    ``open_session(parameters=...)`` and the constants the server feeds from the model's config."""
     if not models:
         return "no models"
     lines = []
     for m in models:
         head = f"{m.name}:{m.version}  {m.state}  {m.format}"
+        if m.kind != "step":
+            head += f"  {m.kind} (Predict only)"
         if m.device:
             head += f"  {m.device}"
         head += f"  sessions={m.open_sessions}  state={m.state_bytes}B/session"
@@ -58,5 +62,7 @@ def format_models(models: list[ModelInfo]) -> str:
             f"  inputs:  {_specs(m.inputs)}",
             f"  outputs: {_specs(m.outputs)}",
             f"  states:  {_specs(m.states)}",
+            f"  parameters: {_specs(m.parameters)}",
+            f"  constants:  {_specs(m.constants)}",
         ]
     return "\n".join(lines)

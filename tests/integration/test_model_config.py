@@ -162,6 +162,15 @@ def address(repository: Path):
     handle.stop()
 
 
+def test_models_command_lists_parameters_and_constants(address: str, capsys: pytest.CaptureFixture[str]):
+    from rnnserve.cli import main
+
+    assert main(["models", "--address", address, "--name", "vendor"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[0].startswith("vendor:1  READY  onnx")
+    assert "  parameters: speaker: float32[2]" in listing and "  constants:  sr: int64[]" in listing
+
+
 @pytest.mark.parametrize("model", ["vendor", "vendor_b1"])
 def test_vendor_onnx_streams_like_the_graph(address: str, model: str):
     xs = RNG.standard_normal((4, 20, 4)).astype(np.float32)
