@@ -120,11 +120,12 @@ class Server(Protocol):
 @dataclass
 class System:
     """One server under a load: its name in the report, the process(es) whose CPU counts as its own, and the
-    model name a KServe client asks for."""
+    model name and version a KServe client asks for."""
 
     name: str
     server: Server
     kserve_model: str
+    kserve_version: int | None = None  # None: the server's default version
     native_stats: bool = False  # answers rnnserve's GetStats (mean batch of native runs)
 
 
@@ -185,8 +186,8 @@ class Bench:
             )
             floor = procs.floor_server(self.model.version_dir, self.workdir, cpus=cfg.server_cpus)
             self._main = (
-                System("rnnserve", self._start(serve), self.model.name, native_stats=True),
-                System("floor", self._start(floor), self.model.name),
+                System("rnnserve", self._start(serve), self.model.name, self.model.version, native_stats=True),
+                System("floor", self._start(floor), self.model.name, self.model.version),
             )
         return self._main
 
@@ -194,7 +195,7 @@ class Bench:
     def compute(self) -> list[Row]:
         """The artifact called in-process through the server's own runtime class (same thread settings), on the
         server CPUs: ``repeat`` passes over the batch sizes, each figure a pass's median call."""
-        from rnnserve.server.runtime import load_runtime
+        from rnnserve.server.models.runtime import load_runtime
 
         cfg = self.cfg
         before = os.sched_getaffinity(0)
@@ -259,9 +260,10 @@ class Bench:
             threads=len(cfg.load_cpus),
             max_trials=cfg.pa_max_trials,
             stability=cfg.pa_stability,
+            version=system.kserve_version,
         )
         server = system.server
-        with _KServeStats(server.address, system.kserve_model) as stats:
+        with _KServeStats(server.address, system.kserve_model, system.kserve_version) as stats:
             cpu0, counts0 = _cpu(server.pids()), stats.get()
             # Its windows, with the work between them (which grows with the requests it recorded: 1024 sequences
             # on a busy load CPU took a minute for 1 s windows), then its last calls; past that it is stuck.
@@ -325,7 +327,8 @@ class Bench:
             for attempt, system in itertools.product(range(cfg.repeat), systems):
                 target = "rnnserve" if system.native_stats else "echo"
                 spec = self._spec(system.server.address, target, n, **shape)
-                with _StatsClient(system.server.address, self.model.name) if system.native_stats else _no_stats() as s:
+                stats = _StatsClient(system.server.address, self.model.name, self.model.version)
+                with stats if system.native_stats else _no_stats() as s:
                     run = self._native_run(spec, system.server, stats=s.get if s else None)
                 runs[system.name].append(run)
                 self._log_run(f"{phase} {label} {system.name} run {attempt + 1}/{cfg.repeat}", run)
@@ -514,7 +517,7 @@ class Bench:
                     if meta["gateway"]:
                         others["gateway"] = server.gateway()
                     spec = self._spec(server.address, "rnnserve", n, steps=cfg.steps_for(n))
-                    with _StatsClient(addresses or server.address, self.model.name) as stats:
+                    with _StatsClient(addresses or server.address, self.model.name, self.model.version) as stats:
                         run = self._native_run(spec, server, stats=stats.get, pids=server.pids(), others=others)
                     found.append(run)
                     self._log_run(f"scale {meta['label']} run {attempt + 1}/{cfg.repeat}", run)
@@ -595,12 +598,14 @@ def _no_stats() -> Iterator[None]:
 
 
 class _KServeStats:
-    """(inference_count, execution_count) of one model from KServe's ModelStatistics: what every server under
-    perf_analyzer answers (rnnserve, the floor, Triton), so their CPU per step and mean batch are counted alike."""
+    """(inference_count, execution_count) of one model version from KServe's ModelStatistics: what every server
+    under perf_analyzer answers (rnnserve, the floor, Triton), so their CPU per step and mean batch are counted
+    alike. ``version`` None: every version the server reports for the model."""
 
-    def __init__(self, address: str, model: str):
+    def __init__(self, address: str, model: str, version: int | None = None):
         self.address = address
         self.model = model
+        self.version = version
 
     def __enter__(self) -> _KServeStats:
         import grpc
@@ -614,7 +619,8 @@ class _KServeStats:
             request_serializer=kpb.ModelStatisticsRequest.SerializeToString,
             response_deserializer=kpb.ModelStatisticsResponse.FromString,
         )
-        self._request = kpb.ModelStatisticsRequest(name=self.model)
+        version = "" if self.version is None else str(self.version)
+        self._request = kpb.ModelStatisticsRequest(name=self.model, version=version)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -634,12 +640,13 @@ class _KServeStats:
 
 
 class _StatsClient:
-    """GetStats for one model from the bench process (sync channels; this process sends no load). Several
-    addresses (the workers behind a gateway, each asked directly): their counters summed."""
+    """GetStats for one model version from the bench process (sync channels; this process sends no load).
+    Several addresses (the workers behind a gateway, each asked directly): their counters summed."""
 
-    def __init__(self, address: str | Sequence[str], model: str):
+    def __init__(self, address: str | Sequence[str], model: str, version: int):
         self.addresses = [address] if isinstance(address, str) else list(address)
         self.model = model
+        self.version = version
 
     def __enter__(self) -> _StatsClient:
         import grpc
@@ -660,8 +667,8 @@ class _StatsClient:
         found = []
         for stub in self._stubs:
             response = stub.GetStats(self._request, timeout=30)
-            if response.models:
-                found.append(response.models[0])
+            # GetStats answers every loaded version of the model; the load steps only the bench's.
+            found += [m for m in response.models if m.version == self.version]
         if not found:
             return None
         return SimpleNamespace(steps=sum(m.steps for m in found), batches=sum(m.batches for m in found))

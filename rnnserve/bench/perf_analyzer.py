@@ -48,11 +48,13 @@ def command(
     threads: int = 1,
     max_trials: int = MAX_TRIALS,
     stability: int = STABILITY,
+    version: int | None = None,
 ) -> list[str]:
     """perf_analyzer in sequence mode over gRPC streams, ``concurrency`` sequences in flight, driven by
     ``threads`` worker threads: one per load CPU. With 4 or more (its default is 4) this perf_analyzer build
     hangs, growing without bound, once a fast server answers 192+ streamed sequences; one thread per CPU has
-    the load's CPUs as busy and never did."""
+    the load's CPUs as busy and never did. ``version`` (``-x``): the model version (None: the server's
+    default, its newest)."""
     return [
         str(executable),
         "-m",
@@ -74,6 +76,7 @@ def command(
         str(stability),
         "--max-threads",
         str(threads),
+        *(["-x", str(version)] if version is not None else []),
     ]
 
 

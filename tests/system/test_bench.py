@@ -34,7 +34,7 @@ SERVER_CPUS, LOAD_CPUS = [ALLOWED[0]], [ALLOWED[-1]]
 def test_bench_quick_end_to_end(tmp_path: Path, perf_analyzer_path: Path) -> None:
     out = tmp_path / "bench.json"
     cpus = ["--server-cpus", procs.cpu_list(SERVER_CPUS), "--load-cpus", procs.cpu_list(LOAD_CPUS)]
-    cmd = [sys.executable, "-m", "rnnserve.cli", "bench", "--quick", *cpus, "--check-targets", "--json", str(out)]
+    cmd = [sys.executable, "-m", "rnnserve.cli", "bench", "--quick", *cpus, "--json", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
     result = json.loads(out.read_text())
@@ -127,6 +127,67 @@ def test_bench_scale_skipped_without_redis(tmp_path: Path) -> None:
     assert "apt-get install redis-server nginx" in result["skipped"]["scale"]
 
 
+@pytest.mark.parametrize("where", ["--quick", "--repository"])
+def test_check_targets_is_refused_where_the_targets_do_not_apply(tmp_path: Path, where: str) -> None:
+    """The targets are about the default model at full sizes: a run that cannot judge them refuses to promise a
+    check (exit 2, saying why) instead of exiting 0 with nothing checked."""
+    repository = _two_versions(tmp_path / "repo") if where == "--repository" else None
+    chosen = ["--quick"] if repository is None else ["--repository", str(repository)]
+    only_compute = [f"--skip={phase}" for phase in cli.PHASES]
+    cmd = [sys.executable, "-m", "rnnserve.cli", "bench", *chosen, *only_compute, "--quiet", "--check-targets"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    assert done.stdout == "" and "--check-targets has nothing to check" in done.stderr
+    assert ("not to --quick sizes" if where == "--quick" else "not to a model of --repository") in done.stderr
+
+
+def _two_versions(root: Path) -> Path:
+    """A repository whose model ``lstm`` has versions 1 and 2 (the same artifact): the bench's model is the
+    newest, and the server's statistics answer for both."""
+    from rnnserve.manifest import ModelManifest
+
+    model = build_lstm_repository(root, TINY, max_batch_size=8)
+    second = model.version_dir.parent / "2"
+    shutil.copytree(model.version_dir, second)
+    ModelManifest.read(second).model_copy(update={"version": 2}).write(second)
+    return root
+
+
+def test_bench_of_a_model_with_two_versions_counts_its_batches(tmp_path: Path, perf_analyzer_path: Path) -> None:
+    """The mean batch of every rnnserve row comes from the benched version's counters (not the other version's,
+    which computed nothing), over KServe (perf_analyzer sent to that version) and the native API."""
+    repository = _two_versions(tmp_path / "repo")
+    out = tmp_path / "bench.json"
+    cpus = ["--server-cpus", procs.cpu_list(SERVER_CPUS), "--load-cpus", procs.cpu_list(LOAD_CPUS)]
+    cmd = [sys.executable, "-m", "rnnserve.cli", "bench", "--quick", "--repository", str(repository), *cpus]
+    cmd += [
+        "--phases",
+        "kserve,native",
+        "--sessions",
+        "2",
+        "--repeat",
+        "1",
+        "--quiet",
+        "--markdown",
+        "--json",
+        str(out),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    result = json.loads(out.read_text())
+    assert result["model"]["version"] == 2 and result["errors"] == []
+    rows = [r for phase in ("kserve", "native", "multiplexed", "chunked") for r in result[phase]]
+    ours = [r for r in rows if r["system"] == "rnnserve"]
+    assert len(ours) == 4
+    for row in ours:
+        assert row["mean_batch"] is not None and row["mean_batch"] >= 1, row
+    # The report's batch column shows it.
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in done.stdout.splitlines() if line[:1] == "|"]
+    batch = report.LOAD_COLUMNS.index("batch")
+    shown = [row[batch] for row in cells if len(row) == len(report.LOAD_COLUMNS) and row[1] == "rnnserve"]
+    assert len(shown) == 4 and "-" not in shown, done.stdout
+
+
 def test_floor_satisfies_perf_analyzer(tmp_path: Path, perf_analyzer_path: Path) -> None:
     """perf_analyzer's sequence load against the floor: it finds the model's metadata and config, takes the
     floor's statistics (a ``Server:`` section whose counts agree) and exits 0."""
@@ -215,6 +276,7 @@ def test_perf_analyzer_command_is_the_fields_sequence_load() -> None:
         "/x/perf_analyzer -m lstm -u 127.0.0.1:9 -i grpc --streaming --sequence-length 100 "
         "--concurrency-range 64 -p 2000 -r 6 -s 50 --max-threads 1"
     )
+    assert perf_analyzer.command("pa", "lstm", "127.0.0.1:9", 1, 2000, version=2)[-2:] == ["-x", "2"]
 
 
 def test_perf_analyzer_output_is_parsed() -> None:
