@@ -11,7 +11,7 @@ import numpy as np
 
 from rnnserve.server.core.session import Session
 from rnnserve.server.core.sessions import SessionManager
-from rnnserve.server.core.work import ControlJob, JobGroup, StepJob, StepOutcome, answer, fingerprint
+from rnnserve.server.core.work import ControlJob, JobGroup, StepJob, answer, fingerprint
 from rnnserve.server.durability import snapshot as snapshots
 from rnnserve.server.durability.persistence import Persistence
 from rnnserve.server.durability.store import StoreUnavailable
@@ -34,12 +34,6 @@ from rnnserve.server.principal import current_principal
 
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{16,128}")
 """A client-chosen session id: long enough to be unguessable when random, short enough for a header."""
-
-
-@dataclass
-class StepResult:
-    outputs: dict[str, np.ndarray]
-    steps: int
 
 
 @dataclass
@@ -414,18 +408,6 @@ class DataPlane:
                 batcher.enqueue(row_session, StepJob(checked, 0, None, group, i, index, print_))
                 row_session.queued(0, index, self.replay_window)
         return model, future
-
-    @staticmethod
-    def step_result(model: LoadedModel, done: StepOutcome, num_steps: int) -> StepResult:
-        """Turn a finished step's outcome (its future's value, or a group row's ``JobGroup.outcome``) into named
-        outputs (stacked over time for a chunk)."""
-        per_step, steps = done
-        names = model.checks.output_names
-        if num_steps:
-            outputs = {n: np.stack([s[i] for s in per_step]) for i, n in enumerate(names)}
-        else:
-            outputs = dict(zip(names, per_step[0], strict=True))
-        return StepResult(outputs, steps)
 
     # ---- whole sequences --------------------------------------------------------------------------------
     async def predict(self, model_name: str, version: int, request: PredictRequest) -> PredictResult:

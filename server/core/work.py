@@ -29,6 +29,22 @@ StepOutcome = tuple[list[list[np.ndarray]], int]
 and the session's step count after it. A plain tuple: one is built per step on the hot path."""
 
 
+class StepResult(NamedTuple):
+    """A finished step's outputs by name (stacked over time for a chunk) and the session's step count."""
+
+    outputs: dict[str, np.ndarray]
+    steps: int
+
+    @classmethod
+    def of(cls, names: list[str], done: StepOutcome, num_steps: int) -> StepResult:
+        """Name a step's outcome (its future's value, or a group row's ``JobGroup.outcome``); ``names``: the
+        model's outputs in manifest order; ``num_steps``: as the step was sent (0: no time axis)."""
+        per_step, steps = done
+        if num_steps:
+            return cls({n: np.stack([s[i] for s in per_step]) for i, n in enumerate(names)}, steps)
+        return cls(dict(zip(names, per_step[0], strict=True)), steps)
+
+
 class ReplayEntry(NamedTuple):
     """An applied indexed step, kept to answer its retries (the session's replay window, and the store)."""
 

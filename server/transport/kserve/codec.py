@@ -22,6 +22,7 @@ import numpy as np
 from rnnserve.proto import kserve_grpc_service_pb2 as kpb
 from rnnserve.server.core.session import Session
 from rnnserve.server.core.validation import Shape, TensorChecks, Wording
+from rnnserve.server.core.work import StepResult
 from rnnserve.server.dataplane import DataPlane
 from rnnserve.server.errors import InvalidArgument, RnnServeError, echo
 from rnnserve.server.models.model import LoadedModel
@@ -214,7 +215,7 @@ class InferCodec:
     ) -> kpb.ModelInferResponse | kpb.ModelStreamInferResponse:
         # A coroutine, not a task: the stream's writer awaits it in order, and a task per step costs more
         # than the step's own bookkeeping. The step itself is queued already (``submit``).
-        result = self.dp.step_result(model, await future, 0)
+        result = StepResult.of(model.checks.output_names, await future, 0)
         return self._response(request, model, result.outputs, wanted, stream, one_row=True)
 
     async def _stateless(

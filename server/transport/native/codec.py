@@ -19,7 +19,7 @@ import numpy as np
 
 from rnnserve.manifest import StateSpec, TensorSpec
 from rnnserve.proto import rnnserve_pb2 as pb
-from rnnserve.server.core.work import JobGroup, StepOutcome
+from rnnserve.server.core.work import JobGroup, StepOutcome, StepResult
 from rnnserve.server.dataplane import DataPlane, SessionStateView
 from rnnserve.server.errors import InvalidArgument
 from rnnserve.server.limits import Limits
@@ -171,7 +171,7 @@ def fill_result(
     result: pb.StepResponse | pb.StepResult, model: LoadedModel, outcome: StepOutcome, num_steps: int, wanted: list[str]
 ) -> None:
     """A step's step count and the outputs asked for, from its outcome (its future's value)."""
-    out = DataPlane.step_result(model, outcome, num_steps)
+    out = StepResult.of(model.checks.output_names, outcome, num_steps)
     result.steps = out.steps
     fill_outputs(result.outputs, out.outputs, wanted)
 
