@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from rnnserve.export.api import FORMATS, export, export_examples
 from rnnserve.export.errors import ExportError
 from rnnserve.export.sequence import SequenceExportable
 from rnnserve.export.step import Exportable
+from rnnserve.manifest import ModelManifest
 
 EPILOG = """\
 examples:
@@ -67,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
                 tolerance=args.tolerance,
                 progress=not args.quiet,
             )
+            for p in paths:
+                _note_other_versions(p)
             print("\n".join(str(p) for p in paths))
             return 0
         if not args.target:
@@ -91,8 +95,34 @@ def run(args: argparse.Namespace) -> int:
         )
     except ExportError as exc:
         return _fail(str(exc), 1)
+    _note_other_versions(path)
     print(path)
     return 0
+
+
+def _note_other_versions(path: Path) -> None:
+    """Say so when the version just written at ``path`` is not its model's only one: exporting another format
+    of a model adds a version, and new sessions that ask for no version get the newest."""
+    model_dir, version = path.parent, int(path.name)
+    others = sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and int(p.name) != version)
+    if not others:
+        return
+    newest = max(version, *others)
+    name, written = model_dir.name, _format_of(path)
+    print(
+        f"rnnserve export: note: wrote {name} version {version} ({written}) beside version "
+        f"{', '.join(f'{v} ({_format_of(model_dir / str(v))})' for v in others)}. New sessions that ask for "
+        f"no version get the newest, version {newest}. To keep this export as a model of its own, give it "
+        f"another --name (e.g. {name}_{written}); to replace a version instead, pass --version N --overwrite.",
+        file=sys.stderr,
+    )
+
+
+def _format_of(folder: Path) -> str:
+    try:
+        return ModelManifest.read(folder).format
+    except (OSError, ValueError):  # no or no valid manifest (a hand-made folder): not worth failing over
+        return "?"
 
 
 def _fail(message: str, code: int) -> int:
@@ -135,6 +165,11 @@ def _load_module(where: str) -> object:
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)
         return module
+    # As `python -m` does, the current folder goes first on sys.path, so that `rnnserve export my_models:f`
+    # finds ./my_models.py: the console script's sys.path starts with its own bin folder instead.
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
     try:
         return importlib.import_module(where)
     except ModuleNotFoundError as exc:

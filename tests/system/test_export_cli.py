@@ -148,6 +148,28 @@ def test_cli_error_paths_in_process(user_file: Path, tmp_path: Path, capsys: pyt
     assert main([*args, "--version", "3", "--overwrite"]) == 0
 
 
+def test_cli_imports_a_module_of_the_current_folder_by_name(tmp_path: Path) -> None:
+    """``rnnserve export my_models:f`` run beside my_models.py finds it, as ``python -m`` would."""
+    (tmp_path / "my_models.py").write_text("from torch import nn\n\ndef factory():\n    return nn.GRU(3, 4)\n")
+    result = rnnserve_cli("export", "my_models:factory", "--repository", "repo", "--steps", "5", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert ModelManifest.read(tmp_path / "repo" / "factory" / "1").source == "my_models:factory"
+
+
+def test_cli_says_when_an_export_adds_a_version_beside_others(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["export", "rnnserve.examples.models:wuv_cell", "--repository", str(tmp_path), "--quiet", "--steps", "5"]
+    assert main(args) == 0
+    assert capsys.readouterr().err == ""  # the model's only version: nothing to say
+    assert main([*args, "--format", "torchscript"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == str(tmp_path / "wuv_cell" / "2")
+    assert "note: wrote wuv_cell version 2 (torchscript) beside version 1 (onnx)." in err
+    assert "New sessions that ask for no version get the newest, version 2." in err
+    assert "another --name (e.g. wuv_cell_torchscript)" in err
+
+
 def test_load_target_takes_objects_classes_and_factories(tmp_path: Path) -> None:
     path = tmp_path / "objs.py"
     path.write_text("from torch import nn\ncell = nn.GRUCell(2, 3)\nCell = nn.RNNCell\nnumber = 3\n")
