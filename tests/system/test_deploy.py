@@ -52,6 +52,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 DEPLOY = ROOT / "deploy"
 NGINX_CONF = DEPLOY / "nginx" / "nginx.conf"
 PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
+GRAFANA = DEPLOY / "grafana"
 ENVOY = DEPLOY / "envoy" / "envoy.yaml"
 KUSTOMIZATION = DEPLOY / "kustomization.yaml"
 # The console script of the environment running the tests: the same entry point the image's PATH finds.
@@ -711,6 +712,57 @@ def test_prometheus_scrapes_every_replica(dockerfile: Dockerfile, compose: dict[
     assert str(prometheus["image"]).startswith("prom/prometheus:")
     assert mounts(prometheus)["/etc/prometheus/prometheus.yml"] == ("./" + str(PROMETHEUS.relative_to(ROOT)), True)
     assert published(prometheus) == {9090: 9090}
+
+
+def test_grafana_shows_the_stacks_prometheus(compose: dict[str, Any]) -> None:
+    """Grafana's provisioning (deploy/grafana/provisioning) gives it the compose Prometheus as its data source and
+    the dashboard folder compose mounts; every panel and variable asks that data source. (Which metrics the
+    panels name: tests/integration/test_dashboard.py.)"""
+    grafana, prometheus = compose["services"]["grafana"], compose["services"]["prometheus"]
+    assert str(grafana["image"]).startswith("grafana/grafana:")
+    volumes = mounts(grafana)
+    provisioning = "/etc/grafana/provisioning"
+    assert volumes[provisioning] == ("./" + str((GRAFANA / "provisioning").relative_to(ROOT)), True)
+    dashboards_at = next(target for target, (source, _) in volumes.items() if source == "./deploy/grafana/dashboards")
+    assert volumes[dashboards_at][1], "read-only"
+    assert grafana["depends_on"]["prometheus"]["condition"] == "service_healthy"
+
+    (datasource,) = [
+        d
+        for path in sorted((GRAFANA / "provisioning" / "datasources").glob("*.yml"))
+        for d in yaml.safe_load(path.read_text())["datasources"]
+    ]
+    url = urlsplit(datasource["url"])
+    assert datasource["type"] == "prometheus" and url.hostname == "prometheus"
+    assert url.port in container_ports(prometheus)
+    scrape = yaml.safe_load(PROMETHEUS.read_text())["global"]["scrape_interval"]
+    assert datasource["jsonData"]["timeInterval"] == scrape  # what $__rate_interval is built from
+
+    (provider,) = [
+        p
+        for path in sorted((GRAFANA / "provisioning" / "dashboards").glob("*.yml"))
+        for p in yaml.safe_load(path.read_text())["providers"]
+    ]
+    assert provider["type"] == "file" and provider["options"]["path"] == dashboards_at
+    files = sorted((GRAFANA / "dashboards").glob("*.json"))
+    assert [f.name for f in files] == ["rnnserve.json"]
+    home = service_environment(grafana)["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{dashboards_at}/rnnserve.json"
+
+    dashboard = json.loads(files[0].read_text())
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert panels and len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    asked = [p["datasource"] for p in panels] + [t["datasource"] for p in panels for t in p["targets"]]
+    asked += [v["datasource"] for v in dashboard["templating"]["list"]]
+    assert all(d == {"type": "prometheus", "uid": datasource["uid"]} for d in asked), asked
+    # Panels tile a 24-column grid without overlapping.
+    cells = [(x, y) for p in dashboard["panels"] for g in [p["gridPos"]]
+             for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])]  # fmt: skip
+    assert len(cells) == len(set(cells)) and all(0 <= x < 24 for x, _ in cells)
+
+    # Healthy = Grafana answers on the port it publishes (on this host only: anonymous viewers may read it).
+    assert published(grafana) == {3000: 3000} and grafana["ports"] == ["127.0.0.1:3000:3000"]
+    assert f"http://127.0.0.1:{next(iter(published(grafana)))}/api/health" in service_healthcheck(grafana)
 
 
 # ---- Kubernetes ---------------------------------------------------------------------------------------------
