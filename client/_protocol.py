@@ -32,7 +32,7 @@ MetadataLike: TypeAlias = Mapping[str, str] | Sequence[tuple[str, str]]
 _S = TypeVar("_S", bound="SessionProtocol")
 
 ROUTING_HEADER = "x-session-id"
-"""Metadata naming the session on every session call and stream: the gateway routes on it (README: Deployment)."""
+"""Metadata naming the session on every session call and stream: the gateway routes on it (docs/deployment.md)."""
 
 
 def normalize_metadata(metadata: MetadataLike | None, token: str | None = None) -> Metadata | None:

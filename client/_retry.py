@@ -6,7 +6,7 @@ unknown) and ABORTED (the session moved to another replica behind the gateway, w
 retried, as a call's status and as a stream step's (``_stream.check_resumable``): every other status is the
 server's answer and would be the same again. Steps are safe to resend because each carries
 its session's ``step_index``: the server answers a repeat of an applied step from its replay cache instead of
-stepping twice (README "Exactly-once steps and retries").
+stepping twice (docs/durability.md, "Exactly-once steps and retries").
 
 Nothing here does I/O: the shells report failures, and sleep for the delays these decisions return.
 """

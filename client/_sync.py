@@ -69,7 +69,7 @@ class Client(ClientProtocol["Session"], _Shell):
         token: sent as ``authorization: Bearer TOKEN`` with every call (servers run with auth tokens).
         retries: how many times in a row a call (or a stream, from its last answered step) is retried after
             UNAVAILABLE, DEADLINE_EXCEEDED or ABORTED; 0 turns retries off. Steps carry their session's step
-            index, so a retried step is applied once (README "Exactly-once steps and retries").
+            index, so a retried step is applied once (docs/durability.md, "Exactly-once steps and retries").
         backoff, max_backoff: the first wait before a retry in seconds, doubling up to ``max_backoff``
             (with jitter).
     """

@@ -153,3 +153,13 @@ def test_scale_out_command_parses_as_written() -> None:
     settings = settings_from_args(args)
     assert (settings.workers, settings.port, settings.gateway_port) == (4, 50061, 50051)
     assert settings.session_store == "redis://127.0.0.1:6379/0" and settings.durability == "every-step"
+
+
+def test_models_listing_is_what_the_command_prints(examples_server) -> None:
+    """The `rnnserve models` listing on the repository page is the command's output for those two examples."""
+    shown = block(DOCS / "repository.md", "bilstm_classifier:1", "text")
+    argv = ["rnnserve", "models", "--address", examples_server.address]
+    done = subprocess.run(rnnserve(argv), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    # Open sessions depend on what the other tests left open; the rest is the listing as documented.
+    assert re.sub(r"sessions=\d+", "sessions=0", done.stdout) == shown
