@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from rnnserve.install import install_hint
+
 # Chunks of many timesteps easily pass grpc's 4 MiB default receive limit.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -33,8 +35,10 @@ def health_call(channel: Any, service: str) -> tuple[Any, Any]:
     """The standard health service's Check method on ``channel`` and the request for ``service``."""
     try:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
-    except ImportError as exc:  # a small, torch-free package, but not one grpcio itself ships
-        raise ImportError("health checks need grpcio-health-checking: pip install grpcio-health-checking") from exc
+    except ImportError as exc:  # a base-install dependency that grpcio itself does not ship: a partial install
+        raise ImportError(
+            f"health checks need grpcio-health-checking, which rnnserve installs: {install_hint('')}"
+        ) from exc
     return health_pb2_grpc.HealthStub(channel).Check, health_pb2.HealthCheckRequest(service=service)
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 from collections.abc import Sequence
 
 from rnnserve import __version__
+from rnnserve.install import install_hint
 
 # subcommand -> (module that provides add_arguments(parser) and run(args) -> int, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -22,6 +24,12 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "gateway": ("rnnserve.gateway", "run nginx as a session-affinity gateway in front of rnnserve replicas"),
     "bench": ("rnnserve.bench.cli", "measure rnnserve against a floor (and Triton) on pinned CPUs"),
 }
+
+# The subcommands that run torch, onnx or onnxruntime, and the modules of the server and export extras they need.
+# Some import them only once running (bench, so that its --help works anywhere): they are looked for before any
+# of these runs, so that a client-only install gets the install hint instead of a ModuleNotFoundError half-way.
+NEEDS_EXTRAS = frozenset({"export", "serve", "demo", "bench"})
+EXTRA_MODULES = ("torch", "onnx", "onnxruntime", "pydantic_settings")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -53,16 +61,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = next((a for a in argv if not a.startswith("-")), "")
     parser = build_parser(only=chosen)
     args, _ = parser.parse_known_args(argv)
-    missing = getattr(args, "_missing", None)
+    missing = getattr(args, "_missing", None) or _missing_extra(args.command)
     if missing is not None:
         print(
-            f"rnnserve {args.command}: missing dependency ({missing}). "
-            "Install the server and export extras: pip install 'rnnserve[server,export]'",
+            f"rnnserve {args.command}: missing dependency ({missing}). It needs the server and export extras: "
+            f"{install_hint()}",
             file=sys.stderr,
         )
         return 2
     args = parser.parse_args(argv)  # strict now, so a bad flag is reported against its subcommand
     return int(importlib.import_module(args._module).run(args) or 0)
+
+
+def _missing_extra(command: str) -> str | None:
+    """What an extras-needing ``command`` lacks here, worded as Python's ImportError; None when nothing."""
+    if command not in NEEDS_EXTRAS:
+        return None
+    for module in EXTRA_MODULES:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ImportError:  # an import hook that refuses the name: as absent as not found
+            found = False
+        if not found:
+            return f"No module named {module!r}"
+    return None
 
 
 if __name__ == "__main__":

@@ -9,12 +9,14 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from rnnserve.cli import main
+from rnnserve.install import install_hint
 from rnnserve.proto import rnnserve_pb2 as pb
 from rnnserve.proto import rnnserve_pb2_grpc as pb_grpc
 
@@ -95,7 +97,8 @@ def test_models_table_and_json(server: tuple[str, health.HealthServicer], capsys
     assert "UNAVAILABLE" in capsys.readouterr().err
 
 
-NO_HEAVY_DEPS = textwrap.dedent(
+# A client-only install, as far as imports go: the server's and exporter's dependencies cannot be imported.
+BLOCK_HEAVY = textwrap.dedent(
     """
     import sys
 
@@ -104,13 +107,17 @@ NO_HEAVY_DEPS = textwrap.dedent(
     class Block:
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] in BLOCKED:
-                raise ImportError(f"{name} is blocked in this test")
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)  # as when not installed
             return None
 
     sys.meta_path.insert(0, Block())
     for name in list(sys.modules):
         assert name.split(".")[0] not in BLOCKED, name
+    """
+)
 
+NO_HEAVY_DEPS = BLOCK_HEAVY + textwrap.dedent(
+    """
     import numpy as np
     import rnnserve.client
     from rnnserve.client import *  # noqa: F403
@@ -141,3 +148,30 @@ def test_client_needs_no_torch_onnxruntime_or_pydantic(server: tuple[str, health
     )
     assert proc.returncode == 0, proc.stderr
     assert "client ok" in proc.stdout
+
+
+# Each command that needs the server and export extras, run on the client-only install above.
+EXTRAS_COMMANDS = BLOCK_HEAVY + textwrap.dedent(
+    """
+    from rnnserve.cli import main
+
+    for argv in (["demo"], ["bench", "--quick"], ["export", "--all-examples", "--repository", "r"], ["serve"]):
+        print(argv[0], main(argv), file=sys.stderr)
+    """
+)
+
+
+def test_commands_needing_the_extras_say_how_to_install_them_on_a_client_only_install(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run(
+        [sys.executable, "-c", EXTRAS_COMMANDS], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    hint = install_hint()
+    assert "pip install -c constraints.txt -e '.[server,export]'" in hint  # from a checkout, torch pinned
+    for command in ("demo", "bench", "export", "serve"):
+        assert f"\n{command} 2\n" in f"\n{proc.stderr}", proc.stderr
+        assert f"rnnserve {command}: missing dependency (No module named " in proc.stderr
+        assert f"It needs the server and export extras: {hint}" in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # none of them got as far as writing anything
