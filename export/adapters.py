@@ -1,7 +1,8 @@
 """Adapters: turn PyTorch recurrent modules and cells into :class:`Exportable` step modules.
 
 ``adapt(obj)`` recognises ``nn.RNN``/``nn.LSTM``/``nn.GRU`` (optionally with a head), ``nn.RNNCell``,
-``nn.LSTMCell``, ``nn.GRUCell``, a user cell ``cell(x, h) -> h`` or ``-> (y, h)``, and an ``nn.ModuleList``
+``nn.LSTMCell``, ``nn.GRUCell``, a user cell ``cell(x, h) -> h`` or ``-> (y, h)``, a user cell with a tuple
+state ``cell(x, (h, c)) -> (y, (h, c))`` or ``-> (h, c)`` (like ``nn.LSTMCell``), and an ``nn.ModuleList``
 of such cells. The reference of each Exportable is the *original* module: ``nn.LSTM`` and friends run over
 the whole sequence, cells called step by step, so verifying an export also proves the adapter right.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import cast
 
 import torch
@@ -26,9 +27,10 @@ from rnnserve.export.cells import (
     RNNUnit,
     StackStep,
     UserCellH,
+    UserCellTuple,
     UserCellYH,
 )
-from rnnserve.export.errors import ExportError
+from rnnserve.export.errors import ExportError, ExportUsageError, SizeInferenceError
 from rnnserve.export.step import Exportable, ReferenceFn, StateInfo, TensorInfo
 
 InitialValues = Sequence[float | torch.Tensor | None]
@@ -52,6 +54,7 @@ def adapt(
     if isinstance(obj, Exportable):
         if head is not None or initial_state is not None:
             raise ExportError("adapt(): head= and initial_state= apply to modules, not to an Exportable")
+        refuse_sizes(input_size, hidden_size, f"{obj.kind} is already adapted: its step module fixes its sizes")
         return obj
     if not isinstance(obj, nn.Module):
         raise ExportError(
@@ -66,6 +69,7 @@ def adapt(
     for module in modules:
         module.eval()
     if isinstance(obj, nn.RNNBase):
+        refuse_sizes(input_size, hidden_size, f"{type(obj).__name__} declares its own sizes")
         ex = _adapt_recurrent(obj, head)
     elif isinstance(obj, nn.ModuleList):
         ex = _adapt_cells(list(obj), head, input_size, hidden_size, stacked=True)
@@ -74,6 +78,13 @@ def adapt(
     if initial_state is not None:
         ex = _with_initial(ex, initial_state)
     return ex
+
+
+def refuse_sizes(input_size: int | None, hidden_size: int | None, why: str) -> None:
+    """Sizes are for user cells whose sizes cannot be inferred; anywhere else they would be silently ignored."""
+    for argument, value in (("input_size", input_size), ("hidden_size", hidden_size)):
+        if value is not None:
+            raise ExportUsageError(argument, f"{why}; it is for user cells whose sizes cannot be inferred")
 
 
 def _with_initial(ex: Exportable, values: InitialValues) -> Exportable:
@@ -97,7 +108,8 @@ def _adapt_recurrent(module: nn.RNNBase, head: nn.Module | None) -> Exportable:
         raise ExportError(
             f"{name} is bidirectional: its backward direction needs the whole sequence, so it cannot be streamed "
             "one step at a time. Export it as a whole-sequence model for Predict instead: "
-            "rnnserve.export.adapt_sequence(model, embedding=..., rnn=..., head=...)."
+            f"rnnserve.export.adapt_sequence(module) (float features, per-step outputs), or "
+            "adapt_sequence(model, rnn=model.rnn, embedding=..., head=...) for a whole model."
         )
     if module.mode not in ("RNN_TANH", "RNN_RELU", "LSTM", "GRU"):
         raise ExportError(f"{name}: unsupported recurrent mode {module.mode!r}")
@@ -156,6 +168,26 @@ def _sequence_reference(module: nn.RNNBase, head: nn.Module | None) -> Reference
 # --- cells, user cells and stacks of them -------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Call:
+    """How a cell is called: ``states`` state tensors, passed as one tuple or (one state) as a tensor; and
+    whether it returns ``y`` before its new state(s) or just the new state(s) (then ``y`` is the first)."""
+
+    states: int
+    tuple_state: bool
+    returns_y: bool
+    input_size: int
+    state_sizes: tuple[int, ...]
+    y_size: int
+
+    def __call__(self, cell: nn.Module, x: torch.Tensor, states: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``[y, *new_states]`` of one eager call."""
+        out = cell(x, tuple(states) if self.tuple_state else states[0])
+        y, new = out if self.returns_y else (None, out)
+        new = list(new) if self.tuple_state else [new]
+        return [new[0] if y is None else y, *new]
+
+
 def _adapt_cells(
     cells: list[nn.Module],
     head: nn.Module | None,
@@ -166,9 +198,12 @@ def _adapt_cells(
 ) -> Exportable:
     if not cells:
         raise ExportError("the ModuleList is empty: a stack needs at least one cell")
+    if all(isinstance(c, nn.RNNCellBase) for c in cells):
+        refuse_sizes(input_size, hidden_size, f"{type(cells[0]).__name__} declares its own sizes")
+    if input_size is not None and isinstance(cells[0], nn.RNNCellBase):
+        refuse_sizes(input_size, None, f"layer 0 ({type(cells[0]).__name__}) declares its own input size")
     units: list[nn.Module] = []
-    n_states: list[int] = []
-    returns_y: list[bool] = []
+    calls: list[_Call] = []
     states: list[StateInfo] = []
     dtype = _dtype_of(cells)
     size = input_size
@@ -178,26 +213,33 @@ def _adapt_cells(
                 f"layer {i} is an {type(cell).__name__}, not a cell: adapt it directly, adapt(module, head=...)"
             )
         if isinstance(cell, nn.RNNCellBase):
-            in_size, hid, unit, yh = cell.input_size, cell.hidden_size, _builtin_unit(cell), False
-            if size is not None and size != in_size:
-                raise ExportError(f"layer {i} ({type(cell).__name__}) takes input size {in_size}, gets {size}")
+            lstm = isinstance(cell, nn.LSTMCell)
+            hid = cell.hidden_size
+            call = _Call(2 if lstm else 1, lstm, False, cell.input_size, (hid,) * (2 if lstm else 1), hid)
+            unit = _builtin_unit(cell)
+            if size is not None and size != call.input_size:
+                raise ExportError(f"layer {i} ({type(cell).__name__}) takes input size {call.input_size}, gets {size}")
         else:
-            in_size, hid, yh, y_size = _probe_user_cell(cell, i, size, hidden_size, dtype)
-            unit = UserCellYH(cell) if yh else UserCellH(cell)
+            call = _probe_user_cell(cell, i, size, hidden_size, dtype, given=(input_size, hidden_size))
+            if call.tuple_state:
+                unit = UserCellTuple(cell, call.returns_y)
+            else:
+                unit = UserCellYH(cell) if call.returns_y else UserCellH(cell)
         suffix = f"_l{i}" if stacked else ""
-        states.append(StateInfo(f"h{suffix}", (-1, hid), dtype=dtype))
-        if isinstance(cell, nn.LSTMCell):
-            states.append(StateInfo(f"c{suffix}", (-1, hid), dtype=dtype))
+        # One state is h, a pair is named like nn.LSTMCell's (h, c), longer tuples by position.
+        state_names = {1: ("h",), 2: ("h", "c")}.get(call.states, tuple(f"s{j}" for j in range(call.states)))
+        states += [
+            StateInfo(f"{n}{suffix}", (-1, d), dtype=dtype) for n, d in zip(state_names, call.state_sizes, strict=True)
+        ]
         units.append(unit)
-        n_states.append(2 if isinstance(cell, nn.LSTMCell) else 1)
-        returns_y.append(yh)
+        calls.append(call)
         if i == 0:
-            input_size = in_size
-        size = y_size if yh else hid
+            input_size = call.input_size
+        size = call.y_size
     assert input_size is not None
-    if stacked:
-        step: nn.Module = StackStep(units, n_states, head)
-    elif n_states[0] == 2:
+    if stacked or isinstance(units[0], UserCellTuple):
+        step: nn.Module = StackStep(units, [c.states for c in calls], head)
+    elif calls[0].states == 2:
         step = LSTMCellStep(units[0], head)  # type: ignore[arg-type]
     else:
         step = CellStep(units[0], head)
@@ -207,7 +249,7 @@ def _adapt_cells(
         step,
         TensorInfo("x", (-1, input_size), dtype=dtype),
         states,
-        reference_fn=_cells_reference(cells, returns_y, head),
+        reference_fn=_cells_reference(cells, calls, head),
         kind=kind,
         model=nn.ModuleList(cells) if stacked else cells[0],
     )
@@ -223,23 +265,17 @@ def _builtin_unit(cell: nn.RNNCellBase) -> nn.Module:
     return RNNUnit(cell.weight_ih, cell.weight_hh, b_ih, b_hh, relu=cell.nonlinearity == "relu")
 
 
-def _cells_reference(cells: list[nn.Module], returns_y: list[bool], head: nn.Module | None) -> ReferenceFn:
+def _cells_reference(cells: list[nn.Module], calls: list[_Call], head: nn.Module | None) -> ReferenceFn:
     """The original cells called step by step in eager mode, each layer's output feeding the next."""
 
     def reference(xs: torch.Tensor, states: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         outputs = []
         for t in range(xs.shape[1]):
             x, at, new = xs[:, t], 0, []
-            for cell, yh in zip(cells, returns_y, strict=True):
-                if isinstance(cell, nn.LSTMCell):
-                    x, c = cell(x, (states[at], states[at + 1]))
-                    new += [x, c]
-                    at += 2
-                    continue
-                out = cell(x, states[at])
-                x, h = out if yh else (out, out)
-                new.append(h)
-                at += 1
+            for cell, call in zip(cells, calls, strict=True):
+                x, *own = call(cell, x, states[at : at + call.states])
+                new += own
+                at += call.states
             states = new
             outputs.append(head(x) if head is not None else x)
         return torch.stack(outputs, 1), states
@@ -255,14 +291,26 @@ def _dtype_of(modules: list[nn.Module]) -> torch.dtype:
     return torch.float32
 
 
+# Not 2 to 4: a cell that unpacks a tuple state (h, c = state) would split a plain tensor state of that batch
+# along its batch axis, and might seem to work.
+_PROBE_BATCH = 5
+_TUPLE_STATES = (2, 3, 4)  # tuple lengths tried once a plain tensor state fails
+
+
 def _probe_user_cell(
-    cell: nn.Module, layer: int, input_size: int | None, hidden_size: int | None, dtype: torch.dtype
-) -> tuple[int, int, bool, int]:
-    """Find the (input size, hidden size) at which ``cell(x, h)`` works, and whether it returns ``(y, h)``.
+    cell: nn.Module,
+    layer: int,
+    input_size: int | None,
+    hidden_size: int | None,
+    dtype: torch.dtype,
+    given: tuple[int | None, int | None] = (None, None),
+) -> _Call:
+    """Find how ``cell`` is called and at which (input size, hidden size) it works.
 
     Sizes come from arguments, then ``input_size``/``hidden_size`` attributes, then the feature sizes of the
-    cell's ``nn.Linear``-like submodules; each candidate pair is tried with a batch of 2 and must give back a
-    hidden state of the same shape. Returns (input size, hidden size, returns (y, h), size of y).
+    cell's ``nn.Linear``-like submodules. Each candidate pair is tried at batch 5 with a tensor state, then
+    with tuple states of 2 to 4 tensors of that hidden size (all the same size); the cell must give back
+    state(s) of the shapes it got. ``given`` are the sizes the caller passed (for the error message).
     """
     name = type(cell).__name__
     features = [
@@ -273,42 +321,76 @@ def _probe_user_cell(
     ]
     ins = _candidates(input_size, getattr(cell, "input_size", None), features)
     hids = _candidates(hidden_size, getattr(cell, "hidden_size", None), features)
-    found: list[tuple[int, int, bool, int]] = []
-    last_error: Exception | None = None
-    for i in ins:
-        for h in hids:
-            try:
-                with torch.no_grad():
-                    out = cell(torch.randn(2, i, dtype=dtype), torch.randn(2, h, dtype=dtype))
-            except Exception as exc:  # a wrong guess: the cell's own layers reject the size
-                last_error = exc
-                continue
-            yh = isinstance(out, tuple)
-            y, new_h = out if yh and len(out) == 2 else (out, out)
-            if (
-                isinstance(y, torch.Tensor)
-                and isinstance(new_h, torch.Tensor)
-                and tuple(new_h.shape) == (2, h)
-                and y.dim() == 2
-                and y.shape[0] == 2
-            ):
-                found.append((i, h, yh, y.shape[1]))
     where = f"layer {layer} ({name})" if layer else name
-    if not found:
-        detail = f" (last error: {last_error})" if last_error else ""
-        raise ExportError(
-            f"cannot infer the input/hidden size of {where}, tried input sizes {ins} and hidden sizes {hids}"
-            f"{detail}. A cell is called cell(x, h) -> h or (y, h) with x (batch, input) and h (batch, hidden); "
-            "pass input_size=/hidden_size= (CLI: --input-size/--hidden-size). For a whole model, adapt its "
-            "recurrent part instead, e.g. adapt(model.rnn, head=model.fc)."
-        )
-    if len({(i, h) for i, h, _, _ in found}) > 1:
-        pairs = sorted({(i, h) for i, h, _, _ in found})
-        raise ExportError(
-            f"cannot infer the sizes of {where}: (input, hidden) pairs {pairs} all work; "
-            "pass input_size= and hidden_size= (CLI: --input-size/--hidden-size)"
-        )
-    return found[0]
+    errors: dict[str, Exception] = {}  # the last error with a tensor state, and with a pair
+    for n_states in (1, *_TUPLE_STATES):
+        found: list[_Call] = []
+        last_error: Exception | None = None
+        for i in ins:
+            for h in hids:
+                try:
+                    call = _try_call(cell, i, h, n_states, dtype)
+                except Exception as exc:  # a wrong guess: the cell's own layers reject the size
+                    last_error = exc
+                    continue
+                if call is not None:
+                    found.append(call)
+        if len({(c.input_size, c.state_sizes) for c in found}) > 1:
+            pairs = sorted({(c.input_size, c.state_sizes[0]) for c in found})
+            raise SizeInferenceError(
+                f"cannot infer the sizes of {where}: (input, hidden) pairs {pairs} all work; "
+                "pass input_size= and hidden_size=",
+                sizes_help=True,
+            )
+        if found:
+            return found[0]
+        if last_error is not None and n_states <= 2:
+            errors["a tensor state" if n_states == 1 else "a tuple state (h, c)"] = last_error
+    detail = "; ".join(f"with {k}: {e}" for k, e in errors.items())
+    detail = f" (last error {detail})" if detail else ""
+    conventions = (
+        "A cell is called cell(x, h) -> h or (y, h), or with a tuple state cell(x, (h, c)) -> (y, (h, c)) or "
+        "(h, c), with x (batch, input) and each state (batch, hidden)"
+    )
+    if not ins or not hids:
+        advice = "nothing to infer them from (no input_size/hidden_size attributes, no Linear layers): pass "
+        advice += "input_size= and hidden_size="
+    elif given[0] is not None and given[1] is not None:
+        advice = f"the sizes given (input {given[0]}, hidden {given[1]}) did not work either: fix the cell"
+    else:
+        advice = "if the cell does follow it, pass the sizes it takes, input_size= and hidden_size="
+    raise SizeInferenceError(
+        f"cannot infer the input/hidden size of {where}, tried input sizes {ins} and hidden sizes {hids}"
+        f"{detail}. {conventions}; {advice}. For a whole model, adapt its recurrent part instead, e.g. "
+        "adapt(model.rnn, head=model.fc).",
+        sizes_help=not (given[0] is not None and given[1] is not None),
+    )
+
+
+def _try_call(cell: nn.Module, input_size: int, hidden: int, n_states: int, dtype: torch.dtype) -> _Call | None:
+    """The call convention if ``cell`` works with a tensor state (``n_states`` 1) or a tuple of ``n_states``."""
+    b = _PROBE_BATCH
+    x = torch.randn(b, input_size, dtype=dtype)
+    given = [torch.randn(b, hidden, dtype=dtype) for _ in range(n_states)]
+    tuple_state = n_states > 1
+    with torch.no_grad():
+        out = cell(x, tuple(given) if tuple_state else given[0])
+    if tuple_state:
+        # (y, (s1, ...)) or (s1, ...) like nn.LSTMCell
+        returns_y = isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], tuple | list)
+        y, new = out if returns_y else (None, out)
+        if not isinstance(new, tuple | list) or len(new) != n_states:
+            return None
+    else:
+        returns_y = isinstance(out, tuple)
+        y, new_h = out if returns_y and len(out) == 2 else (None, out)
+        new = [new_h]
+    if not all(isinstance(s, torch.Tensor) and s.shape == g.shape for s, g in zip(new, given, strict=True)):
+        return None
+    y = new[0] if y is None else y
+    if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != b:
+        return None
+    return _Call(n_states, tuple_state, returns_y, input_size, (hidden,) * n_states, y.shape[1])
 
 
 def _candidates(given: int | None, attribute: object, features: list[int]) -> list[int]:

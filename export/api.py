@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from rnnserve import __version__
-from rnnserve.export.adapters import adapt
+from rnnserve.export.adapters import adapt, refuse_sizes
 from rnnserve.export.errors import ExportError
 from rnnserve.export.onnx import ARTIFACT as ONNX_ARTIFACT
 from rnnserve.export.onnx import load_onnx, write_onnx
@@ -88,6 +88,7 @@ def export(
     if format not in FORMATS:
         raise ExportError(f"unknown format {format!r}: choose one of {sorted(FORMATS)}")
     if isinstance(model, SequenceExportable):  # a whole-sequence model (kind "sequence", served by Predict)
+        refuse_sizes(input_size, hidden_size, f"{model.kind} is an adapted whole-sequence model")
         return export_sequence(
             model,
             name=name,
@@ -103,11 +104,10 @@ def export(
             progress=say,
         )
     started = time.perf_counter()
-    if isinstance(model, Exportable):
-        ex = model
-    else:
+    if not isinstance(model, Exportable):
         say(f"adapting {type(model).__name__}")
-        ex = adapt(model, input_size=input_size, hidden_size=hidden_size)
+    # An Exportable comes back as it is, unless given sizes that cannot apply to it.
+    ex = adapt(model, input_size=input_size, hidden_size=hidden_size)
     with staging(repository, name, version, overwrite) as (tmp, version):
         artifact, write, load = FORMATS[format]
         say(f"exporting {ex.kind} to {format}")

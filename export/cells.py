@@ -103,6 +103,22 @@ class UserCellYH(_UserCell):
         return y, h
 
 
+class UserCellTuple(nn.Module):
+    """A user cell with a tuple state, ``cell(x, (s1, ...)) -> (y, (s1', ...))`` or ``-> (s1', ...)`` (then
+    ``y = s1'``, as ``nn.LSTMCell``), as a unit ``(x, *states) -> (y, *new_states)``. Its ``*states`` is not
+    scriptable, so TorchScript export traces it, like :class:`StackStep`."""
+
+    def __init__(self, cell: nn.Module, returns_y: bool) -> None:
+        super().__init__()
+        self.cell = cell
+        self.returns_y = returns_y
+
+    def forward(self, x: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.cell(x, tuple(states))
+        y, new = out if self.returns_y else (out[0], out)
+        return (y, *new)
+
+
 class LayeredStep(nn.Module):
     """``nn.RNN``/``nn.GRU`` step: ``h`` is ``(num_layers, B, hidden)``; ``y = head(h'[-1])``."""
 
@@ -170,8 +186,10 @@ class LSTMCellStep(nn.Module):
 class StackStep(nn.Module):
     """A stack of cells, each layer's output feeding the next, then an optional head.
 
-    ``n_states[i]`` is how many state tensors unit ``i`` takes (2 for an LSTM cell, else 1). The variadic
-    ``*states`` cannot be scripted, so TorchScript export traces this (the loop over layers is static anyway).
+    ``n_states[i]`` is how many state tensors unit ``i`` takes (2 for an LSTM cell, else 1; any number for
+    a :class:`UserCellTuple`). A unit returns ``(y, *new_states)``, or just its new states with ``y`` the
+    first (:class:`LSTMUnit`'s ``(h, c)``). The variadic ``*states`` cannot be scripted, so TorchScript export
+    traces this (the loop over layers is static anyway).
     """
 
     def __init__(self, units: list[nn.Module], n_states: list[int], head: nn.Module | None) -> None:
@@ -184,12 +202,8 @@ class StackStep(nn.Module):
         new_states: list[torch.Tensor] = []
         at = 0
         for unit, n in zip(self.units, self.n_states, strict=True):
-            if n == 2:
-                h, c = unit(x, states[at], states[at + 1])
-                x = h
-                new_states += [h, c]
-            else:
-                x, h = unit(x, states[at])
-                new_states.append(h)
+            out = unit(x, *states[at : at + n])
+            x = out[0]
+            new_states += list(out[1:] if len(out) == n + 1 else out)
             at += n
         return (self.head(x), *new_states)

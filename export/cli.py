@@ -8,11 +8,12 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from rnnserve.export.api import FORMATS, export, export_examples
-from rnnserve.export.errors import ExportError
+from rnnserve.export.errors import ExportError, ExportUsageError, SizeInferenceError
 from rnnserve.export.sequence import SequenceExportable
 from rnnserve.export.step import Exportable
 from rnnserve.manifest import ModelManifest
@@ -42,11 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing version")
     parser.add_argument("--input-size", type=int, help="input size of a user cell, when it cannot be inferred")
     parser.add_argument("--hidden-size", type=int, help="hidden size of a user cell, when it cannot be inferred")
-    parser.add_argument("--steps", type=int, default=50, help="verification steps (default 50)")
+    parser.add_argument("--steps", type=int, help="verification steps of a step model (default 50)")
     parser.add_argument("--batch-sizes", default="1,4", help="verification batch sizes, comma-separated (default 1,4)")
     parser.add_argument("--tolerance", type=float, default=1e-5, help="max abs error allowed (default 1e-5)")
-    parser.add_argument("--max-batch-size", type=int, default=256, help="manifest max_batch_size (default 256)")
-    parser.add_argument("--max-queue-delay-us", type=int, default=0, help="manifest max_queue_delay_us (default 0)")
+    parser.add_argument("--max-batch-size", type=int, help="manifest max_batch_size (default 256)")
+    parser.add_argument(
+        "--max-queue-delay-us", type=int, help="manifest max_queue_delay_us of a step model (default 0)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -55,16 +58,24 @@ def run(args: argparse.Namespace) -> int:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     except ValueError:
         return _fail(f"--batch-sizes {args.batch_sizes!r}: expected integers separated by commas, e.g. 1,4", 2)
+    model: object = None
     try:
         if args.all_examples:
             if args.target or args.name:
                 return _fail("--all-examples names its models itself: give no MODULE_OR_FILE:FACTORY or --name", 2)
+            refused = _given(args, "input_size", "hidden_size", "max_batch_size", "max_queue_delay_us")
+            if refused:
+                return _fail(
+                    f"{refused} cannot apply to --all-examples: the examples are exported as adapted, with "
+                    "default manifest settings",
+                    2,
+                )
             paths = export_examples(
                 args.repository,
                 [args.format],
                 version=args.version,
                 overwrite=args.overwrite,
-                steps=args.steps,
+                **_optional(args, "steps"),
                 batch_sizes=batch_sizes,
                 tolerance=args.tolerance,
                 progress=not args.quiet,
@@ -76,6 +87,13 @@ def run(args: argparse.Namespace) -> int:
         if not args.target:
             return _fail("nothing to export: give MODULE_OR_FILE:FACTORY, or --all-examples", 2)
         model, factory_name = load_target(args.target)
+        refused = _given(args, "steps", "max_queue_delay_us") if isinstance(model, SequenceExportable) else ""
+        if refused:
+            return _fail(
+                f"{refused} cannot apply to {args.target}: a whole-sequence model is verified over whole padded "
+                "sequences, and Predict runs it without the session batcher",
+                2,
+            )
         path = export(
             model,
             name=args.name or factory_name,
@@ -85,13 +103,22 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             input_size=args.input_size,
             hidden_size=args.hidden_size,
-            steps=args.steps,
             batch_sizes=batch_sizes,
             tolerance=args.tolerance,
             source=args.target,
-            max_batch_size=args.max_batch_size,
-            max_queue_delay_us=args.max_queue_delay_us,
             progress=not args.quiet,
+            **_optional(args, "steps", "max_batch_size", "max_queue_delay_us"),
+        )
+    except ExportUsageError as exc:
+        return _fail(f"--{exc.argument.replace('_', '-')} cannot apply to {args.target}: {exc.reason}", 2)
+    except SizeInferenceError as exc:
+        if not exc.sizes_help:
+            return _fail(str(exc), 1)
+        if isinstance(model, nn.Module):  # this command adapted it, so the flags reach adapt()
+            return _fail(f"{exc} (CLI: --input-size/--hidden-size)", 1)
+        # Raised by the factory's own adapt() call, which the flags cannot reach.
+        return _fail(
+            f"{args.target}: {exc} (in the factory's adapt() call: --input-size/--hidden-size do not reach it)", 1
         )
     except ExportError as exc:
         return _fail(str(exc), 1)
@@ -123,6 +150,16 @@ def _format_of(folder: Path) -> str:
         return ModelManifest.read(folder).format
     except (OSError, ValueError):  # no or no valid manifest (a hand-made folder): not worth failing over
         return "?"
+
+
+def _given(args: argparse.Namespace, *names: str) -> str:
+    """The flags among ``names`` given on the command line (those default to None), as written there."""
+    return ", ".join(f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is not None)
+
+
+def _optional(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The flags among ``names`` that were given, as keyword arguments; the others keep export()'s defaults."""
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
 def _fail(message: str, code: int) -> int:

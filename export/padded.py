@@ -65,10 +65,12 @@ class _LSTMDirection(nn.Module):
 
 
 class PaddedRecurrent(nn.Module):
-    """``forward(x (B, T, input), lengths (B,)) -> (B, directions * hidden)``: the last layer's final hidden
-    state of each direction, concatenated (forward first), i.e. ``torch.cat((h_n[-2], h_n[-1]), 1)`` of the
-    module run on ``pack_padded_sequence(x, lengths)`` (``h_n[-1]`` when unidirectional). ``x`` is always
-    batch-first here, whatever the module's ``batch_first`` (which only says how the eager module is fed)."""
+    """``forward(x (B, T, input), lengths (B,)) -> (outputs (B, T, directions * hidden), finals (B, directions
+    * hidden))``, what the module computes on ``pack_padded_sequence(x, lengths)``: ``outputs`` are the last
+    layer's per-step outputs (``pad_packed_sequence``'s, zero past each length), ``finals`` the last layer's
+    final hidden state of each direction, concatenated (forward first), i.e. ``torch.cat((h_n[-2], h_n[-1]),
+    1)`` (``h_n[-1]`` when unidirectional). ``x`` is always batch-first here, whatever the module's
+    ``batch_first`` (which only says how the eager module is fed)."""
 
     def __init__(self, module: nn.RNNBase) -> None:
         super().__init__()
@@ -82,7 +84,7 @@ class PaddedRecurrent(nn.Module):
             self.layers.append(nn.ModuleList(dirs))
         self.bidirectional = module.bidirectional
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         steps = torch.arange(x.shape[1], device=x.device).unsqueeze(0)  # (1, T)
         lens = lengths.to(steps.dtype).unsqueeze(1)  # (B, 1)
         valid = steps < lens  # (B, T)
@@ -103,7 +105,8 @@ class PaddedRecurrent(nn.Module):
                 outputs.append(y)
                 finals.append(h)
             x = torch.cat(outputs, 2)  # the next layer's input: both directions at every step
-        return torch.cat(finals, 1)
+        # Past its length a step's output is not part of the sequence (pad_packed_sequence gives zeros there).
+        return torch.where(mask, x, torch.zeros_like(x)), torch.cat(finals, 1)
 
 
 def _direction(module: nn.RNNBase, suffix: str) -> nn.Module:
@@ -119,15 +122,27 @@ def _direction(module: nn.RNNBase, suffix: str) -> nn.Module:
     return _Direction(RNNUnit(w_ih, w_hh, b_ih, b_hh, relu=module.mode == "RNN_RELU"), module.hidden_size)
 
 
-class PaddedClassifier(nn.Module):
-    """``forward(tokens (B, T) int64, lengths (B,) int64) -> head(final hidden states)``: an embedding, a
-    recurrent module over the padded sequences and a head on the concatenated final hidden states."""
+class PaddedSequence(nn.Module):
+    """``forward(inputs (B, T, ...), lengths (B,)) -> output``: an optional embedding, a recurrent module over
+    the padded sequences, and a head on either the concatenated final hidden states (``per_step=False``,
+    output ``(B, ...)``) or the per-step outputs (``per_step=True``, output ``(B, T, ...)``, zero past each
+    length whatever the head gives for a zero input)."""
 
-    def __init__(self, embedding: nn.Module, recurrent: PaddedRecurrent, head: nn.Module | None) -> None:
+    def __init__(
+        self, embedding: nn.Module | None, recurrent: PaddedRecurrent, head: nn.Module | None, per_step: bool
+    ) -> None:
         super().__init__()
-        self.embedding = embedding
+        self.embedding = embedding if embedding is not None else nn.Identity()
         self.recurrent = recurrent
         self.head = head if head is not None else nn.Identity()
+        self.per_step = per_step
 
-    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.head(self.recurrent(self.embedding(tokens), lengths))
+    def forward(self, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        outputs, finals = self.recurrent(self.embedding(inputs), lengths)
+        if not self.per_step:
+            return self.head(finals)
+        y = self.head(outputs)
+        valid = torch.arange(y.shape[1], device=y.device).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
+        # (B, T, -1) and back: one mask shape for heads of any rank, without a loop over dims in the graph.
+        flat = y.reshape(y.shape[0], y.shape[1], -1)
+        return torch.where(valid.unsqueeze(2), flat, torch.zeros_like(flat)).reshape(y.shape)

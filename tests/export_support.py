@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from rnnserve.manifest import ModelManifest
 
@@ -63,3 +64,47 @@ def rnnserve_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedPro
     command = [script] if script else [sys.executable, "-m", "rnnserve.cli"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run([*command, *args], capture_output=True, text=True, cwd=cwd or REPO_ROOT, env=env, timeout=300)
+
+
+def run_sequence_artifact(version_dir: Path, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Run a ``kind: sequence`` artifact on a padded batch and its lengths, straight from its manifest."""
+    manifest = ModelManifest.read(version_dir)
+    data = next(t.name for t in manifest.inputs if t.name != manifest.lengths_input)
+    path = str(version_dir / manifest.artifact)
+    if manifest.format == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        feeds = {data: inputs.numpy(), str(manifest.lengths_input): lengths.numpy()}
+        return torch.from_numpy(np.asarray(session.run([manifest.outputs[0].name], feeds)[0]))
+    with torch.no_grad():
+        return torch.jit.load(path)(inputs, lengths)
+
+
+class TupleLSTMCell(nn.Module):
+    """A user LSTM cell with a tuple state, ``cell(x, (h, c)) -> (y, (h, c))``, ``y`` a Linear of ``h``."""
+
+    def __init__(self, n_in: int, n_hidden: int, n_out: int) -> None:
+        super().__init__()
+        self.ih, self.hh = nn.Linear(n_in, 4 * n_hidden), nn.Linear(n_hidden, 4 * n_hidden, bias=False)
+        self.out = nn.Linear(n_hidden, n_out)
+
+    def forward(
+        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        h, c = state
+        i, f, g, o = (self.ih(x) + self.hh(h)).chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return self.out(h), (h, c)
+
+
+def tuple_cell_by_hand(cell: nn.Module, xs: torch.Tensor, state: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """A tuple-state user cell looped over xs (B, T, F) in eager PyTorch: its y at every step (B, T, ...)."""
+    outs = []
+    with torch.no_grad():
+        for t in range(xs.shape[1]):
+            out = cell(xs[:, t], state)
+            y, state = out if isinstance(out[1], tuple) else (out[0], out)
+            outs.append(y)
+    return torch.stack(outs, 1)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from export_support import max_error, rnnserve_cli, run_artifact
+from export_support import max_error, rnnserve_cli, run_artifact, tuple_cell_by_hand
 
 from rnnserve.cli import main
 from rnnserve.export import ExportError
@@ -21,7 +21,7 @@ USER_MODELS = textwrap.dedent(
     from dataclasses import replace
     from torch import nn
 
-    from rnnserve.export import adapt
+    from rnnserve.export import adapt, adapt_sequence
 
 
     class RawCell(nn.Module):
@@ -56,6 +56,36 @@ USER_MODELS = textwrap.dedent(
 
     def bidirectional():
         return nn.LSTM(3, 4, bidirectional=True)
+
+
+    def bi_sequence():
+        torch.manual_seed(0)
+        return adapt_sequence(nn.GRU(3, 4, bidirectional=True))
+
+
+    def adapted():
+        return adapt(nn.GRU(3, 4))
+
+
+    def adapts_raw_cell():
+        return adapt(RawCell())
+
+
+    class TupleCell(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.ih, self.hh = nn.Linear(3, 8), nn.Linear(4, 8)
+
+        def forward(self, x, state):
+            h, c = state
+            i, g = (self.ih(x) + self.hh(h)).chunk(2, -1)
+            c = torch.sigmoid(i) * c + torch.tanh(g)
+            return torch.tanh(c) * 2, (torch.tanh(c), c)
+
+
+    def tuple_cell():
+        return TupleCell()
     """
 )
 
@@ -180,3 +210,61 @@ def test_load_target_takes_objects_classes_and_factories(tmp_path: Path) -> None
         load_target(f"{path}:number")
     with pytest.raises(ExportError, match="no such Python file"):
         load_target(f"{tmp_path / 'missing.py'}:f")
+
+
+def test_cli_exports_a_tuple_state_cell_and_a_float_feature_sequence_model(user_file: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    result = rnnserve_cli("export", f"{user_file}:tuple_cell", "--repository", str(repo), "--format", "torchscript")
+    assert result.returncode == 0, result.stderr
+    manifest = ModelManifest.read(repo / "tuple_cell" / "1")
+    assert [(s.name, s.shape) for s in manifest.states] == [("h", [-1, 4]), ("c", [-1, 4])]
+    cell, _ = load_target(f"{user_file}:tuple_cell")
+    xs = torch.randn(2, 12, 3)
+    got, _ = run_artifact(repo / "tuple_cell" / "1", xs)
+    assert max_error(tuple_cell_by_hand(cell, xs, (torch.zeros(2, 4), torch.zeros(2, 4))), got) <= 1e-5
+
+    result = rnnserve_cli("export", f"{user_file}:bi_sequence", "--repository", str(repo), "--batch-sizes", "2,3")
+    assert result.returncode == 0, result.stderr
+    manifest = ModelManifest.read(repo / "bi_sequence" / "1")
+    assert manifest.kind == "sequence" and [t.shape for t in manifest.inputs] == [[-1, -1, 3], [-1]]
+    assert manifest.verification is not None and manifest.verification.batch_sizes == [2, 3]
+
+
+def test_cli_refuses_flags_that_cannot_apply(
+    user_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = tmp_path / "repo"
+    cases = [
+        ("adapted", ["--input-size", "3"], "--input-size cannot apply", "already adapted"),
+        ("bidirectional", ["--hidden-size", "4"], "--hidden-size cannot apply", "LSTM declares its own sizes"),
+        ("bi_sequence", ["--input-size", "3"], "--input-size cannot apply", "whole-sequence model"),
+        ("bi_sequence", ["--steps", "5"], "--steps cannot apply", "whole padded sequences"),
+        ("bi_sequence", ["--max-queue-delay-us", "5"], "--max-queue-delay-us cannot apply", "without the session"),
+    ]
+    for factory, flags, refusal, why in cases:
+        assert main(["export", f"{user_file}:{factory}", "--repository", str(repo), *flags]) == 2, factory
+        err = capsys.readouterr().err
+        assert refusal in err and why in err, err
+    assert main(["export", "--all-examples", "--repository", str(repo), "--hidden-size", "4"]) == 2
+    assert "--hidden-size cannot apply to --all-examples" in capsys.readouterr().err
+    assert not repo.exists()
+
+
+def test_cli_recommends_size_flags_only_where_they_help(
+    user_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = str(tmp_path / "repo")
+    # The factory calls adapt() itself: the flags never reach that call, so they are not recommended.
+    assert main(["export", f"{user_file}:adapts_raw_cell", "--repository", repo]) == 1
+    err = capsys.readouterr().err
+    assert "cannot infer the input/hidden size of RawCell" in err and "CLI: --input-size" not in err
+    assert "--input-size/--hidden-size do not reach it" in err
+    # Sizes given and wrong: giving sizes again would not help either.
+    assert (
+        main(["export", f"{user_file}:make_cell", "--repository", repo, "--input-size", "4", "--hidden-size", "6"]) == 1
+    )
+    err = capsys.readouterr().err
+    assert "the sizes given (input 4, hidden 6) did not work either" in err and "CLI: --input-size" not in err
+    # The bare cell with nothing to infer from: here the flags are the way out.
+    assert main(["export", f"{user_file}:make_cell", "--repository", repo]) == 1
+    assert "(CLI: --input-size/--hidden-size)" in capsys.readouterr().err

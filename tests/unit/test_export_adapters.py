@@ -9,10 +9,11 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-from export_support import max_error, run_artifact
+from export_support import TupleLSTMCell, max_error, run_artifact, tuple_cell_by_hand
 from torch import nn
 
-from rnnserve.export import ExportError, adapt, export
+from rnnserve.export import ExportError, adapt, adapt_sequence, export
+from rnnserve.export.errors import ExportUsageError
 from rnnserve.manifest import ModelManifest
 
 FORMATS = ["onnx", "torchscript"]
@@ -270,7 +271,7 @@ def test_user_cell_sizes_inferred_or_asked_for() -> None:
         def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
             return torch.tanh(x @ self.w.T + h)
 
-    with pytest.raises(ExportError, match=r"cannot infer the input/hidden size of RawCell.*--input-size"):
+    with pytest.raises(ExportError, match=r"cannot infer the input/hidden size of RawCell.*pass input_size="):
         adapt(RawCell())
     ex = adapt(RawCell(), input_size=5, hidden_size=6)
     assert ex.input.shape == (-1, 5) and ex.states[0].shape == (-1, 6)
@@ -296,3 +297,94 @@ def test_dynamo_exporter_fallback_writes_a_working_artifact(tmp_path: Path) -> N
         progress=lambda line: None,
     )
     assert error <= TOL
+
+
+# --- user cells with a tuple state ------------------------------------------------------------------------
+
+
+class PairCell(nn.Module):
+    """``cell(x, (h, c)) -> (h, c)`` like nn.LSTMCell (y is h); sizes only from its attributes."""
+
+    def __init__(self, n_in: int, n_hidden: int) -> None:
+        super().__init__()
+        self.input_size, self.hidden_size = n_in, n_hidden
+        self.w = nn.Parameter(0.3 * torch.randn(n_hidden, n_in + n_hidden))
+
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        h, c = state
+        c = 0.5 * c + torch.tanh(torch.cat((x, h), 1) @ self.w.T)
+        return torch.tanh(c), c
+
+
+class TripleCell(nn.Module):
+    """Three states: ``cell(x, (a, b, c)) -> (y, (a, b, c))``."""
+
+    def __init__(self, n_in: int, n_hidden: int) -> None:
+        super().__init__()
+        self.ih, self.hh = nn.Linear(n_in, n_hidden), nn.Linear(n_hidden, n_hidden)
+
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
+        a, b, c = state
+        a = torch.tanh(self.ih(x) + self.hh(b)) + 0.1 * a
+        return a + c, (a, b * 0.5 + a, c * 0.9)
+
+
+TUPLE_CELLS: dict[str, tuple[Callable[[], nn.Module], list[str]]] = {
+    "lstm_like_y_and_state": (lambda: TupleLSTMCell(IN, 6, 3), ["h", "c"]),
+    "lstm_cell_like_state_only": (lambda: PairCell(IN, 5), ["h", "c"]),
+    "three_states": (lambda: TripleCell(IN, 5), ["s0", "s1", "s2"]),
+}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("case", list(TUPLE_CELLS))
+def test_tuple_state_cells_stream_like_the_cell_looped(case: str, fmt: str, tmp_path: Path) -> None:
+    make_cell, names = TUPLE_CELLS[case]
+    torch.manual_seed(6)
+    cell = make_cell()
+    ex = adapt(cell)  # no sizes given: state count, names and shapes come from probing the tuple
+    assert [s.name for s in ex.states] == names and all(s.shape[0] == -1 for s in ex.states)
+    folder = export(ex, name=case, repository=tmp_path, format=fmt, progress=False)
+    manifest = ModelManifest.read(folder)
+    assert [s.name for s in manifest.states] == names and manifest.inputs[0].shape == [-1, IN]
+
+    xs = torch.randn(BATCH, STEPS, IN)
+    states = [0.5 * torch.randn(BATCH, s.shape[1]) for s in manifest.states]
+    want = tuple_cell_by_hand(cell, xs, tuple(states))
+    got, _ = run_artifact(folder, xs, states)
+    assert max_error(want, got) <= TOL
+
+
+def test_tuple_state_cell_in_a_stack(tmp_path: Path) -> None:
+    torch.manual_seed(7)
+    stack = nn.ModuleList([TupleLSTMCell(IN, 6, 3), nn.GRUCell(3, 4), PairCell(4, 5)])
+    ex = adapt(stack, head=nn.Linear(5, 2))
+    assert [s.name for s in ex.states] == ["h_l0", "c_l0", "h_l1", "h_l2", "c_l2"]
+    folder = export(ex, name="stack", repository=tmp_path, format="onnx", progress=False)
+    xs = torch.randn(2, 20, IN)
+    got, _ = run_artifact(folder, xs)
+    assert max_error(ex.reference(xs).outputs, got) <= TOL
+    # The reference is the original cells looped by hand: check that too.
+    h0, c0, h1, h2, c2 = (torch.zeros(2, n) for n in (6, 6, 4, 5, 5))
+    want = []
+    with torch.no_grad():
+        for t in range(20):
+            y, (h0, c0) = stack[0](xs[:, t], (h0, c0))
+            h1 = stack[1](y, h1)
+            h2, c2 = stack[2](h1, (h2, c2))
+            want.append(ex.step.head(h2))
+    assert max_error(torch.stack(want, 1), got) <= TOL
+
+
+def test_sizes_that_cannot_apply_are_refused() -> None:
+    with pytest.raises(ExportUsageError, match=r"input_size= cannot apply: GRU declares its own sizes"):
+        adapt(nn.GRU(3, 4), input_size=3)
+    with pytest.raises(ExportUsageError, match=r"hidden_size= cannot apply: GRUCell declares its own sizes"):
+        adapt(nn.ModuleList([nn.GRUCell(3, 4)]), hidden_size=4)
+    with pytest.raises(ExportUsageError, match=r"hidden_size= cannot apply: GRU\(3, 4.* is already adapted"):
+        adapt(adapt(nn.GRU(3, 4)), hidden_size=4)
+    with pytest.raises(ExportUsageError, match=r"input_size= cannot apply: .*whole-sequence model"):
+        export(adapt_sequence(nn.GRU(3, 4, bidirectional=True)), name="m", repository="unused", input_size=3)
+    # Where sizes do apply, they still work: a user cell after a built-in layer 0 takes hidden_size=.
+    ex = adapt(nn.ModuleList([nn.GRUCell(3, 4), PairCell(4, 5)]), hidden_size=5)
+    assert [s.shape for s in ex.states] == [(-1, 4), (-1, 5), (-1, 5)]
