@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from export_support import rnnserve_cli
+
 
 def test_demo_streams_and_matches_eager(tmp_path: Path):
     repo = tmp_path / "repo"
@@ -48,12 +50,7 @@ def test_demo_streams_and_matches_eager(tmp_path: Path):
 
 
 def test_demo_names_the_known_examples_for_an_unknown_one(tmp_path: Path):
-    done = subprocess.run(
-        [sys.executable, "-m", "rnnserve.cli", "demo", "--repository", str(tmp_path), "--model", "gru3"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = rnnserve_cli("demo", "--repository", str(tmp_path), "--model", "gru3")
     assert done.returncode == 2
     assert "argument --model: invalid choice: 'gru3' (choose from" in done.stderr and "'gru2'" in done.stderr
     assert "Traceback" not in done.stderr
