@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -37,6 +36,7 @@ from rnnserve.manifest import (
     Verification,
     ZerosInit,
 )
+from rnnserve.progress import Progress as ProgressLines
 
 Format = Literal["onnx", "torchscript"]
 FORMATS: dict[str, tuple[str, Callable, Callable]] = {
@@ -50,9 +50,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # ModelManifest.name's patt
 def _progress_fn(progress: Progress) -> Callable[[str], None]:
     if callable(progress):
         return progress
-    if progress:
-        return lambda line: print(f"rnnserve export: {line}", file=sys.stderr, flush=True)
-    return lambda line: None
+    return ProgressLines("rnnserve export: ", enabled=progress).log
 
 
 def export(
@@ -267,14 +265,20 @@ def export_examples(
     unknown = sorted(set(chosen) - set(factories))
     if unknown:
         raise ExportError(f"unknown examples {unknown}; known: {sorted(factories)}")
+    jobs = [
+        (fmt, example, example if i == 0 else f"{example}_{fmt}") for i, fmt in enumerate(formats) for example in chosen
+    ]
+    # On a terminal a bar counts the models under their lines; a callable ``progress`` gets the lines alone.
+    lines = ProgressLines("rnnserve export: ", enabled=progress is True)
     written = []
-    for i, fmt in enumerate(formats):
-        for example in chosen:
+    with lines.bar("example", len(jobs)) as start:
+        for fmt, example, name in jobs:
+            start(f"{name} ({fmt})")
             factory = factories[example]
             written.append(
                 export(
                     factory(),
-                    name=example if i == 0 else f"{example}_{fmt}",
+                    name=name,
                     repository=repository,
                     format=fmt,
                     version=version,
@@ -283,7 +287,7 @@ def export_examples(
                     batch_sizes=batch_sizes,
                     tolerance=tolerance,
                     source=f"{factory.__module__}:{factory.__name__}",
-                    progress=progress,
+                    progress=progress if callable(progress) else lines.log,
                 )
             )
     return written

@@ -358,26 +358,27 @@ def run(args: argparse.Namespace) -> int:
         phases = [("compute", bench.compute)]
         methods = {"kserve": bench.kserve, "native": bench.native, "idle": bench.idle, "scale": bench.scale}
         phases += [(name, methods[name]) for name in PHASES if name in chosen]
-        for name, phase in phases:
-            progress.log(f"phase {name}")
-            try:
-                rows = phase()
-            except PhaseSkipped as exc:
-                progress.log(f"phase {name} SKIPPED: {exc}")
-                result["skipped"][name] = str(exc)
-                continue
-            except Exception as exc:  # one failed phase must not lose the others' numbers
-                progress.log(f"phase {name} FAILED: {exc}")
-                result["errors"].append(f"{name}: {exc}")
-                continue
-            if name == "idle":
-                result["idle"] = rows
-                continue
-            for row in rows:
-                result[row["phase"]].append(row)
-                if "error" in row:
-                    first = row["error"].splitlines()[0]  # the whole text (a traceback) is in the JSON
-                    result["errors"].append(f"{row['phase']} {row.get('system', '')} {row['label']}: {first}")
+        with progress.bar("phase", len(phases)) as start_phase:
+            for name, phase in phases:
+                start_phase(name)
+                try:
+                    rows = phase()
+                except PhaseSkipped as exc:
+                    progress.log(f"phase {name} SKIPPED: {exc}")
+                    result["skipped"][name] = str(exc)
+                    continue
+                except Exception as exc:  # one failed phase must not lose the others' numbers
+                    progress.log(f"phase {name} FAILED: {exc}")
+                    result["errors"].append(f"{name}: {exc}")
+                    continue
+                if name == "idle":
+                    result["idle"] = rows
+                    continue
+                for row in rows:
+                    result[row["phase"]].append(row)
+                    if "error" in row:
+                        first = row["error"].splitlines()[0]  # the whole text (a traceback) is in the JSON
+                        result["errors"].append(f"{row['phase']} {row.get('system', '')} {row['label']}: {first}")
         if args.peer and "kserve" in chosen and not any(r["system"] == "triton" for r in result["kserve"]):
             from rnnserve.bench.triton import missing
 

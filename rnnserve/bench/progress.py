@@ -1,16 +1,14 @@
-"""Progress lines on stderr (stdout carries the report)."""
+"""Progress lines on stderr (stdout carries the report), stamped with the seconds since the bench started; on a
+terminal, a bar over the phases under them (rnnserve.progress)."""
 
 from __future__ import annotations
 
-import sys
 import time
 
+from rnnserve import progress
 
-class Progress:
+
+class Progress(progress.Progress):
     def __init__(self, enabled: bool = True):
-        self.enabled = enabled
-        self.t0 = time.monotonic()
-
-    def log(self, message: str) -> None:
-        if self.enabled:
-            print(f"[bench {time.monotonic() - self.t0:7.1f}s] {message}", file=sys.stderr, flush=True)
+        t0 = time.monotonic()
+        super().__init__(lambda: f"[bench {time.monotonic() - t0:7.1f}s] ", enabled=enabled)

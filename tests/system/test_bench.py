@@ -121,6 +121,9 @@ def test_bench_scale_skipped_without_redis(tmp_path: Path) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
     assert "phase scale SKIPPED: redis-server" in done.stderr and "apt-get install redis-server nginx" in done.stderr
+    # stderr is a pipe: plain progress lines, the phases counted, no terminal control codes.
+    assert "] phase 1/2: compute\n" in done.stderr and "] phase 2/2: scale\n" in done.stderr
+    assert "\x1b" not in done.stderr
     assert "scale: skipped: redis-server" in done.stdout
     result = json.loads(out.read_text())
     assert result["errors"] == [] and result["scale"] == [] and result["native"] == []
