@@ -71,7 +71,7 @@ def _static_model_info(model: LoadedModel) -> pb.ModelInfo:
         state="READY",
         inputs=[tensor_spec(t) for t in m.inputs if t.name != m.lengths_input],  # lengths go in their own field
         outputs=[tensor_spec(t) for t in m.outputs],
-        states=[state_spec(s) for s in m.states],
+        states=[state_spec(s) for s in m.session_states],  # a context window's output_name is its input
         state_bytes=m.state_bytes,
         max_batch_size=model.max_batch_size,
         allow_nonfinite=m.allow_nonfinite,
@@ -81,6 +81,25 @@ def _static_model_info(model: LoadedModel) -> pb.ModelInfo:
         constants=[pb.TensorSpec(name=c.name, dtype=DTYPE_TO_PB[c.dtype], shape=c.shape) for c in m.constants],
         device=model.runtime.device,
     )
+
+
+# ModelStats field -> the BatchStats counter it reports.
+_STATS = {
+    "steps": "steps",
+    "batches": "batches",
+    "max_batch": "max_batch",
+    "batch_histogram": "histogram",
+    "compute_ns": "compute_ns",
+    "queue_ns": "queue_ns",
+    "inline_batches": "inline",
+}
+
+
+def model_stats(model: LoadedModel) -> pb.ModelStats:
+    """A model version's batching statistics (GetStats)."""
+    stats = model.batcher.stats
+    counters = {wire: getattr(stats, name) for wire, name in _STATS.items()}
+    return pb.ModelStats(name=model.name, version=model.version, open_sessions=model.open_sessions, **counters)
 
 
 def failed_model_info(failed: FailedModel) -> pb.ModelInfo:

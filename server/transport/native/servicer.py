@@ -104,27 +104,10 @@ class RnnServeServicer:
         return pb.SetStateResponse()
 
     async def GetStats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
-        stats = []
-        for m in self.dp.models(request.model):
-            s = m.batcher.stats if m.batcher else None
-            if s is None:
-                continue
-            stats.append(
-                pb.ModelStats(
-                    name=m.name,
-                    version=m.version,
-                    steps=s.steps,
-                    batches=s.batches,
-                    max_batch=s.max_batch,
-                    batch_histogram=s.histogram,
-                    open_sessions=m.open_sessions,
-                    compute_ns=s.compute_ns,
-                    queue_ns=s.queue_ns,
-                    inline_batches=s.inline,
-                )
-            )
         return pb.StatsResponse(
-            models=stats, open_sessions=len(self.dp.sessions), expired_sessions=self.dp.sessions.expired
+            models=[codec.model_stats(m) for m in self.dp.models(request.model)],
+            open_sessions=len(self.dp.sessions),
+            expired_sessions=self.dp.sessions.expired,
         )
 
     async def _restored(self, session_ids: Sequence[str], step_indices: Sequence[int] = ()) -> None:
