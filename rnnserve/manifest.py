@@ -12,6 +12,8 @@ It describes how to call the artifact as a *step function*::
   values given at session open and batched like inputs. For TorchScript, ``torchscript`` gives the argument
   and result structure when it is not the flat default (e.g. a tuple state).
 * ``kind: sequence`` models take whole padded sequences plus a lengths input (served by Predict only).
+* An input with a ``context`` is fed each new chunk behind the tail of the session's earlier input, which the
+  server keeps per session (a *window*: session state named after the input, ``ModelManifest.windows``).
 
 Shapes are full model shapes including the batch axis, written as -1 (like every free dimension); the
 ``batch_axis`` field says where it is. A session sees per-session shapes: the model shape without the batch axis.
@@ -35,40 +37,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class TensorSpec(_Strict):
-    name: str = Field(min_length=1)
-    """Tensor name (ONNX graph input/output name; for TorchScript a label for the positional argument)."""
-    dtype: DType = "float32"
-    """Element type, numpy spelling."""
-    shape: list[int]
-    """Full model shape; -1 for the batch axis and any free dimension (1 at the batch axis for a model whose
-    batch is fixed at 1: it then serves one session per call)."""
-    batch_axis: int = 0
-    """Index of the batch axis in ``shape``."""
-
-    @model_validator(mode="after")
-    def _check_axis(self) -> TensorSpec:
-        if not 0 <= self.batch_axis < len(self.shape):
-            raise ValueError(f"batch_axis {self.batch_axis} is outside shape {self.shape}")
-        if self.shape[self.batch_axis] not in (-1, 1):
-            raise ValueError(
-                f"shape {self.shape} must have -1 (or 1, for a batch fixed at 1) at batch_axis {self.batch_axis}"
-            )
-        if any(d < -1 or d == 0 for d in self.shape):
-            raise ValueError(f"shape {self.shape}: dimensions are positive, or -1 for free")
-        return self
-
-    @property
-    def session_shape(self) -> tuple[int, ...]:
-        """Per-session shape (the batch axis removed)."""
-        return tuple(d for i, d in enumerate(self.shape) if i != self.batch_axis)
-
-    @property
-    def fixed_batch(self) -> bool:
-        """The model takes exactly one session per call on this tensor."""
-        return self.shape[self.batch_axis] == 1
-
-
 class ZerosInit(_Strict):
     kind: Literal["zeros"] = "zeros"
 
@@ -86,6 +54,124 @@ class FileInit(_Strict):
 
 
 InitialState = Annotated[ZerosInit | ConstantInit | FileInit, Field(discriminator="kind")]
+
+
+class ContextSpec(_Strict):
+    """An input's context window: the server keeps each session's last ``length`` elements of this input along
+    ``axis`` and feeds the model every new chunk behind them, so the client sends only the new elements."""
+
+    length: int = Field(ge=1)
+    """Elements of earlier input the model sees before each new chunk."""
+    axis: int = -1
+    """The axis of the input's (full model) shape they are kept along; negative counts from the end."""
+    initial: InitialState = Field(default_factory=ZerosInit)
+    """The window of a new (or reset) session: ``zeros``, a ``constant`` or a ``file`` of the window's
+    per-session shape."""
+
+
+class TensorSpec(_Strict):
+    name: str = Field(min_length=1)
+    """Tensor name (ONNX graph input/output name; for TorchScript a label for the positional argument)."""
+    dtype: DType = "float32"
+    """Element type, numpy spelling."""
+    shape: list[int]
+    """Full model shape; -1 for the batch axis and any free dimension (1 at the batch axis for a model whose
+    batch is fixed at 1: it then serves one session per call). For an input with a ``context``, the shape a
+    client sends (the new elements only)."""
+    batch_axis: int = 0
+    """Index of the batch axis in ``shape``."""
+    context: ContextSpec | None = None
+    """Inputs of step models: keep a window of earlier input per session and feed it in front of each chunk."""
+    check_shape: list[int] | None = None
+    """Inputs: the shape the load-time check feeds (``shape`` with a length at each free dimension; -1 at the
+    batch axis), for a model that refuses the default length 1 there."""
+    time_axis: int | None = None
+    """Inputs of ``kind: sequence`` models: the padded time axis of ``shape`` (default: the one after the batch
+    axis), e.g. 0 for a time-major ``[T, B, F]`` graph."""
+
+    @property
+    def has_batch_axis(self) -> bool:
+        """Whether ``shape`` has a batch axis (only a parameter may have none: ``ParameterSpec.batched``)."""
+        return True
+
+    @model_validator(mode="after")
+    def _check_axis(self) -> TensorSpec:
+        if not self.has_batch_axis:
+            return self
+        if not 0 <= self.batch_axis < len(self.shape):
+            raise ValueError(f"batch_axis {self.batch_axis} is outside shape {self.shape}")
+        if self.shape[self.batch_axis] not in (-1, 1):
+            raise ValueError(
+                f"shape {self.shape} must have -1 (or 1, for a batch fixed at 1) at batch_axis {self.batch_axis}"
+            )
+        if any(d < -1 or d == 0 for d in self.shape):
+            raise ValueError(f"shape {self.shape}: dimensions are positive, or -1 for free")
+        return self
+
+    @property
+    def session_shape(self) -> tuple[int, ...]:
+        """Per-session shape (the batch axis removed)."""
+        if not self.has_batch_axis:
+            return tuple(self.shape)
+        return tuple(d for i, d in enumerate(self.shape) if i != self.batch_axis)
+
+    @property
+    def fixed_batch(self) -> bool:
+        """The model takes exactly one session per call on this tensor."""
+        return self.has_batch_axis and self.shape[self.batch_axis] == 1
+
+    def _check_input_fields(self, kind: str) -> None:
+        """``context``, ``check_shape`` and ``time_axis`` are for inputs; the manifest says which tensors are."""
+        if kind != "input":
+            for field in ("context", "check_shape", "time_axis"):
+                if getattr(self, field) is not None:
+                    raise ValueError(f"{kind} '{self.name}': {field} applies to inputs only")
+            return
+        rank = len(self.shape)
+        if self.check_shape is not None:
+            check = self.check_shape
+            if len(check) != rank or any(
+                (c != -1) if i == self.batch_axis else (c < 1 or d not in (-1, c))
+                for i, (d, c) in enumerate(zip(self.shape, check, strict=True))
+            ):
+                raise ValueError(
+                    f"input '{self.name}': check_shape {check} must be shape {self.shape} with a length (>= 1) at "
+                    "each free dimension and -1 at the batch axis"
+                )
+        if self.time_axis is not None and not (0 <= self.time_axis < rank and self.time_axis != self.batch_axis):
+            raise ValueError(
+                f"input '{self.name}': time_axis {self.time_axis} is not an axis of {self.shape} besides the batch axis"
+            )
+        if self.context is not None:
+            axis = self.context.axis + rank if self.context.axis < 0 else self.context.axis
+            if not 0 <= axis < rank or axis == self.batch_axis:
+                raise ValueError(
+                    f"input '{self.name}': context axis {self.context.axis} is not an axis of {self.shape} besides "
+                    "the batch axis"
+                )
+            if any(d == -1 for i, d in enumerate(self.shape) if i not in (axis, self.batch_axis)):
+                raise ValueError(
+                    f"input '{self.name}': with a context, only the batch and context axes of {self.shape} may be -1 "
+                    "(the window is kept in a fixed shape)"
+                )
+
+    def window(self) -> WindowSpec | None:
+        """This input's context window as session state (None without a ``context``)."""
+        if self.context is None:
+            return None
+        axis = self.context.axis % len(self.shape)
+        shape = list(self.shape)
+        shape[axis] = self.context.length
+        return WindowSpec(
+            name=self.name,
+            output=self.name,
+            dtype=self.dtype,
+            shape=shape,
+            batch_axis=self.batch_axis,
+            initial=self.context.initial,
+            axis=axis,
+            length=self.context.length,
+        )
 
 
 class StateSpec(TensorSpec):
@@ -122,6 +208,27 @@ class StateSpec(TensorSpec):
         return int(np.prod(self.session_shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
 
+class WindowSpec(StateSpec):
+    """An input's context window as session state (``TensorSpec.window``; not written in a manifest): named
+    after its input, whose tail (``output``, the input's name too) is its next value. ``shape`` is the input's
+    with ``length`` at ``axis``."""
+
+    axis: int
+    """The axis of the model shape the window runs along (non-negative)."""
+    length: int
+
+    def _along(self, index: slice) -> tuple[slice, ...]:
+        return (slice(None),) * self.axis + (index,)
+
+    def extend(self, window: np.ndarray, chunk: np.ndarray) -> np.ndarray:
+        """What the model is fed: ``window`` (the batch's windows) followed by ``chunk`` (their new input)."""
+        return np.concatenate((window, chunk), axis=self.axis)
+
+    def tail(self, fed: np.ndarray) -> np.ndarray:
+        """The next window: the last ``length`` elements of what was fed."""
+        return np.ascontiguousarray(fed[self._along(slice(-self.length, None))])
+
+
 class ConstantSpec(_Strict):
     """An input the server feeds on every call, exactly as given (no batch axis is added)."""
 
@@ -155,12 +262,26 @@ class ParameterSpec(TensorSpec):
 
     default: float | int | bool | list | None = None
     """Used when the session gives none; without a default the parameter is required at open."""
+    batched: bool = True
+    """False: the graph takes this input without a batch axis (a scalar setting such as a sample rate):
+    ``shape`` is then its whole shape, and a batch only ever holds sessions with equal values of it."""
+
+    @property
+    def has_batch_axis(self) -> bool:
+        return self.batched
 
     @model_validator(mode="after")
     def _fixed(self) -> ParameterSpec:
-        if any(d == -1 for i, d in enumerate(self.shape) if i != self.batch_axis):
-            raise ValueError(f"parameter shape {self.shape}: only the batch axis may be -1")
+        if any(d == -1 for i, d in enumerate(self.shape) if i != self.batch_axis or not self.batched):
+            what = "only the batch axis may be -1" if self.batched else "an unbatched parameter has no -1"
+            raise ValueError(f"parameter shape {self.shape}: {what}")
         return self
+
+    def stored(self) -> TensorSpec:
+        """Its column in the state slab: a row per session, so an unbatched parameter gains a batch axis 0."""
+        if self.batched:
+            return self
+        return TensorSpec(name=self.name, dtype=self.dtype, shape=[-1, *self.shape])
 
     def default_value(self) -> np.ndarray | None:
         if self.default is None:
@@ -252,7 +373,8 @@ class ModelManifest(_Strict):
     kind: Literal["step", "sequence"] = "step"
     """``step``: served through sessions (and Predict); ``sequence``: whole padded sequences, Predict only."""
     lengths_input: str | None = None
-    """Sequence models: the input that takes each sequence's length (int64, shape [-1])."""
+    """Sequence models: the input that takes each sequence's length (int64 or int32, shape [-1]; the server
+    feeds it in the dtype declared here, whatever integer type the client sent)."""
     torchscript: TorchScriptSignature | None = None
     """TorchScript argument/result structure when it is not the flat default."""
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
@@ -285,13 +407,26 @@ class ModelManifest(_Strict):
         batched = [*self.inputs, *self.parameters, *self.states, *self.outputs]
         if any(t.fixed_batch for t in batched) and self.max_batch_size != 1:
             raise ValueError("a tensor has its batch axis fixed at 1: set max_batch_size to 1")
+        for kind, tensors in (("input", self.inputs), ("output", self.outputs), ("state", self.states)):
+            for t in tensors:
+                t._check_input_fields(kind)
+        for p in self.parameters:
+            p._check_input_fields("parameter")
         if self.kind == "sequence":
             if self.states or self.parameters:
                 raise ValueError("a sequence model has no states or parameters (it sees whole sequences)")
-            if self.lengths_input is None or self.lengths_input not in [t.name for t in self.inputs]:
+            lengths = next((t for t in self.inputs if t.name == self.lengths_input), None)
+            if lengths is None:
                 raise ValueError("a sequence model needs lengths_input naming one of its inputs")
-        elif self.lengths_input is not None:
-            raise ValueError("lengths_input is for kind: sequence models")
+            if lengths.dtype not in ("int64", "int32") or len(lengths.shape) != 1:
+                raise ValueError(f"lengths input '{lengths.name}' must be int64 or int32 of shape [-1]")
+            if any(t.context is not None for t in self.inputs):
+                raise ValueError("a context is for step models (a sequence model sees each whole sequence at once)")
+        else:
+            if self.lengths_input is not None:
+                raise ValueError("lengths_input is for kind: sequence models")
+            if any(t.time_axis is not None for t in self.inputs):
+                raise ValueError("time_axis is for kind: sequence models (a step model's input is one timestep)")
         if self.torchscript is not None:
             if self.format != "torchscript":
                 raise ValueError("torchscript: applies to torchscript models only")
@@ -318,8 +453,19 @@ class ModelManifest(_Strict):
         return [t.name for t in self.outputs] + [s.output for s in self.states]
 
     @property
+    def windows(self) -> list[WindowSpec]:
+        """The context windows of its inputs, in input order."""
+        return [w for w in (t.window() for t in self.inputs) if w is not None]
+
+    @property
+    def session_states(self) -> list[StateSpec]:
+        """Everything a session's state holds: the model's states, then its inputs' context windows. Resets,
+        GetState/SetState, snapshots and the session store see them all, by name."""
+        return [*self.states, *self.windows]
+
+    @property
     def state_bytes(self) -> int:
-        return sum(s.nbytes for s in self.states)
+        return sum(s.nbytes for s in self.session_states)
 
     def write(self, version_dir: Path) -> Path:
         path = version_dir / MANIFEST_FILE

@@ -205,7 +205,7 @@ class DataPlane:
         def write() -> None:
             # States not given keep their current value.
             current = model.slab.read(session.slot)
-            merged = [given.get(s.name, c) for s, c in zip(model.manifest.states, current, strict=False)]
+            merged = [given.get(s.name, c) for s, c in zip(model.state_specs, current, strict=False)]
             model.slab.write(session.slot, merged)
             if steps is not None:
                 session.steps = steps

@@ -65,7 +65,7 @@ class TensorChecks:
         self.key = key  # "name:version", as messages name the model
         self.name = manifest.name
         self.input_specs = [_spec(t) for t in manifest.inputs]
-        self.state_specs = [_spec(s) for s in manifest.states]
+        self.state_specs = [_spec(s) for s in manifest.session_states]  # with the inputs' context windows
         self.parameter_specs = [_spec(p) for p in manifest.parameters]
         self.output_names = [o.name for o in manifest.outputs]
         self.refuse_nonfinite = not manifest.allow_nonfinite

@@ -265,8 +265,10 @@ class Persistence:
             job = jobs[i]
             session = sessions[i]
             state = {}
-            for spec, a in zip([*model.manifest.states, *model.manifest.parameters], [*states, *params], strict=True):
-                state[spec.name] = np.take(a, i, axis=spec.batch_axis)
+            specs = [*model.manifest.session_states, *model.manifest.parameters]
+            for spec, a in zip(specs, [*states, *params], strict=True):
+                # An unbatched parameter was fed once for the whole batch (all its rows have that value).
+                state[spec.name] = np.take(a, i, axis=spec.batch_axis) if spec.has_batch_axis else a
             then = None
             if job.step_index and session.replay is not None:
                 # The entry the batcher adds once this batch completes: a retry after a crash is answered.

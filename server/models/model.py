@@ -14,7 +14,7 @@ from rnnserve.server.core.validation import TensorChecks
 from rnnserve.server.models.runtime import Runtime
 from rnnserve.server.models.slab import DeviceStateSlab, StateSlab
 from rnnserve.server.scheduling.batcher import Batcher
-from rnnserve.server.scheduling.execution import CommitHook
+from rnnserve.server.scheduling.execution import CommitHook, Feeder
 
 
 class LoadedModel:
@@ -45,11 +45,17 @@ class LoadedModel:
         self.key = f"{manifest.name}:{manifest.version}"
         self.version_dir = version_dir
         self.runtime = runtime
-        self.initial_state = [s.initial_value(version_dir) for s in manifest.states]
+        # A session's state: the model's states, then its inputs' context windows (manifest.session_states).
+        self.state_specs = manifest.session_states
+        self.initial_state = [s.initial_value(version_dir) for s in self.state_specs]
         self.constants = {c.name: c.array(version_dir) for c in manifest.constants}
         # Per-session parameters sit in the slab after the states: one gather feeds both.
         self.parameter_defaults = [p.default_value() for p in manifest.parameters]
-        slab_specs = [*manifest.states, *manifest.parameters]
+        slab_specs = [*self.state_specs, *(p.stored() for p in manifest.parameters)]
+        # Unbatched parameters (per-session settings the graph takes once per call): a batch only holds
+        # sessions whose values are equal, so each slot's values are kept as its batch key.
+        self._unbatched = [i for i, p in enumerate(manifest.parameters) if not p.batched]
+        self._settings: dict[int, bytes] = {}
         slab_initial = self.initial_state + [
             d if d is not None else np.zeros(p.session_shape, p.dtype)
             for p, d in zip(manifest.parameters, self.parameter_defaults, strict=True)
@@ -83,27 +89,42 @@ class LoadedModel:
 
     def self_check(self) -> None:
         """Call the model once on zeros at batch 1 (and 2 where it batches) and compare every result with the
-        manifest, so a config that disagrees with its model fails at load, with a message, not at a step."""
+        manifest, so a config that disagrees with its model fails at load, with a message, not at a step. A
+        free dimension is fed its length in ``check_shape`` (default 1), a windowed input its window and that."""
         m = self.manifest
+        feeder = Feeder(m)
         for n in (1, 2) if self.max_batch_size > 1 else (1,):
             feeds: dict[str, Any] = {}  # numpy arrays; torch tensors on a GPU
             for spec in m.inputs:
-                shape = [n if i == spec.batch_axis else (1 if d == -1 else d) for i, d in enumerate(spec.shape)]
+                dims = spec.check_shape or spec.shape
+                shape = [n if i == spec.batch_axis else (1 if d == -1 else d) for i, d in enumerate(dims)]
                 feeds[spec.name] = (
                     np.ones(shape, spec.dtype) if spec.name == m.lengths_input else np.zeros(shape, spec.dtype)
                 )
-            for spec, value in zip(self.slab.specs, self.slab.initial, strict=True):
-                feeds[spec.name] = np.stack([value] * n, axis=spec.batch_axis)
-            feeds.update(self.constants)
+            rows: list[Any] = [
+                np.stack([value] * n, axis=spec.batch_axis)
+                for spec, value in zip(self.slab.specs, self.slab.initial, strict=True)
+            ]
             if self.runtime.device == "cuda":
                 import torch
 
-                for spec in self.slab.specs:
-                    feeds[spec.name] = torch.as_tensor(feeds[spec.name], device="cuda")
+                rows = [torch.as_tensor(r, device="cuda") for r in rows]
+            feeder.feed(feeds, rows)
+            feeds.update(self.constants)
             try:
                 out = self.runtime.run(feeds)
             except Exception as exc:
-                raise ValueError(f"calling the model at batch {n} failed: {type(exc).__name__}: {exc}") from exc
+                fed = ", ".join(
+                    f"{t.name} {t.dtype}{list(feeds[t.name].shape)}"
+                    + (f" (a window of {t.context.length} + the new elements)" if t.context else "")
+                    for t in m.inputs
+                )
+                hint = ""
+                if any(-1 in t.session_shape and t.check_shape is None for t in m.inputs):
+                    hint = " (a free dimension was fed length 1: set the input's check_shape to feed another)"
+                raise ValueError(
+                    f"calling the model at batch {n} failed, fed {fed}{hint}: {type(exc).__name__}: {exc}"
+                ) from exc
             expected = [(t.output if hasattr(t, "output") else t.name, t) for t in [*m.outputs, *m.states]]
             for name, spec in expected:
                 value = out[name]
@@ -136,7 +157,16 @@ class LoadedModel:
                 parameters if parameters is not None else self.check_parameters({})
             )
         self.open_sessions += 1
-        return self.slab.allocate(values)
+        slot = self.slab.allocate(values)
+        if self._unbatched:
+            row = values if values is not None else self.slab.initial
+            params = row[len(self.state_specs) :]
+            self._settings[slot] = b"".join(np.ascontiguousarray(params[i]).tobytes() for i in self._unbatched)
+        return slot
+
+    def settings(self, slot: int) -> bytes:
+        """The values of a slot's unbatched parameters (its batch key: server/scheduling/formation.py)."""
+        return self._settings.get(slot, b"")
 
     def release(self, session: Session[Any]) -> None:
         if session.slot >= 0:
@@ -144,6 +174,7 @@ class LoadedModel:
                 # Closed or expired: the store forgets it too (after any write of it already submitted).
                 self.persistence.forget(session)
             self.slab.release(session.slot)
+            self._settings.pop(session.slot, None)
             session.slot = -1
             self.open_sessions -= 1
             if self.open_sessions == 0 and self.on_idle is not None:
@@ -159,10 +190,10 @@ class LoadedModel:
         return self.checks.parameters(given, self.parameter_defaults)
 
     def state_dict(self, values: list[np.ndarray]) -> dict[str, np.ndarray]:
-        """Name the leading (state) arrays of a slab row."""
-        return {s.name: v for s, v in zip(self.manifest.states, values, strict=False)}
+        """Name the leading (state and context window) arrays of a slab row."""
+        return {s.name: v for s, v in zip(self.state_specs, values, strict=False)}
 
     def parameter_dict(self, values: list[np.ndarray]) -> dict[str, np.ndarray]:
-        """Name the parameter arrays of a slab row (after the states)."""
-        row = values[len(self.manifest.states) :]
+        """Name the parameter arrays of a slab row (after the states and windows)."""
+        row = values[len(self.state_specs) :]
         return {p.name: v for p, v in zip(self.manifest.parameters, row, strict=True)}

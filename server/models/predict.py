@@ -5,7 +5,9 @@
 * A step model runs the sequences' steps from their initial state (the model's, or one given per sequence).
   Sequences are sorted by length, longest first, so at step ``t`` the ones still running are a prefix of the
   batch and each call takes just that prefix: a finished sequence's state is simply no longer fed, which
-  keeps it frozen at its last real step, and its outputs past its length stay zero.
+  keeps it frozen at its last real step, and its outputs past its length stay zero. An input's context window
+  is part of each sequence's state, as in a session: each step's input is the new chunk, fed behind the
+  window. Sequences whose unbatched parameters differ run in separate calls.
 
 Neither touches sessions or the state slab, and the model calls run on this module's own worker threads (the
 event loop only validates), beside the batcher's, so a long Predict does not hold up streaming steps.
@@ -35,7 +37,7 @@ class PredictRequest(NamedTuple):
     inputs: Mapping[str, np.ndarray]
     """Sequence models: as the model takes them; step models: (batch, max_length, ...), padded past each length."""
     lengths: np.ndarray | None
-    """int64[batch], each sequence's length (None: not given, refused)."""
+    """int64[batch] (or int32), each sequence's length (None: not given, refused)."""
     initial_state: Mapping[str, np.ndarray]
     """Step models: states (batch, ...) to start from instead of the model's initial ones; any subset."""
     parameters: Mapping[str, np.ndarray]
@@ -80,12 +82,14 @@ class Predictor:
 
 
 def _check_lengths(model: LoadedModel, lengths: np.ndarray | None) -> np.ndarray:
-    if lengths is None or lengths.dtype != np.int64 or lengths.ndim != 1 or len(lengths) == 0:
+    """The lengths as int64 (a client may send int32, as the model's own lengths input may be: the KServe
+    metadata shows that input's dtype)."""
+    if lengths is None or lengths.dtype not in (np.int64, np.int32) or lengths.ndim != 1 or len(lengths) == 0:
         got = "nothing" if lengths is None else f"{lengths.dtype.name}{list(lengths.shape)}"
         raise InvalidArgument(
             f"Predict on model {model.key} needs 'lengths': int64[batch] with one length per sequence, got {got}"
         )
-    return lengths
+    return lengths.astype(np.int64, copy=False)
 
 
 def _check_range(model: LoadedModel, lengths: np.ndarray, max_length: int) -> None:
@@ -131,10 +135,14 @@ class _SequenceJob(_Job):
             arr = inputs[spec.name]
             shape = tuple(batch if i == spec.batch_axis else d for i, d in enumerate(spec.shape))
             model.checks.tensor("input", spec.name, arr, np.dtype(spec.dtype), shape, lead="batch")
-            if arr.ndim > spec.batch_axis + 1:  # the padded time axis follows the batch axis
-                max_length = max(max_length, arr.shape[spec.batch_axis + 1])
+            # The padded time axis: where the manifest says, else the one after the batch axis.
+            time_axis = spec.time_axis if spec.time_axis is not None else spec.batch_axis + 1
+            if arr.ndim > time_axis:
+                max_length = max(max_length, arr.shape[time_axis])
         _check_range(model, self.lengths, max_length or int(self.lengths.max()))
         self.inputs = {t.name: inputs[t.name] for t in self.specs}
+        # Fed in the dtype the graph declares (ONNX's own RNN operators take int32 sequence_lens).
+        self.lengths_dtype = np.dtype(next(t.dtype for t in m.inputs if t.name == m.lengths_input))
 
     def run(self) -> PredictResult:
         model = self.model
@@ -142,7 +150,7 @@ class _SequenceJob(_Job):
         parts: dict[str, list[np.ndarray]] = {t.name: [] for t in m.outputs}
         for rows in _chunks(np.arange(len(self.lengths)), model.max_batch_size):
             feeds = {t.name: np.take(self.inputs[t.name], rows, axis=t.batch_axis) for t in self.specs}
-            feeds[str(m.lengths_input)] = self.lengths[rows]
+            feeds[str(m.lengths_input)] = self.lengths[rows].astype(self.lengths_dtype)
             feeds.update(model.constants)
             out = model.runtime.run(feeds)
             for spec in m.outputs:
@@ -175,23 +183,32 @@ class _StepsJob(_Job):
         m = model.manifest
         batch = len(self.lengths)
         outputs: dict[str, np.ndarray] = {}
-        final = [np.empty((batch, *s.session_shape), s.dtype) for s in m.states]
+        specs = model.state_specs  # the model's states, then its inputs' context windows
+        n_states = len(m.states)
+        final = [np.empty((batch, *s.session_shape), s.dtype) for s in specs]
         # Longest first: the sequences still running at any step are a prefix of the (sorted) chunk.
         order = np.argsort(-self.lengths, kind="stable")
-        for rows in _chunks(order, model.max_batch_size):
+        for rows in self._chunks(order):
             lengths = self.lengths[rows]
             # Model layout (batch axis where the manifest puts it), one row per sequence of the chunk.
-            states = [np.moveaxis(v[rows], 0, s.batch_axis) for s, v in zip(m.states, self.states, strict=True)]
-            params = [np.moveaxis(v[rows], 0, p.batch_axis) for p, v in zip(m.parameters, self.parameters, strict=True)]
+            states = [np.moveaxis(v[rows], 0, s.batch_axis) for s, v in zip(specs, self.states, strict=True)]
+            params = [
+                np.moveaxis(v[rows], 0, p.batch_axis) if p.batched else v[rows[0], ...]
+                for p, v in zip(m.parameters, self.parameters, strict=True)
+            ]
             for t in range(int(lengths[0])):
                 live = int(np.count_nonzero(lengths > t))
                 feeds = {s.name: _layout(self.inputs[s.name][rows[:live], t], s) for s in m.inputs}
-                slab_feeds = {s.name: _rows(v, s, live) for s, v in zip(m.states, states, strict=True)}
-                slab_feeds |= {p.name: _rows(v, p, live) for p, v in zip(m.parameters, params, strict=True)}
+                for w, window in zip(m.windows, states[n_states:], strict=True):
+                    feeds[w.name] = w.extend(_rows(window, w, live), feeds[w.name])
+                slab_feeds = {s.name: _rows(v, s, live) for s, v in zip(m.states, states, strict=False)}
+                slab_feeds |= {
+                    p.name: _rows(v, p, live) if p.batched else v for p, v in zip(m.parameters, params, strict=True)
+                }
                 feeds |= _to_device(model, slab_feeds)
                 feeds.update(model.constants)
                 out = model.runtime.run(feeds)
-                for spec, state in zip(m.states, states, strict=True):
+                for spec, state in zip(m.states, states, strict=False):
                     new = _host(out[spec.output])
                     if new.shape[spec.batch_axis] != live or new.dtype != state.dtype:
                         raise Internal(
@@ -199,14 +216,28 @@ class _StepsJob(_Job):
                             f"{new.dtype} for a batch of {live}; the manifest declares {spec.shape} {spec.dtype}"
                         )
                     state[(slice(None),) * spec.batch_axis + (slice(0, live),)] = new
+                for w, window in zip(m.windows, states[n_states:], strict=True):
+                    window[(slice(None),) * w.batch_axis + (slice(0, live),)] = w.tail(feeds[w.name])
                 for out_spec in m.outputs:
                     y = _batch_first(model, out_spec, out[out_spec.name], live)
                     if out_spec.name not in outputs:
                         outputs[out_spec.name] = np.zeros((batch, self.max_length, *y.shape[1:]), y.dtype)
                     outputs[out_spec.name][rows[:live], t] = y
-            for spec, state, dest in zip(m.states, states, final, strict=True):
+            for spec, state, dest in zip(specs, states, final, strict=True):
                 dest[rows] = np.moveaxis(state, spec.batch_axis, 0)
-        return PredictResult(outputs, {s.name: v for s, v in zip(m.states, final, strict=True)})
+        return PredictResult(outputs, {s.name: v for s, v in zip(specs, final, strict=True)})
+
+    def _chunks(self, order: np.ndarray) -> list[np.ndarray]:
+        """The model calls' rows, in ``order``: at most ``max_batch_size`` each, and, for a model with
+        unbatched parameters (fed one value per call), only sequences with equal values in one."""
+        m = self.model.manifest
+        unbatched = [v for p, v in zip(m.parameters, self.parameters, strict=True) if not p.batched]
+        if not unbatched:
+            return _chunks(order, self.model.max_batch_size)
+        groups: dict[bytes, list[int]] = {}
+        for row in order.tolist():
+            groups.setdefault(b"".join(np.ascontiguousarray(v[row]).tobytes() for v in unbatched), []).append(row)
+        return [c for g in groups.values() for c in _chunks(np.asarray(g), self.model.max_batch_size)]
 
 
 # --- helpers ------------------------------------------------------------------------------------------------

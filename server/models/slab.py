@@ -4,7 +4,7 @@ One array per state input, laid out exactly as the model expects it (the batch a
 it), indexed by a session's *slot*. A batch gathers its sessions' rows with one ``np.take`` per state and
 scatters the new state back with one indexed assignment, so the hot path holds no per-session tensors.
 Capacity doubles when full; closed sessions' slots are reused. A model's per-session parameters live in the
-same slab after its states (same slot, gathered every call, never scattered).
+same slab after its states and context windows (same slot, gathered every call, never scattered).
 
 :class:`DeviceStateSlab` keeps the same arrays as torch tensors on a CUDA device, so with a GPU the state
 never crosses to the host between steps.
@@ -142,7 +142,8 @@ class DeviceStateSlab(StateSlab):
         index = self._index_tensor(slots)
         with self.lock:
             for spec, arr, value in zip(self.specs, self._arrays, values, strict=False):
-                arr.index_copy_(spec.batch_axis, index, value)
+                # The model's states come as device tensors; context windows (cut on the host) as arrays.
+                arr.index_copy_(spec.batch_axis, index, self._torch.as_tensor(value, device=self.device))
 
     @property
     def nbytes(self) -> int:

@@ -52,6 +52,7 @@ class Batcher:
             max_queue_delay_us=max_queue_delay_us,
             concurrency=concurrency,
             free_inputs=[s.name for s in model.manifest.inputs if -1 in s.session_shape],
+            settings=model.settings if any(not p.batched for p in model.manifest.parameters) else None,
             release=model.release,
             wake=self._wakeup.set,
         )

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
@@ -32,7 +32,7 @@ from rnnserve.server.scheduling.formation import Clock, ReadyQueue
 from rnnserve.server.scheduling.stats import BatchStats
 
 if TYPE_CHECKING:
-    from rnnserve.manifest import Durability, ModelManifest, TensorSpec
+    from rnnserve.manifest import Durability, ModelManifest, TensorSpec, WindowSpec
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,10 @@ class BatchedModel(SessionModel, Protocol):
     @property
     def persistence(self) -> CommitHook | None: ...  # None: sessions are never written
 
+    def settings(self, slot: int) -> Hashable:
+        """The values of a session's unbatched parameters: only sessions with equal ones share a batch."""
+        ...
+
 
 class CommittedBatch(NamedTuple):
     """What the commit hook sees of a computed batch, row i being ``jobs[i]``, the step of ``sessions[i]``."""
@@ -83,8 +87,10 @@ class CommittedBatch(NamedTuple):
     model: BatchedModel
     sessions: Sequence[Session[SessionModel]]
     jobs: Sequence[StepJob]
-    feeds: dict[str, Any]  # everything the model was fed: inputs, states, parameters, constants
-    new_states: Sequence[Any]  # as the model returned them (batch axis where the manifest puts it)
+    feeds: dict[str, Any]  # everything the model was fed: inputs (windows in front), states, parameters, constants
+    # The model's states as it returned them (batch axis where the manifest puts it), then the next context
+    # windows (manifest.session_states' order).
+    new_states: Sequence[Any]
     outputs: Sequence[np.ndarray]  # data outputs, batch axis first
 
 
@@ -108,6 +114,42 @@ class CommitHook(Protocol):
 Computed = tuple[list[np.ndarray], set[int], int, int, int]
 """What ``compute`` returns: each data output with the batch axis first, the rows the commit hook refused,
 the time the call took in all (ns), and when the model call began and ended (perf_counter_ns)."""
+
+
+def _host(value: Any) -> np.ndarray:
+    """A slab column as a host array (a device slab's are torch tensors)."""
+    return value if isinstance(value, np.ndarray) else value.cpu().numpy()
+
+
+class Feeder:
+    """How a batch's stacked inputs and its sessions' slab rows become the model's feeds, and which of the
+    slab's columns the model's results replace. A row holds the model's states, its inputs' context windows,
+    then the session's parameters (server/models/model.py). States and batched parameters are fed as
+    gathered; a context window goes in front of its input's new chunk, and the tail of what was fed is the
+    next window; an unbatched parameter is fed once, the value of the batch's first row (formation puts only
+    sessions with equal values in a batch)."""
+
+    def __init__(self, manifest: ModelManifest):
+        self.states = manifest.states
+        self.windows: list[WindowSpec] = manifest.windows
+        self.parameters = manifest.parameters
+        self.unbatched = [p.name for p in manifest.parameters if not p.batched]
+
+    def feed(self, feeds: dict[str, Any], rows: Sequence[Any]) -> None:
+        """Add ``rows`` (the slab's columns for the batch, batch axes in model order) to ``feeds``, which
+        holds the batch's stacked inputs."""
+        n, w = len(self.states), len(self.windows)
+        for state, value in zip(self.states, rows[:n], strict=True):
+            feeds[state.name] = value
+        for window, value in zip(self.windows, rows[n : n + w], strict=True):
+            feeds[window.name] = window.extend(_host(value), feeds[window.name])
+        for parameter, value in zip(self.parameters, rows[n + w :], strict=True):
+            # ``[0, ...]``: a 0-d array for a scalar, not a numpy scalar (the runtimes take arrays).
+            feeds[parameter.name] = value if parameter.batched else value[0, ...]
+
+    def next_windows(self, feeds: Mapping[str, Any]) -> list[np.ndarray]:
+        """Each context window after the call: the tail of the input it was fed with."""
+        return [window.tail(feeds[window.name]) for window in self.windows]
 
 
 def whole_group(jobs: Sequence[StepJob]) -> JobGroup | None:
@@ -137,6 +179,7 @@ class Execution:
         self.stats = stats
         self.commit = commit  # None: the model's sessions are never written while serving
         self.clock = clock
+        self.feeder = Feeder(model.manifest)
 
     # ---- event loop: before --------------------------------------------------------------------------------
     def begin(self, batch: list[Session[SessionModel]]) -> tuple[list[StepJob], JobGroup | None, int]:
@@ -165,9 +208,8 @@ class Execution:
                 feeds[spec.name] = np.moveaxis(stacked, 0, spec.batch_axis) if spec.batch_axis else stacked
             else:
                 feeds[spec.name] = np.stack([j.step_input(spec.name) for j in jobs], axis=spec.batch_axis)
-        # States and per-session parameters share the slab; constants are fed as configured.
-        for spec, value in zip(model.slab.specs, model.slab.gather(slots), strict=True):
-            feeds[spec.name] = value
+        # States, context windows and per-session parameters share the slab; constants are fed as configured.
+        self.feeder.feed(feeds, model.slab.gather(slots))
         feeds.update(model.constants)
         run_start = clock()
         out = model.runtime.run(feeds)
@@ -181,6 +223,7 @@ class Execution:
                     f" for a batch of {n}; the manifest declares {spec.shape} {spec.dtype}"
                 )
             new_states.append(value)
+        new_states += self.feeder.next_windows(feeds)
         result = []
         for spec in model.manifest.outputs:
             value = out[spec.name]

@@ -13,8 +13,10 @@ strictly in arrival order. When it goes (``wait``):
 
 How many sessions it takes (``take``): ``max_batch_size``, or with several batches allowed at once an even
 share of the ready sessions per free slot. For inputs with a free dimension (a length each session picks per
-step) only steps of equal shapes stack into one model call, so a batch takes the sessions whose next step has
-the shapes of the first one's; the others keep their place at the front and form the next batch.
+step) only steps of equal shapes stack into one model call, and a model with per-session settings it takes
+unbatched (``settings``: a sample rate, say) is fed one value per call; so a batch takes the sessions whose
+next step has the shapes, and who have the settings, of the first one's; the others keep their place at the
+front and form the next batch.
 
 Work at the head of a session that is not a step to compute is settled while forming: control jobs run (the
 session is not in flight, so its state is settled), a unary step whose caller has gone before it started is
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING
 
 from rnnserve.server.core.work import ControlJob, Job, StepJob, resolve
@@ -68,6 +70,7 @@ class ReadyQueue:
         max_queue_delay_us: int,
         concurrency: int = 1,
         free_inputs: Sequence[str] = (),
+        settings: Callable[[int], Hashable] | None = None,
         release: Callable[[Session[SessionModel]], None],
         wake: Callable[[], None] = lambda: None,
         clock: Clock = time.perf_counter_ns,
@@ -77,6 +80,8 @@ class ReadyQueue:
         self.concurrency = concurrency
         # Inputs with a free dimension besides the batch axis: batches form per shape of these.
         self.free_inputs = list(free_inputs)
+        # A slot's values of the settings fed unbatched (None: the model has none): batches form per value too.
+        self.settings = settings
         self.release = release  # frees a closed session's slot once its turn ended
         self.wake = wake  # tells the batcher's loop that sessions got ready
         self.clock = clock
@@ -149,23 +154,26 @@ class ReadyQueue:
         batch: list[Session[SessionModel]] = []
         limit = self.limit(computing)
         free_inputs = self.free_inputs
-        shapes: tuple[tuple[int, ...], ...] | None = (
-            None  # with free dimensions: the input shapes of this batch's steps
-        )
-        apart: list[Session[SessionModel]] = []  # ready sessions whose next step has other shapes, in ready order
+        settings = self.settings
+        grouped = bool(free_inputs) or settings is not None
+        first: Hashable = None  # with free dimensions or settings: the shapes and settings of this batch's steps
+        apart: list[Session[SessionModel]] = []  # ready sessions whose next step has other ones, in ready order
         while self.ready and len(batch) < limit:
             session = self.ready.popleft()
             self._settle_head(session)
             if session.closed or not session.pending:
                 self.settle(session)
                 continue
-            if free_inputs:
+            if grouped:
                 head = session.pending[0]
                 assert type(head) is StepJob
-                key = tuple(head.step_input(name).shape for name in free_inputs)
-                if shapes is None:
-                    shapes = key
-                elif key != shapes:
+                key = (
+                    tuple(head.step_input(name).shape for name in free_inputs),
+                    None if settings is None else settings(session.slot),
+                )
+                if not batch:
+                    first = key
+                elif key != first:
                     apart.append(session)  # stays ready, ahead of the rest: the next batch starts with it
                     continue
             batch.append(session)

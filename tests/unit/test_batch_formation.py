@@ -134,6 +134,23 @@ def test_free_dimensions_batch_equal_shapes_and_the_others_go_next(loop) -> None
     assert queue.take(computing=1) == [sessions[1], sessions[3]]
 
 
+def test_sessions_batch_only_with_equal_settings_and_shapes(loop) -> None:
+    """A model's unbatched per-session settings (a sample rate) key batches like free input shapes do: each
+    batch holds one value (and one shape); the others go next, in ready order, without another delay."""
+    clock = FakeClock()
+    rates = {0: 8000, 1: 16000, 2: 8000, 3: 16000, 4: 8000, 5: 8000}
+    queue = _queue(clock, free_inputs=["x"], settings=rates.__getitem__, max_batch_size=8)
+    sessions = [_session(i) for i in range(6)]
+    lengths = [3, 3, 3, 3, 5, 3]
+    for s, n in zip(sessions, lengths, strict=True):
+        queue.enqueue(s, _step(loop, s, shape=(n, 2)))
+    assert queue.take(computing=0) == [sessions[0], sessions[2], sessions[5]]  # 8000 Hz, length 3
+    assert queue.wait(computing=1) == 0
+    assert queue.take(computing=1) == [sessions[1], sessions[3]]  # 16000 Hz
+    assert queue.take(computing=2) == [sessions[4]]  # 8000 Hz, length 5
+    assert not queue.ready
+
+
 def test_control_jobs_at_the_head_run_while_forming(loop) -> None:
     queue = _queue(FakeClock())
     stepping, controlled = _session(1), _session(2)
