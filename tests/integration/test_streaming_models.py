@@ -362,3 +362,23 @@ def test_onnx_bidirectional_lstm_with_int32_lengths(tmp_path, server_factory, la
         np.testing.assert_allclose(answer.as_numpy("Y_h"), result.outputs["Y_h"], atol=TOL)
     finally:
         triton.close()
+
+
+# ---- the manifest reference's worked example runs as written -----------------------------------------------
+def test_the_manifest_pages_vad_example_runs_as_written(tmp_path, server_factory):
+    import re
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "manifest.md").read_text()
+    example = page[page.index("## Worked example: a streaming VAD model") :]
+    config = json.loads(re.search(r"```json\n(.*?)```", example, flags=re.S).group(1))
+    code = re.search(r"```python\n(.*?)```", example, flags=re.S).group(1)
+    folder = write_vad(tmp_path, "vad")
+    (folder / "manifest.json").write_text(json.dumps(config))  # the page's manifest, as written
+    server = server_factory(tmp_path)
+    scope: dict = {}
+    exec(compile(code.replace("localhost:50051", server.address), "docs/manifest.md", "exec"), scope)
+    audio, hand = scope["audio"], HandContext(folder, 16000)
+    want = [hand.step(audio[i : i + CHUNK])["prob"][0] for i in range(0, len(audio) - CHUNK + 1, CHUNK)]
+    assert len(scope["probs"]) == len(want) == 31
+    assert np.abs(np.array(scope["probs"]) - np.array(want)).max() <= TOL
+    np.testing.assert_array_equal(scope["window"], hand.window[0])
