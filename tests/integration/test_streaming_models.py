@@ -67,7 +67,7 @@ def batch_sizes(server, name: str) -> dict[int, int]:
 
 
 # ---- context windows ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("model", ["vad", "vad_ts"])
+@pytest.mark.parametrize("model", ["vad", "vad_ts", "vad_every"])
 def test_a_session_streams_raw_chunks_as_the_model_with_its_context_kept_by_hand(server, repository, model):
     xs = chunks(1, 16)
     hand = HandContext(repository / model / "1")
