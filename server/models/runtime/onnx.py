@@ -82,6 +82,22 @@ class OnnxRuntime(Runtime):
             out = torch.empty(shape, dtype=value.dtype, device=value.device)
             binding.bind_output(spec.output, "cuda", out.device.index or 0, dtype, tuple(shape), out.data_ptr())
             next_states[spec.output] = out
+        # Parameters (slab columns: CUDA tensors) and constants (host arrays) go in as they are.
+        # ``kept`` holds each bound buffer until the call: the binding has only its address.
+        bound = {spec.name for spec in manifest.inputs} | {spec.name for spec in manifest.states}
+        kept = []
+        for name, value in feeds.items():
+            if name in bound:
+                continue
+            if isinstance(value, np.ndarray):
+                kept.append(array := np.ascontiguousarray(value))
+                binding.bind_cpu_input(name, array)
+            else:
+                kept.append(tensor := value.contiguous())
+                dtype = np.dtype(str(tensor.dtype).removeprefix("torch."))
+                binding.bind_input(
+                    name, "cuda", tensor.device.index or 0, dtype, tuple(tensor.shape), tensor.data_ptr()
+                )
         # torch queued the gather on its own CUDA stream; onnxruntime runs on another.
         torch.cuda.current_stream().synchronize()
         self.session.run_with_iobinding(binding)
