@@ -286,14 +286,11 @@ class DataPlane:
         step_index: int = 0,
         *,
         keep: bool = False,
-        future: asyncio.Future | None = None,
     ) -> tuple[LoadedModel, asyncio.Future]:
         """Queue one step (or chunk) of ``session``. Returns its model and a future for its ``StepOutcome``.
 
         ``inputs`` are the step's as the model's checks passed them (server/core/validation.py): each
-        transport's codec runs those checks while it decodes a step, in its own way. ``future``: the future
-        to complete (a stream writer's own wait future, server/transport/pump.py); the one returned is another
-        when the step is a repeat answered from its earlier result. ``keep``: the step applies even if its
+        transport's codec runs those checks while it decodes a step. ``keep``: the step applies even if its
         caller stops waiting (a stream's).
 
         Everything else that can be refused is refused here, before the step is queued: a refused step never
@@ -314,8 +311,7 @@ class DataPlane:
             )
         batcher = self._batcher(session)
         self.limits.check_queue(batcher.queued_steps, num_steps or 1, model.key)
-        if future is None:
-            future = asyncio.get_running_loop().create_future()
+        future = asyncio.get_running_loop().create_future()
         batcher.enqueue(session, StepJob(inputs, num_steps, future, None, 0, step_index, print_, keep))
         session.queued(num_steps, step_index, self.replay_window)
         return model, future

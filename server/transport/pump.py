@@ -5,11 +5,6 @@ The reader queues each message's work as soon as it arrives (so the steps of dif
 together) and appends it to an ``AnswerQueue``; the handler answers from its head, in order. Past ``limit``
 unanswered messages the reader waits: the stream's backpressure. What a message means, how its work is
 queued and how its answer reads is its service's codec's (``StreamCodec``).
-
-A lock-step client (one message in flight, the usual case) costs one event-loop wakeup of the writer per
-message, not two: while the writer waits for work, the codec may take the writer's own wait future (the
-``lend`` it is given) and queue the step with it as the step's future, so the writer wakes when the step's
-result is there rather than once when the step is queued and again when it is done.
 """
 
 from __future__ import annotations
@@ -39,21 +34,10 @@ class AnswerQueue:
         self._limit = max(1, limit)
         self._loop = asyncio.get_running_loop()
         self._writer: asyncio.Future | None = None  # the writer waits on it for an item
-        self._lent = False  # take_waiter gave ``_writer`` out; the next put says whether a step kept it
-        self._owned = False  # ``_writer`` is a queued step's future: only that step's completion sets it
         self._reader: asyncio.Future | None = None  # the reader waits on it for room
 
-    def take_waiter(self) -> asyncio.Future | None:
-        """The writer's wait future, for the next item's step to complete, when the writer is idle and the
-        queue empty; else None. The next ``put`` must follow (it wakes the writer if the step is not queued)."""
-        if self._items or self._lent or self._owned or self._writer is None or self._writer.done():
-            return None
-        self._lent = True
-        return self._writer
-
-    async def put(self, item: Any, *, waiter_used: bool = False) -> None:
-        """Append ``item``; ``waiter_used``: its step got the future ``take_waiter`` gave, which wakes the writer
-        when the step is done (so the writer is not woken now)."""
+    async def put(self, item: Any) -> None:
+        """Append ``item`` (waiting while the queue is full) and wake the writer."""
         try:
             while len(self._items) >= self._limit:
                 self._reader = self._loop.create_future()
@@ -62,11 +46,8 @@ class AnswerQueue:
             self._items.append(item)  # the stream is ending (``close``): its work is handed over with the rest
             raise
         self._items.append(item)
-        if self._lent:
-            self._lent = False
-            self._owned = waiter_used  # then the step's completion wakes the writer
         writer = self._writer
-        if writer is not None and not self._owned and not writer.done():
+        if writer is not None and not writer.done():
             writer.set_result(None)
 
     async def get(self) -> Any:
@@ -74,11 +55,8 @@ class AnswerQueue:
             self._writer = self._loop.create_future()
             try:
                 await self._writer
-            except Exception:  # the step behind a lent waiter failed: its item holds the error
-                pass
             finally:
                 self._writer = None
-                self._lent = self._owned = False
         item = self._items.popleft()
         reader = self._reader
         if reader is not None and not reader.done():
@@ -131,9 +109,9 @@ class StreamCodec(Protocol[Message, Item, Response_co]):
         before the message's work is queued (sessions to load from the session store first)."""
         ...
 
-    def submit(self, message: Message, lend: Callable[[], asyncio.Future | None]) -> tuple[Item, bool]:
-        """Queue the message's work now and return what the writer answers it from, and whether a step kept
-        the future ``lend`` gave (``AnswerQueue.take_waiter``). Never raises: a refusal is answered in the item."""
+    def submit(self, message: Message) -> Item:
+        """Queue the message's work now and return what the writer answers it from. Never raises: a refusal
+        is answered in the item."""
         ...
 
     def answer(self, item: Item) -> Awaitable[Response_co]:
@@ -217,8 +195,7 @@ async def _read(requests: AsyncIterator[bytes], codec: StreamCodec, queue: Answe
             message, before = codec.receive(raw)
             if before is not None:  # (no await per message when there is nothing to wait for)
                 await before
-            item, used = codec.submit(message, queue.take_waiter)
-            await queue.put(item, waiter_used=used)
+            await queue.put(codec.submit(message))
         await queue.put(_DONE)
     except Exception as exc:  # the message or the transport failed: the stream ends with its status
         await queue.put(_Ended(exc))

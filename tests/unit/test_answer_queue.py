@@ -1,11 +1,8 @@
-"""AnswerQueue (server/transport/pump.py): the ordered hand-off between a stream's reader and its writer,
-including the lent waiter that lets a lone step wake the writer once."""
+"""AnswerQueue (server/transport/pump.py): the ordered hand-off between a stream's reader and its writer."""
 
 from __future__ import annotations
 
 import asyncio
-
-import pytest
 
 from rnnserve.server.transport.pump import AnswerQueue
 
@@ -35,44 +32,12 @@ def test_items_come_out_in_order_and_the_reader_waits_for_room():
     run(main())
 
 
-def test_a_lent_waiter_wakes_the_writer_only_when_its_step_completes():
+def test_an_idle_writer_wakes_when_an_item_arrives():
     async def main():
         queue = AnswerQueue(8)
         writer = await _idle_writer(queue)
-        waiter = queue.take_waiter()
-        assert waiter is not None and queue.take_waiter() is None  # lent once
-        await queue.put("step 1", waiter_used=True)
-        await queue.put("step 2")  # pipelined behind it: must not complete step 1's future
-        await asyncio.sleep(0.01)
-        assert not writer.done() and not waiter.done()
-        waiter.set_result(("outputs", 1))  # what the batcher does when step 1 is computed
+        await queue.put("step 1")
         assert await asyncio.wait_for(writer, 1) == "step 1"
-        assert await queue.get() == "step 2"
-
-    run(main())
-
-
-def test_a_lent_waiter_the_step_did_not_keep_still_wakes_the_writer():
-    async def main():
-        queue = AnswerQueue(8)
-        writer = await _idle_writer(queue)
-        assert queue.take_waiter() is not None
-        await queue.put("refused step")  # the submission failed: its future was not queued
-        assert await asyncio.wait_for(writer, 1) == "refused step"
-
-    run(main())
-
-
-def test_a_failed_step_behind_a_lent_waiter_is_still_handed_over():
-    async def main():
-        queue = AnswerQueue(8)
-        writer = await _idle_writer(queue)
-        waiter = queue.take_waiter()
-        await queue.put("failing step", waiter_used=True)
-        waiter.set_exception(ValueError("model failed"))
-        assert await asyncio.wait_for(writer, 1) == "failing step"
-        with pytest.raises(ValueError):
-            await waiter  # the item's own future still holds the error for the writer to report
 
     run(main())
 
@@ -83,6 +48,5 @@ def test_drain_returns_what_was_never_answered():
         for i in range(3):
             await queue.put(i)
         assert queue.drain() == [0, 1, 2]
-        assert queue.take_waiter() is None  # no writer waiting
 
     run(main())

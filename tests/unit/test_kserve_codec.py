@@ -1,5 +1,5 @@
 """The KServe codec (server/transport/kserve/codec.py) without sockets: a ModelInferRequest's wire bytes
-become a sequence step (one-pass decoded or through the general decode), a one-step Predict, or a refusal in
+become a sequence step (raw or typed contents), a one-step Predict, or a refusal in
 Triton's words where Triton clients match on them, and each result its response, checked against the eager
 model."""
 
@@ -43,7 +43,7 @@ def output(response: kpb.ModelInferResponse, name: str = "y") -> np.ndarray:
     return np.frombuffer(response.raw_output_contents[i], np.float32).reshape(tensor.shape)
 
 
-def test_streamed_sequence_steps_equal_eager_on_either_decode(tiny_repository) -> None:
+def test_streamed_sequence_steps_equal_eager_raw_or_typed(tiny_repository) -> None:
     async def main() -> None:
         async with serving(tiny_repository) as server:
             codec = InferCodec(server.dataplane)
@@ -51,15 +51,12 @@ def test_streamed_sequence_steps_equal_eager_on_either_decode(tiny_repository) -
             xs = np.random.default_rng(3).standard_normal((4, TINY_INPUT)).astype(np.float32)
             ys = []
             for t, x in enumerate(xs):
-                # Raw contents take the one-pass decoder, typed contents the general decode: the same step.
+                # Raw contents or typed contents: the same step.
                 request = infer(x[None], sequence=7, start=t == 0, end=t == 3, raw=t % 2 == 0, id=f"r{t}")
                 raw, before = stream.receive(request.SerializeToString())
                 assert before is None
-                lent = asyncio.get_running_loop().create_future()
-                item, used = stream.submit(raw, lambda lent=lent: lent)
-                assert used  # a sequence step completes the writer's own future
+                item = stream.submit(raw)
                 response = await stream.answer(item)
-                assert lent.done()
                 assert response.infer_response.id == f"r{t}" and response.infer_response.model_version == "1"
                 assert output(response.infer_response).shape == (1, TINY_OUTPUT)
                 ys.append(output(response.infer_response)[0])
@@ -132,15 +129,14 @@ def test_a_malformed_streamed_request_is_answered_in_the_stream(tiny_repository)
         async with serving(tiny_repository) as server:
             stream = InferStream(InferCodec(server.dataplane), CLIENT, None)
             raw, _ = stream.receive(b"\xff\xff")
-            item, used = stream.submit(raw, lambda: None)
-            assert not used
+            item = stream.submit(raw)
             with pytest.raises(InvalidArgument) as info:
                 await stream.answer(item)
             response = stream.failed(item, info.value)
             assert "not a valid rnnserve.kserve.v2.ModelInferRequest" in response.error_message
             # A sequence step without START is answered with Triton's words, its request named.
             raw, _ = stream.receive(infer(np.ones((1, 3)), sequence=9, id="late").SerializeToString())
-            item, _ = stream.submit(raw, lambda: None)
+            item = stream.submit(raw)
             with pytest.raises(InvalidArgument) as info:
                 await stream.answer(item)
             response = stream.failed(item, info.value)

@@ -24,17 +24,13 @@ NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 
 
-def no_waiter() -> None:
-    return None
-
-
-async def through(stream: codec.StepStream, message: pb.StreamStepRequest, lend=no_waiter):
+async def through(stream: codec.StepStream, message: pb.StreamStepRequest):
     """One message through the codec as the pump takes it: receive, (restore), submit, answer."""
     decoded, before = stream.receive(message.SerializeToString())
     if before is not None:
         await before
-    item, used = stream.submit(decoded, lend)
-    return item, used, await stream.answer(item)
+    item = stream.submit(decoded)
+    return item, await stream.answer(item)
 
 
 def xs_for(n: int, steps: int, seed: int = 1) -> np.ndarray:
@@ -48,21 +44,20 @@ def test_lone_steps_and_chunks_equal_eager(tiny_repository) -> None:
             a = server.dataplane.open_session("gru", 0, {}, b"").id
             xs = xs_for(1, 6)[0]
             ys = []
-            for t in range(3):  # one step a message; the lone step completes the writer's lent future
-                lent = asyncio.get_running_loop().create_future()
+            for t in range(3):  # one step a message
                 message = pb.StreamStepRequest(
                     steps=[pb.StepRequest(session_id=a, inputs={"x": to_proto(xs[t])}, request_id=str(t))]
                 )
-                item, used, response = await through(stream, message, lambda lent=lent: lent)
-                assert used and lent.done() and isinstance(item.steps[0], codec.PendingStep)
+                item, response = await through(stream, message)
+                assert isinstance(item.steps[0], codec.PendingStep)
                 (result,) = response.results
                 assert (result.code, result.request_id, result.steps) == (OK, str(t), t + 1)
                 ys.append(from_proto(result.outputs["y"]))
             chunk = pb.StreamStepRequest(
                 steps=[pb.StepRequest(session_id=a, inputs={"x": to_proto(xs[3:])}, num_steps=3)]
             )
-            _, used, response = await through(stream, chunk)
-            assert response.results[0].steps == 6 and not used
+            _, response = await through(stream, chunk)
+            assert response.results[0].steps == 6
             ys.extend(from_proto(response.results[0].outputs["y"]))
             np.testing.assert_allclose(np.stack(ys), tiny_expected(xs)[0], atol=1e-5)
 
@@ -84,7 +79,7 @@ def test_eight_list_form_steps_become_one_group_answered_step_by_step(tiny_repos
                 for i, sid in enumerate(ids):
                     x = bad if (i, t) == (3, 1) else xs[i, t]
                     message.steps.add(session_id=sid, inputs={"x": to_proto(x)}, request_id=f"{i}-{t}")
-                item, _, response = await through(stream, message)
+                item, response = await through(stream, message)
                 assert isinstance(item.steps, codec.PendingGroup)  # one group for the message's steps
                 assert [r.request_id for r in response.results] == [f"{i}-{t}" for i in range(n)]
                 for i, r in enumerate(response.results):
@@ -96,7 +91,7 @@ def test_eight_list_form_steps_become_one_group_answered_step_by_step(tiny_repos
             for i in (0, 7):
                 np.testing.assert_allclose(ys[i], tiny_expected(xs[i])[0], atol=1e-5)
             # Seven steps are fewer than a group: each is its own.
-            item, _, _ = await through(stream, pb.StreamStepRequest(steps=list(message.steps)[:7]))
+            item, _ = await through(stream, pb.StreamStepRequest(steps=list(message.steps)[:7]))
             assert isinstance(item.steps, list) and len(item.steps) == 7
 
     asyncio.run(main())
@@ -110,7 +105,7 @@ def test_a_step_batch_is_one_group_with_a_status_per_row(tiny_repository) -> Non
             ids.insert(1, "0" * 32)  # a session that is not there fails its row alone
             x = xs_for(4, 1)[:, 0]
             batch = pb.StepBatch(session_ids=ids, inputs={"x": to_proto(x)}, request_id="b")
-            item, _, response = await through(stream, pb.StreamStepRequest(batch=batch))
+            item, response = await through(stream, pb.StreamStepRequest(batch=batch))
             assert isinstance(item.batch, codec.PendingBatch) and item.steps == []
             result = response.batch
             assert list(result.session_ids) == ids and result.request_id == "b"
@@ -136,7 +131,7 @@ def test_refusals_are_answered_in_the_results_and_change_nothing(tiny_repository
             )
             decoded, before = stream.receive(message.SerializeToString())
             assert isinstance(decoded, codec.RefusedMessage) and before is None
-            _, _, response = await through(stream, message)
+            _, response = await through(stream, message)
             assert [r.code for r in response.results] == [EXHAUSTED] * 3
             assert (
                 list(response.batch.codes) == [EXHAUSTED] * 2
@@ -145,7 +140,7 @@ def test_refusals_are_answered_in_the_results_and_change_nothing(tiny_repository
             # A wrong shape and an unknown output fail their own step only.
             wrong = pb.StepRequest(session_id=sid, inputs={"x": to_proto(np.zeros(4, np.float32))})
             unknown = pb.StepRequest(session_id=sid, inputs={"x": x}, outputs=["q"])
-            _, _, response = await through(stream, pb.StreamStepRequest(steps=[wrong, unknown]))
+            _, response = await through(stream, pb.StreamStepRequest(steps=[wrong, unknown]))
             assert [r.code for r in response.results] == [INVALID, INVALID]
             assert (
                 "expected shape [3]" in response.results[0].message and "no output ['q']" in response.results[1].message

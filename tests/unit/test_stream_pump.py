@@ -4,7 +4,7 @@ whose work completes when the test says, and a stand-in for grpc's servicer cont
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -29,16 +29,13 @@ class Context:
 
 class Numbers:
     """A codec for a stream of decimal numbers: each one's work is a future the test completes (``done``);
-    its answer is the number squared. ``b"bad"`` ends the stream; a negative number's answer fails; ``lone``
-    takes the writer's lent future for the next number."""
+    its answer is the number squared. ``b"bad"`` ends the stream; a negative number's answer fails."""
 
-    def __init__(self, lone: bool = False) -> None:
+    def __init__(self) -> None:
         self.work: dict[int, asyncio.Future] = {}
         self.received: list[int] = []
         self.dropped: list[int] = []
         self.ended_with: list[grpc.StatusCode] = []
-        self.lent: list[bool] = []
-        self.lone = lone
 
     def receive(self, raw: bytes) -> tuple[int, None]:
         if raw == b"bad":
@@ -46,11 +43,9 @@ class Numbers:
         self.received.append(int(raw))
         return int(raw), None
 
-    def submit(self, n: int, lend: Callable[[], asyncio.Future | None]) -> tuple[int, bool]:
-        waiter = lend() if self.lone else None
-        self.lent.append(waiter is not None)
-        self.work[n] = waiter if waiter is not None else asyncio.get_running_loop().create_future()
-        return n, waiter is not None
+    def submit(self, n: int) -> int:
+        self.work[n] = asyncio.get_running_loop().create_future()
+        return n
 
     async def answer(self, n: int) -> int:
         await self.work[n]
@@ -187,25 +182,5 @@ def test_when_the_client_leaves_every_unanswered_message_is_dropped_once() -> No
         await settle()
         # 1 was being answered, 2 and 3 were queued: each is the codec's to observe, once.
         assert sorted(codec.dropped) == [1, 2, 3]
-
-    run(main())
-
-
-def test_a_lone_message_may_take_the_writers_wait_future() -> None:
-    async def main() -> None:
-        codec, requests, context = Numbers(lone=True), Requests(), Context()
-        stream = pump(requests, context, lambda _: codec, 8)
-        writer = asyncio.ensure_future(anext(stream))
-        await settle()  # the writer waits for the first message
-        requests.send(b"5")
-        await settle()
-        assert codec.lent == [True] and not writer.done()
-        codec.done(5)  # the work completes the writer's own future: it wakes with the answer
-        assert await writer == 25
-        requests.send(b"6")
-        await settle()
-        codec.done(6)
-        assert await anext(stream) == 36
-        await stream.aclose()
 
     run(main())

@@ -1,9 +1,7 @@
 """The KServe API's codec: a ModelInferRequest to the data plane's work, and its result to a response.
 
 A request with Triton's sequence parameters is one step of a sequence, kept in a native session (see
-sequences.py) and queued with every other session's steps; one in the usual form (raw contents, batch
-dimension 1, the model's fixed shapes) is matched and decoded in one pass (``tensors.StepInputs``), anything
-else through the general decode and checks, so every refusal reads the same either way. A request without
+sequences.py) and queued with every other session's steps. A request without
 sequence parameters is answered alone, from the model's initial state (a one-step Predict), and may carry a
 batch.
 """
@@ -13,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import weakref
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Sequence
 
 import grpc
 import numpy as np
@@ -30,7 +27,7 @@ from rnnserve.server.models.predict import PredictRequest
 from rnnserve.server.principal import current_principal
 from rnnserve.server.transport.kserve import models
 from rnnserve.server.transport.kserve.sequences import SequenceTable, missing_start, sequence_flags
-from rnnserve.server.transport.kserve.tensors import DATATYPES, StepInputs, decode_inputs, encode_outputs
+from rnnserve.server.transport.kserve.tensors import DATATYPES, decode_inputs, encode_outputs
 from rnnserve.server.transport.pump import observe
 from rnnserve.server.transport.rpc import parse
 from rnnserve.server.transport.status import to_status
@@ -125,14 +122,6 @@ class InferCodec:
     def __init__(self, dataplane: DataPlane):
         self.dp = dataplane
         self.sequences = SequenceTable()
-        # Each loaded model's fast step decoder; a model retired by a reload or unload drops out by itself.
-        self._step_inputs: weakref.WeakKeyDictionary[LoadedModel, StepInputs] = weakref.WeakKeyDictionary()
-
-    def _decoder(self, model: LoadedModel) -> StepInputs:
-        found = self._step_inputs.get(model)
-        if found is None:
-            found = self._step_inputs[model] = StepInputs(model)
-        return found
 
     def submit(
         self,
@@ -141,14 +130,11 @@ class InferCodec:
         peer: str | None = None,
         *,
         stream: bool = False,
-        waiter: asyncio.Future | None = None,
     ) -> Awaitable[kpb.ModelInferResponse | kpb.ModelStreamInferResponse]:
         """Validate the request and queue its work now (so a stream's requests batch together); await the
         result for its response (a ModelStreamInferResponse with ``stream``). Everything refusable is refused
         here, before anything changes. ``client``: ``client_key``; ``peer``: grpc's ``context.peer()``, which
-        a START's new session is counted against (--max-sessions-per-client). ``waiter``: a sequence step
-        completes this future (a stream writer's own, server/transport/pump.py); a request without a sequence
-        leaves it alone."""
+        a START's new session is counted against (--max-sessions-per-client)."""
         flags = sequence_flags(request)
         _check_empty_final(request)
         model = self.dp.model(request.model_name, version_number(request.model_version))
@@ -158,12 +144,8 @@ class InferCodec:
             inputs = decode_inputs(request, self.dp.limits)
             check_inputs(model, inputs, sequence=False)
             return asyncio.ensure_future(self._stateless(request, model, inputs, wanted, stream))
-        # A sequence step in the usual form is matched against the model in one pass; anything else (and
-        # every refusal) goes through the general decode and checks.
-        step: Mapping[str, np.ndarray] | None = self._decoder(model).decode(request)
-        if step is None:
-            inputs = check_inputs(model, decode_inputs(request, self.dp.limits), sequence=True)
-            step = {name: arr[0] for name, arr in inputs.items()}
+        inputs = check_inputs(model, decode_inputs(request, self.dp.limits), sequence=True)
+        step = {name: arr[0] for name, arr in inputs.items()}
         if not models.is_stateful(model):
             raise InvalidArgument(
                 f"model '{model.name}' takes whole sequences in one request: send it without sequence_id"
@@ -192,7 +174,7 @@ class InferCodec:
             # The data plane's own refusals (queue limits) come here too: a refused START is undone just
             # below. keep: on a stream, a client leaving does not drop a step already accepted (it applies, as
             # it would have had its answer been read).
-            step_model, future = self.dp.submit_step(live, step, 0, future=waiter, keep=stream)
+            step_model, future = self.dp.submit_step(live, step, 0, keep=stream)
         except Exception:
             if flags.start:
                 self.sequences.pop(key)
@@ -292,20 +274,14 @@ class InferStream:
     def receive(self, raw: bytes) -> tuple[bytes, None]:
         return raw, None  # parsed in ``submit``: a malformed request is answered in the stream, not ended
 
-    def submit(
-        self, raw: bytes, lend: Callable[[], asyncio.Future | None]
-    ) -> tuple[tuple[kpb.ModelInferRequest | None, Awaitable | Exception], bool]:
+    def submit(self, raw: bytes) -> tuple[kpb.ModelInferRequest | None, Awaitable | Exception]:
         request = None
-        waiter = lend()
         try:
             request = parse(kpb.ModelInferRequest, raw, self.max_bytes)
-            pending: Awaitable | Exception = self.infer.submit(
-                request, self.client, self.peer, stream=True, waiter=waiter
-            )
+            pending: Awaitable | Exception = self.infer.submit(request, self.client, self.peer, stream=True)
         except Exception as exc:  # answered in this request's response; the stream goes on
             pending = exc
-        # A sequence step (its answer is a coroutine) took the waiter: its completion wakes the writer.
-        return (request, pending), waiter is not None and asyncio.iscoroutine(pending)
+        return request, pending
 
     def answer(self, item: tuple[kpb.ModelInferRequest | None, Awaitable | Exception]) -> Awaitable:
         pending = item[1]

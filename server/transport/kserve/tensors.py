@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, cast
 
@@ -16,7 +14,7 @@ from rnnserve.server.limits import Limits
 from rnnserve.tensors import element_count
 
 if TYPE_CHECKING:
-    from rnnserve.server.models.model import LoadedModel
+    pass
 
 # numpy dtype name (as in manifests) -> KServe datatype string and Triton's model-config enum.
 DATATYPES: dict[str, str] = {
@@ -119,42 +117,3 @@ def encode_outputs(
             arr = arr.astype(NUMPY_DTYPES[datatype])
         response.outputs.add(name=name, datatype=datatype, shape=(1, *arr.shape) if one_row else arr.shape)
         response.raw_output_contents.append(arr.tobytes())  # C order, whatever the array's layout
-
-
-class StepInputs:
-    """The one shape a sequence step's request takes for a model, matched and decoded without the general
-    checks: raw contents, every input once, its datatype, batch dimension 1 and the model's fixed
-    per-session shape. ``decode`` returns None for anything else, which then takes the general path
-    (``decode_inputs`` and the servicer's checks), so every refusal reads the same either way."""
-
-    def __init__(self, model: LoadedModel):
-        # name -> (datatype, request shape, little-endian dtype, per-session shape, raw bytes)
-        self.specs: dict[str, tuple[str, tuple[int, ...], np.dtype, tuple[int, ...], int]] = {}
-        self.order = [spec.name for spec in model.manifest.inputs]
-        fixed = sys.byteorder == "little"  # numpy then reads the wire's little-endian bytes natively
-        for spec in model.manifest.inputs:
-            shape = spec.session_shape
-            fixed = fixed and all(d >= 0 for d in shape) and spec.dtype in DATATYPES
-            if fixed:
-                datatype = DATATYPES[spec.dtype]
-                dtype = NUMPY_DTYPES[datatype]
-                self.specs[spec.name] = (datatype, (1, *shape), dtype, shape, math.prod(shape) * dtype.itemsize)
-        self.fixed = fixed
-
-    def decode(self, request: kpb.ModelInferRequest) -> dict[str, np.ndarray] | None:
-        """The step's inputs in manifest order, without the batch axis (views of the request's bytes)."""
-        raw = request.raw_input_contents
-        tensors = request.inputs
-        if not self.fixed or len(tensors) != len(self.specs) or len(raw) != len(tensors):
-            return None
-        arrays: dict[str, np.ndarray] = {}
-        for tensor, data in zip(tensors, raw, strict=True):
-            name = tensor.name
-            spec = self.specs.get(name)
-            if spec is None or name in arrays:
-                return None
-            datatype, shape, dtype, session_shape, nbytes = spec
-            if tensor.datatype != datatype or len(data) != nbytes or tuple(tensor.shape) != shape:
-                return None
-            arrays[name] = np.frombuffer(data, dtype=dtype).reshape(session_shape)
-        return arrays if len(arrays) == 1 else {name: arrays[name] for name in self.order}

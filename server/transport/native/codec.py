@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 
 import grpc
 import numpy as np
@@ -166,7 +166,7 @@ def batch_result(
 
 # ---- Step ---------------------------------------------------------------------------------------------------
 def submit_step(
-    dp: DataPlane, limits: Limits, request: pb.StepRequest, *, keep: bool = False, future: asyncio.Future | None = None
+    dp: DataPlane, limits: Limits, request: pb.StepRequest, *, keep: bool = False
 ) -> tuple[LoadedModel, asyncio.Future]:
     """A StepRequest (a Step's, or a list-form stream step) decoded, checked against its session's model and
     queued: its model and the future of its outcome."""
@@ -176,7 +176,7 @@ def submit_step(
     inputs = checks.inputs(arrays, request.num_steps)
     if request.outputs:
         checks.outputs(request.outputs)
-    return dp.submit_step(session, inputs, request.num_steps, request.step_index, keep=keep, future=future)
+    return dp.submit_step(session, inputs, request.num_steps, request.step_index, keep=keep)
 
 
 def step_response(request: pb.StepRequest, model: LoadedModel, done: StepOutcome) -> pb.StepResponse:
@@ -305,32 +305,26 @@ class StepStream:
         )
         return message, restoring
 
-    def submit(
-        self, message: pb.StreamStepRequest | RefusedMessage, lend: Callable[[], asyncio.Future | None]
-    ) -> tuple[PendingMessage, bool]:
+    def submit(self, message: pb.StreamStepRequest | RefusedMessage) -> PendingMessage:
         if isinstance(message, RefusedMessage):
             error, refused = message.error, message.message
             batch = PendingBatch(refused.batch, list(refused.batch.session_ids), error=error)
             return PendingMessage(
                 [PendingStep(step, None, None, [], error) for step in refused.steps],
                 batch if refused.HasField("batch") else None,
-            ), False
+            )
         has_batch = message.HasField("batch")
         group = self._as_group(message.steps)
         if group is not None:
-            return PendingMessage(group, self._submit_batch(message.batch) if has_batch else None), False
+            return PendingMessage(group, self._submit_batch(message.batch) if has_batch else None)
         steps = []
-        # A lone step may complete the writer's own wait future (one wakeup, not two).
-        waiter = lend() if len(message.steps) == 1 and not has_batch else None
-        used = False
         for step in message.steps:
             try:
-                model, future = submit_step(self.dp, self.limits, step, keep=True, future=waiter)
-                used = waiter is not None and future is waiter
+                model, future = submit_step(self.dp, self.limits, step, keep=True)
                 steps.append(PendingStep(step, model, future, list(step.outputs)))
             except Exception as exc:  # reported in this step's result
                 steps.append(PendingStep(step, None, None, [], exc))
-        return PendingMessage(steps, self._submit_batch(message.batch) if has_batch else None), used
+        return PendingMessage(steps, self._submit_batch(message.batch) if has_batch else None)
 
     def _as_group(self, steps: Sequence[pb.StepRequest]) -> PendingGroup | None:
         """A list-form message of single steps of distinct sessions, with the same input names, shapes and
