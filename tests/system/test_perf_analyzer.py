@@ -83,7 +83,11 @@ MODES = {
     "unary-async": ["--async", "--concurrency-range", "2"],
     "unary-sync": ["--sync", "--concurrency-range", "2"],
     "rate-streaming": ["--streaming", "--request-rate-range", "100", "--num-of-sequences", "3"],
-    "rate-unary": ["--request-rate-range", "100", "--num-of-sequences", "3"],
+    # Unary calls at a fixed rate: without --serial-sequences perf_analyzer may have a sequence's next request in
+    # flight before its START is answered, on another call, and no server orders separate calls (Triton answers
+    # one that overtakes its START with the same "must specify the START flag"); under a loaded CI machine that
+    # happened. One request per sequence in flight is how a sequence is sent over unary calls.
+    "rate-unary": ["--request-rate-range", "100", "--num-of-sequences", "3", "--serial-sequences"],
     "sequence-id-range": ["--streaming", "--sequence-id-range", "100:104", "--concurrency-range", "2"],
     "serial-sequences": ["--streaming", "--serial-sequences", "--request-rate-range", "100", "--num-of-sequences", "3"],
     "input-zero": ["--input-data", "zero", "--concurrency-range", "2"],
