@@ -87,11 +87,8 @@ class TensorChecks:
         before the per-session shape are, for the message) and, with ``finite``, no NaN or Inf."""
         if arr.dtype != dtype:
             raise InvalidArgument(wording.dtype(kind, name, self, dtype, arr.dtype))
-        got = arr.shape
-        if got != shape and (
-            len(got) != len(shape) or any(e != -1 and e != g for e, g in zip(shape, got, strict=True))
-        ):
-            raise InvalidArgument(wording.shape(kind, name, self, shape, got, lead))
+        if arr.ndim != len(shape) or any(e != -1 and e != g for e, g in zip(shape, arr.shape, strict=True)):
+            raise InvalidArgument(wording.shape(kind, name, self, shape, arr.shape, lead))
         if finite and self.refuse_nonfinite and arr.dtype.kind == "f" and not all_finite(arr):
             raise self.nonfinite(kind, name)
 

@@ -113,8 +113,6 @@ def check_inputs(model: LoadedModel, inputs: dict[str, np.ndarray], *, sequence:
 
 def wanted_outputs(model: LoadedModel, request: kpb.ModelInferRequest) -> list[str]:
     """The outputs the response carries: those the request names, else all."""
-    if not request.outputs:
-        return model.checks.output_names
     return model.checks.outputs([o.name for o in request.outputs], TRITON) or model.checks.output_names
 
 

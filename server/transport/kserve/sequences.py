@@ -8,7 +8,7 @@ other way round. Ids are per model, as Triton's sequence batcher keeps them, and
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
 
 from rnnserve.proto import kserve_grpc_service_pb2 as kpb
 from rnnserve.server.core.session import Session
@@ -18,7 +18,8 @@ SequenceId = int | str
 Key = tuple[str, str, SequenceId]  # (client, model name, sequence id)
 
 
-class SequenceFlags(NamedTuple):
+@dataclass(frozen=True)
+class SequenceFlags:
     id: SequenceId | None  # None: the request is not part of a sequence
     start: bool
     end: bool

@@ -66,12 +66,11 @@ def decode_inputs(request: kpb.ModelInferRequest, limits: Limits) -> dict[str, n
 
 
 def _decode(tensor: kpb.ModelInferRequest.InferInputTensor, raw: bytes | None, limits: Limits) -> np.ndarray:
-    label = f"input '{echo(tensor.name)}'" if raw is None else ""  # (raw: only its errors need it)
+    label = f"input '{echo(tensor.name)}'"
     dtype = NUMPY_DTYPES.get(tensor.datatype)
     if dtype is None:
         raise InvalidArgument(
-            f"input '{echo(tensor.name)}': datatype '{echo(tensor.datatype)}' is not supported; use one of "
-            f"{sorted(NUMPY_DTYPES)}"
+            f"{label}: datatype '{echo(tensor.datatype)}' is not supported; use one of {sorted(NUMPY_DTYPES)}"
         )
     shape = tuple(tensor.shape)
     count = element_count(shape, tensor.name, dtype.itemsize, kind="input")
@@ -79,12 +78,10 @@ def _decode(tensor: kpb.ModelInferRequest.InferInputTensor, raw: bytes | None, l
     if raw is not None:
         if len(raw) != count * dtype.itemsize:
             raise InvalidArgument(
-                f"input '{echo(tensor.name)}': {tensor.datatype}{list(shape)} needs {count * dtype.itemsize} "
-                f"bytes of raw_input_contents, got {len(raw)}"
+                f"{label}: {tensor.datatype}{list(shape)} needs {count * dtype.itemsize} bytes of "
+                f"raw_input_contents, got {len(raw)}"
             )
         arr = np.frombuffer(raw, dtype=dtype)
-        if dtype.isnative:  # (a little-endian machine: the wire's order)
-            return arr.reshape(shape)
     else:
         field = _CONTENTS_FIELD.get(tensor.datatype)
         if field is None:
