@@ -134,6 +134,14 @@ def build_tiny_repository(root: Path) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def address(repository: Path) -> Iterator[str]:
+    """The address of one server process per module on that module's own ``repository`` fixture."""
+    handle = ServerHandle(repository)
+    yield handle.address
+    handle.stop()
+
+
 @pytest.fixture(scope="session")
 def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_repository(tmp_path_factory.mktemp("tiny-repo"))

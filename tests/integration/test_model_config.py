@@ -153,15 +153,6 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def address(repository: Path):
-    from conftest import ServerHandle
-
-    handle = ServerHandle(repository)
-    yield handle.address
-    handle.stop()
-
-
 def test_models_command_lists_parameters_and_constants(address: str, capsys: pytest.CaptureFixture[str]):
     from rnnserve.cli import main
 

@@ -86,15 +86,6 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def address(repository: Path):
-    from conftest import ServerHandle
-
-    handle = ServerHandle(repository)
-    yield handle.address
-    handle.stop()
-
-
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_streaming_through_the_server_equals_eager(address: str, case: str, fmt: str):
